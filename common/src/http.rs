@@ -1,0 +1,161 @@
+//! HTTP plumbing shared by every component: the JSON error answer, the
+//! operations routes, and serving a router until shutdown.
+
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use floe_proto::ErrorBody;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::{Health, Shutdown};
+
+/// A JSON `{code, message}` answer with a status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(code, message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// Answer for routes nobody serves.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+#[derive(Clone)]
+struct Ops {
+    registry: Registry,
+    health: Health,
+}
+
+/// `/healthz`, `/readyz` and `/metrics` for a component.
+pub fn ops_router(registry: Registry, health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Ops { registry, health })
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    let checks = ops.health.snapshot();
+    let ready = checks.values().all(|ok| *ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(serde_json::json!({"ready": ready, "checks": checks}))).into_response()
+}
+
+async fn metrics(State(ops): State<Ops>) -> Response {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&ops.registry.gather(), &mut buf) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            buf,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics_encoding",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// Binds `addr` for HTTP, with a clear error naming what failed.
+pub async fn bind(what: &'static str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot bind {what} on {addr}: {e}"))
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then lets requests
+/// in flight finish (WebSocket handlers watch `shutdown` themselves).
+pub fn serve(listener: TcpListener, router: Router, shutdown: Shutdown) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ops_endpoints_answer_over_tcp() {
+        let registry = Registry::new();
+        let counter = prometheus::IntCounter::new("floe_test_things_total", "things")
+            .expect("valid metric");
+        registry
+            .register(Box::new(counter.clone()))
+            .expect("register once");
+        counter.inc_by(3);
+        let health = Health::new();
+        let dep = health.check("dependency", false);
+        let listener = bind("test", "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = Shutdown::new();
+        let task = serve(
+            listener,
+            ops_router(registry, health).fallback(not_found),
+            shutdown.clone(),
+        );
+        let base = format!("http://{addr}");
+        let client = reqwest::Client::new();
+
+        let r = client.get(format!("{base}/healthz")).send().await.expect("healthz");
+        assert_eq!(r.status(), 200);
+        let r = client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        assert_eq!(r.status(), 503);
+        dep.set(true);
+        let r = client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        assert_eq!(r.status(), 200);
+        let body = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(body.contains("floe_test_things_total 3"), "{body}");
+        let r = client.get(format!("{base}/nope")).send().await.expect("404");
+        assert_eq!(r.status(), 404);
+        let err: ErrorBody = r.json().await.expect("json error");
+        assert_eq!(err.code, "not_found");
+
+        shutdown.cancel();
+        task.await.expect("server task ends");
+    }
+}

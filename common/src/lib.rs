@@ -1,0 +1,12 @@
+//! Runtime glue every floe component needs, written once: the operations
+//! endpoints (`/healthz`, `/readyz`, `/metrics`), JSON error answers,
+//! serving an axum router until shutdown, the shutdown signal, and
+//! tracing set-up.
+
+pub mod health;
+pub mod http;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use health::{Check, Health};
+pub use shutdown::Shutdown;

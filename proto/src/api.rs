@@ -1,0 +1,166 @@
+//! REST bodies of the control-plane API, shared by its clients (signal,
+//! TURN, the operator CLI, the load tester).
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::Grants;
+
+/// What a tenant's plan allows. `None` limits mean "unlimited".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Plan {
+    /// Whether the tenant may use the TURN relay at all.
+    pub turn: bool,
+    /// Relayed bytes (both directions) allowed per calendar month (UTC).
+    pub monthly_relay_bytes: Option<u64>,
+    /// Bit rate cap per TURN allocation, bits per second.
+    pub max_bitrate_bps: Option<u64>,
+    /// Concurrent TURN allocations across the tenant.
+    pub max_allocations: Option<u32>,
+    /// Concurrent rooms.
+    pub max_rooms: Option<u32>,
+    /// Peers in one room.
+    pub max_peers_per_room: Option<u32>,
+    /// Whether browsers may create and join rooms with no join token.
+    pub public_rooms: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            turn: false,
+            monthly_relay_bytes: None,
+            max_bitrate_bps: None,
+            max_allocations: None,
+            max_rooms: None,
+            max_peers_per_room: None,
+            public_rooms: false,
+        }
+    }
+}
+
+/// A tenant as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub plan: Plan,
+    pub disabled: bool,
+    /// Where usage alerts are POSTed, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// Body of `POST /v1/tenants`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// Chosen id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub plan: Plan,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+}
+
+/// Body of `PATCH /v1/tenants/{id}`: only the fields present change.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    /// `Some("")` removes the webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+/// An API key as listed (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: String,
+    pub created_at: u64,
+    pub revoked: bool,
+}
+
+/// Answer to key creation: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedApiKey {
+    pub id: String,
+    pub tenant: String,
+    pub secret: String,
+}
+
+/// Internal: what signal needs to verify join tokens signed with a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVerification {
+    pub key_id: String,
+    pub tenant: String,
+    pub secret: String,
+    pub plan: Plan,
+    pub tenant_disabled: bool,
+}
+
+/// Body of `POST /v1/tokens`: mint a join token with an API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintToken {
+    /// Peer identity (`sub`).
+    pub peer: String,
+    #[serde(default)]
+    pub room: Option<String>,
+    #[serde(default)]
+    pub grants: Grants,
+    /// Lifetime in seconds; the server caps it.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A minted join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintedToken {
+    pub token: String,
+    pub expires: u64,
+}
+
+/// One entry of `RTCConfiguration.iceServers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// ICE servers for one (tenant, room, peer), shaped so that
+/// `new RTCPeerConnection(body)` accepts it as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceServers {
+    pub ice_servers: Vec<IceServer>,
+    /// Seconds the TURN credentials stay valid.
+    pub ttl: u64,
+    /// Unix time the TURN credentials expire (0 when STUN only).
+    pub expires: u64,
+    /// Why TURN was left out, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_refused: Option<String>,
+}
+
+/// Body of the internal `POST /internal/v1/ice-servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServersRequest {
+    pub tenant: String,
+    pub room: String,
+    pub peer: String,
+}
