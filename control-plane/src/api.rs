@@ -1,0 +1,679 @@
+//! The control plane's HTTP API: admin routes (bearer admin token), tenant
+//! routes (API key, HTTP Basic `key_id:secret`), and internal routes for
+//! signal and TURN (bearer internal token).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use floe_common::http::{JsonBody, bearer, secret_eq};
+use floe_common::ratelimit::RateLimiter;
+use floe_proto::api::{
+    ApiKey, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
+    KeyVerification, MintToken, MintedToken, Tenant, UpdateTenant,
+};
+use floe_proto::id;
+use floe_proto::time::{Date, unix_now};
+use floe_proto::token::{self, JoinClaims};
+use floe_proto::usage::{Enforcement, Revocation, UsageAck, UsageBatch};
+use serde::Deserialize;
+
+use crate::config::Settings;
+use crate::enforcement;
+use crate::error::ControlError;
+use crate::metrics::Metrics;
+use crate::store::{KeyRecord, Store, UsageReport};
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+/// Most records one usage batch may carry.
+const MAX_BATCH_RECORDS: usize = 10_000;
+/// Body limit of ordinary requests.
+const BODY_LIMIT: usize = 64 * 1024;
+/// Body limit of usage batches.
+const USAGE_BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Longest usage report, in days.
+const MAX_REPORT_DAYS: usize = 400;
+
+/// Shared state of every handler.
+pub(crate) struct App {
+    pub settings: Settings,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    limiter: Mutex<RateLimiter<IpAddr>>,
+}
+
+impl App {
+    pub fn new(settings: Settings, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        let burst = (settings.api_rate * 2.0).clamp(1.0, 10_000.0) as u32;
+        let limiter = Mutex::new(RateLimiter::new(settings.api_rate, burst, 100_000));
+        Self {
+            settings,
+            store,
+            metrics,
+            limiter,
+        }
+    }
+
+    /// Times a store operation into `floe_control_store_seconds{op}`.
+    async fn timed<T>(&self, op: &str, fut: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = fut.await;
+        self.metrics
+            .store_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    fn require_admin(&self, headers: &HeaderMap) -> Result<()> {
+        match bearer(headers) {
+            Some(t) if secret_eq(t, &self.settings.admin_token) => Ok(()),
+            _ => Err(ControlError::Unauthorized),
+        }
+    }
+
+    fn require_internal(&self, headers: &HeaderMap) -> Result<()> {
+        match bearer(headers) {
+            Some(t) if secret_eq(t, &self.settings.internal_token) => Ok(()),
+            _ => Err(ControlError::Unauthorized),
+        }
+    }
+
+    /// The live API key presented as HTTP Basic `key_id:secret`.
+    async fn tenant_key(&self, headers: &HeaderMap) -> Result<KeyRecord> {
+        let (kid, secret) = basic(headers).ok_or(ControlError::Unauthorized)?;
+        id::validate("key id", &kid).map_err(|_| ControlError::Unauthorized)?;
+        let key = self
+            .timed("get_key", self.store.get_key(&kid))
+            .await?
+            .ok_or(ControlError::Unauthorized)?;
+        if key.revoked || !secret_eq(&secret, &key.secret) {
+            return Err(ControlError::Unauthorized);
+        }
+        Ok(key)
+    }
+
+    /// Admin, or an API key of `tenant`.
+    async fn admin_or_tenant(&self, headers: &HeaderMap, tenant: &str) -> Result<()> {
+        if self.require_admin(headers).is_ok() {
+            return Ok(());
+        }
+        let key = self.tenant_key(headers).await?;
+        if key.tenant != tenant {
+            return Err(ControlError::Forbidden(
+                "this API key belongs to another tenant".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Tenant> {
+        self.timed("get_tenant", self.store.get_tenant(id))
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("tenant {id}")))
+    }
+
+    /// Why (tenant, room, peer) gets no TURN credentials now, if it does not.
+    async fn turn_refusal(
+        &self,
+        tenant: &Tenant,
+        req: &IceServersRequest,
+        now: u64,
+    ) -> Result<Option<String>> {
+        if self.settings.turn_urls.is_empty() || self.settings.turn_secrets.is_none() {
+            return Ok(Some("turn_not_configured".to_owned()));
+        }
+        let month = Date::from_unix(now).month_key();
+        let bytes = self
+            .timed("month_bytes", self.store.month_bytes(&tenant.id, &month))
+            .await?;
+        if let Some(reason) = enforcement::cut_off_reason(tenant, bytes) {
+            return Ok(Some(reason.as_str().to_owned()));
+        }
+        let revoked = self
+            .timed("revocations", self.store.revocations(now))
+            .await?
+            .iter()
+            .any(|r| r.covers(&req.tenant, &req.room, &req.peer));
+        Ok(revoked.then(|| "revoked".to_owned()))
+    }
+
+    /// The enforcement state over every tenant, as of `now`.
+    pub async fn enforcement(&self, now: u64) -> Result<Enforcement> {
+        let month = Date::from_unix(now).month_key();
+        let tenants = self.timed("list_tenants", self.store.list_tenants()).await?;
+        let mut with_bytes = Vec::with_capacity(tenants.len());
+        for t in tenants {
+            let bytes = self
+                .timed("month_bytes", self.store.month_bytes(&t.id, &month))
+                .await?;
+            with_bytes.push((t, bytes));
+        }
+        let revocations = self.timed("revocations", self.store.revocations(now)).await?;
+        let e = enforcement::enforcement(&with_bytes, revocations);
+        let over = e
+            .cut_off
+            .iter()
+            .filter(|c| c.reason == floe_proto::usage::CutOffReason::OverQuota)
+            .count();
+        self.metrics.tenants_over_quota.set(over as i64);
+        Ok(e)
+    }
+}
+
+/// `(key_id, secret)` from `Authorization: Basic …`.
+fn basic(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (kid, secret) = text.split_once(':')?;
+    Some((kid.to_owned(), secret.to_owned()))
+}
+
+/// The routes of the control plane (without the ops routes).
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let public = Router::new()
+        .route("/v1/tenants", post(create_tenant).get(list_tenants))
+        .route(
+            "/v1/tenants/{id}",
+            get(get_tenant).patch(update_tenant).delete(delete_tenant),
+        )
+        .route("/v1/tenants/{id}/keys", post(create_key).get(list_keys))
+        .route("/v1/tenants/{id}/keys/{kid}", delete(revoke_key))
+        .route("/v1/tenants/{id}/usage", get(usage))
+        .route("/v1/revocations", post(revoke))
+        .route("/v1/tokens", post(mint_token))
+        .layer(middleware::from_fn_with_state(app.clone(), rate_limit))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    let internal = Router::new()
+        .route("/internal/v1/keys/{kid}", get(key_for_verification))
+        .route("/internal/v1/ice-servers", post(ice_servers))
+        .route("/internal/v1/enforcement", get(get_enforcement))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .route(
+            "/internal/v1/usage",
+            post(apply_usage).layer(DefaultBodyLimit::max(USAGE_BODY_LIMIT)),
+        );
+    public.merge(internal).with_state(app)
+}
+
+async fn rate_limit(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let now = Instant::now();
+    let (allowed, retry) = {
+        let mut limiter = app.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let allowed = limiter.allow(&peer.ip(), now);
+        (allowed, limiter.retry_after(&peer.ip(), now))
+    };
+    if allowed {
+        return next.run(req).await;
+    }
+    let mut resp = ControlError::RateLimited.into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&retry.as_secs().max(1).to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn validate_plan(plan: &floe_proto::api::Plan) -> Result<()> {
+    if plan.max_peers_per_room == Some(0) || plan.max_peers_per_room.is_some_and(|p| p > 1_000) {
+        return Err(ControlError::Invalid(
+            "plan.max_peers_per_room must be between 1 and 1000".into(),
+        ));
+    }
+    if plan.max_bitrate_bps.is_some_and(|b| b < 8_000) {
+        return Err(ControlError::Invalid(
+            "plan.max_bitrate_bps must be at least 8000".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_webhook(url: &str) -> Result<()> {
+    if (url.starts_with("http://") || url.starts_with("https://")) && url.len() <= 2048 {
+        Ok(())
+    } else {
+        Err(ControlError::Invalid(
+            "webhook_url must be an http(s) URL of at most 2048 characters".into(),
+        ))
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() || name.len() > 200 {
+        return Err(ControlError::Invalid(
+            "name must be 1 to 200 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn create_tenant(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CreateTenant>,
+) -> Result<(StatusCode, Json<Tenant>)> {
+    app.require_admin(&headers)?;
+    let id = match req.id {
+        Some(id) => id,
+        None => format!("t_{}", floe_common::secret::random_token(6)),
+    };
+    id::validate("tenant id", &id)?;
+    validate_name(&req.name)?;
+    validate_plan(&req.plan)?;
+    if let Some(url) = &req.webhook_url {
+        validate_webhook(url)?;
+    }
+    let tenant = Tenant {
+        id,
+        name: req.name,
+        plan: req.plan,
+        disabled: false,
+        webhook_url: req.webhook_url,
+        created_at: unix_now(),
+    };
+    app.timed("create_tenant", app.store.create_tenant(&tenant))
+        .await?;
+    tracing::info!(tenant = %tenant.id, "tenant created");
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+async fn list_tenants(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Tenant>>> {
+    app.require_admin(&headers)?;
+    let mut tenants = app.timed("list_tenants", app.store.list_tenants()).await?;
+    tenants.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(tenants))
+}
+
+async fn get_tenant(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>> {
+    app.admin_or_tenant(&headers, &id).await?;
+    Ok(Json(app.tenant(&id).await?))
+}
+
+async fn update_tenant(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<UpdateTenant>,
+) -> Result<Json<Tenant>> {
+    app.require_admin(&headers)?;
+    let mut tenant = app.tenant(&id).await?;
+    if let Some(name) = req.name {
+        validate_name(&name)?;
+        tenant.name = name;
+    }
+    if let Some(plan) = req.plan {
+        validate_plan(&plan)?;
+        tenant.plan = plan;
+    }
+    if let Some(disabled) = req.disabled {
+        tenant.disabled = disabled;
+    }
+    match req.webhook_url.as_deref() {
+        Some("") => tenant.webhook_url = None,
+        Some(url) => {
+            validate_webhook(url)?;
+            tenant.webhook_url = Some(url.to_owned());
+        }
+        None => {}
+    }
+    app.timed("put_tenant", app.store.put_tenant(&tenant)).await?;
+    tracing::info!(tenant = %tenant.id, disabled = tenant.disabled, "tenant updated");
+    Ok(Json(tenant))
+}
+
+async fn delete_tenant(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    app.require_admin(&headers)?;
+    if app.timed("delete_tenant", app.store.delete_tenant(&id)).await? {
+        tracing::info!(tenant = %id, "tenant deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ControlError::NotFound(format!("tenant {id}")))
+    }
+}
+
+/// Creates an API key for `tenant`; the secret is in the answer only.
+pub(crate) async fn new_key(app: &App, tenant: &str) -> Result<CreatedApiKey> {
+    let key = KeyRecord {
+        id: format!("k_{}", floe_common::secret::random_token(8)),
+        tenant: tenant.to_owned(),
+        secret: floe_common::secret::random_token(32),
+        created_at: unix_now(),
+        revoked: false,
+    };
+    app.timed("create_key", app.store.create_key(&key)).await?;
+    tracing::info!(tenant = %tenant, key = %key.id, "API key created");
+    Ok(CreatedApiKey {
+        id: key.id,
+        tenant: key.tenant,
+        secret: key.secret,
+    })
+}
+
+async fn create_key(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<CreatedApiKey>)> {
+    app.require_admin(&headers)?;
+    app.tenant(&id).await?;
+    Ok((StatusCode::CREATED, Json(new_key(&app, &id).await?)))
+}
+
+async fn list_keys(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ApiKey>>> {
+    app.require_admin(&headers)?;
+    app.tenant(&id).await?;
+    let keys = app.timed("list_keys", app.store.list_keys(&id)).await?;
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| ApiKey {
+                id: k.id,
+                tenant: k.tenant,
+                created_at: k.created_at,
+                revoked: k.revoked,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_key(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((id, kid)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    app.require_admin(&headers)?;
+    match app.timed("get_key", app.store.get_key(&kid)).await? {
+        Some(k) if k.tenant == id => {
+            app.timed("revoke_key", app.store.revoke_key(&kid)).await?;
+            tracing::info!(tenant = %id, key = %kid, "API key revoked");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        _ => Err(ControlError::NotFound(format!("key {kid} of tenant {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn usage(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<UsageReport>> {
+    app.admin_or_tenant(&headers, &id).await?;
+    let today = Date::from_unix(unix_now());
+    let parse = |s: Option<String>, default: Date| -> Result<Date> {
+        match s {
+            None => Ok(default),
+            Some(s) => Date::parse_day(&s)
+                .ok_or_else(|| ControlError::Invalid(format!("{s:?} is not a YYYY-MM-DD date"))),
+        }
+    };
+    let from = parse(q.from, Date { day: 1, ..today })?;
+    let to = parse(q.to, today)?;
+    if to < from {
+        return Err(ControlError::Invalid("`to` is before `from`".into()));
+    }
+    if from.days_through(&to, MAX_REPORT_DAYS + 1).len() > MAX_REPORT_DAYS {
+        return Err(ControlError::Invalid(format!(
+            "a report spans at most {MAX_REPORT_DAYS} days"
+        )));
+    }
+    let report = app
+        .timed(
+            "usage",
+            app.store.usage(&id, &from.day_key(), &to.day_key()),
+        )
+        .await?;
+    Ok(Json(report))
+}
+
+/// Body of `POST /v1/revocations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    tenant: String,
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    peer: Option<String>,
+}
+
+async fn revoke(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<RevokeRequest>,
+) -> Result<(StatusCode, Json<Revocation>)> {
+    id::validate("tenant", &req.tenant)?;
+    app.admin_or_tenant(&headers, &req.tenant).await?;
+    if let Some(room) = &req.room {
+        id::validate("room", room)?;
+    }
+    if let Some(peer) = &req.peer {
+        id::validate("peer", peer)?;
+    }
+    // Every credential issued before now expires within one TTL, so the
+    // revocation need not outlive that.
+    let revocation = Revocation {
+        tenant: req.tenant,
+        room: req.room,
+        peer: req.peer,
+        until: unix_now() + app.settings.credential_ttl_secs,
+    };
+    app.timed("add_revocation", app.store.add_revocation(&revocation))
+        .await?;
+    tracing::info!(tenant = %revocation.tenant, room = ?revocation.room, peer = ?revocation.peer, "TURN access revoked");
+    Ok((StatusCode::CREATED, Json(revocation)))
+}
+
+async fn mint_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<MintToken>,
+) -> Result<Json<MintedToken>> {
+    let key = app.tenant_key(&headers).await?;
+    id::validate("peer", &req.peer)?;
+    if let Some(room) = &req.room {
+        id::validate("room", room)?;
+    }
+    if !req.grants.create && !req.grants.join {
+        return Err(ControlError::Invalid(
+            "grants must allow create, join or both".into(),
+        ));
+    }
+    let now = unix_now();
+    let ttl = req.ttl_secs.unwrap_or(3_600);
+    if ttl == 0 || ttl > app.settings.max_token_ttl_secs {
+        return Err(ControlError::Invalid(format!(
+            "ttl_secs must be between 1 and {}",
+            app.settings.max_token_ttl_secs
+        )));
+    }
+    let claims = JoinClaims {
+        iss: key.id.clone(),
+        sub: req.peer,
+        room: req.room,
+        grants: req.grants,
+        exp: now + ttl,
+        iat: now,
+    };
+    let token = token::mint(&claims, key.secret.as_bytes())
+        .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    Ok(Json(MintedToken {
+        token,
+        expires: claims.exp,
+    }))
+}
+
+async fn key_for_verification(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(kid): Path<String>,
+) -> Result<Json<KeyVerification>> {
+    app.require_internal(&headers)?;
+    let key = app
+        .timed("get_key", app.store.get_key(&kid))
+        .await?
+        .filter(|k| !k.revoked)
+        .ok_or_else(|| ControlError::NotFound(format!("key {kid}")))?;
+    let tenant = app.tenant(&key.tenant).await?;
+    Ok(Json(KeyVerification {
+        key_id: key.id,
+        tenant: key.tenant,
+        secret: key.secret,
+        plan: tenant.plan,
+        tenant_disabled: tenant.disabled,
+    }))
+}
+
+async fn ice_servers(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<IceServersRequest>,
+) -> Result<Json<IceServers>> {
+    app.require_internal(&headers)?;
+    id::validate("tenant", &req.tenant)?;
+    id::validate("room", &req.room)?;
+    id::validate("peer", &req.peer)?;
+    let tenant = app.tenant(&req.tenant).await?;
+    let now = unix_now();
+    let mut servers = Vec::new();
+    if !app.settings.stun_urls.is_empty() {
+        servers.push(IceServer {
+            urls: app.settings.stun_urls.clone(),
+            username: None,
+            credential: None,
+        });
+    }
+    let refused = app.turn_refusal(&tenant, &req, now).await?;
+    let ttl = app.settings.credential_ttl_secs;
+    let expires = match (&refused, &app.settings.turn_secrets) {
+        (None, Some(secrets)) => {
+            let expires = now + ttl;
+            let (username, password) = secrets.issue(expires, &req.tenant, &req.room, &req.peer);
+            servers.push(IceServer {
+                urls: app.settings.turn_urls.clone(),
+                username: Some(username.to_string()),
+                credential: Some(password),
+            });
+            app.metrics
+                .credentials_issued
+                .with_label_values(&[req.tenant.as_str()])
+                .inc();
+            expires
+        }
+        _ => {
+            let reason = refused.as_deref().unwrap_or("turn_not_configured");
+            app.metrics
+                .credentials_refused
+                .with_label_values(&[req.tenant.as_str(), reason])
+                .inc();
+            0
+        }
+    };
+    Ok(Json(IceServers {
+        ice_servers: servers,
+        ttl: if expires == 0 { 0 } else { ttl },
+        expires,
+        turn_refused: refused,
+    }))
+}
+
+async fn get_enforcement(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Json<Enforcement>> {
+    app.require_internal(&headers)?;
+    Ok(Json(app.enforcement(unix_now()).await?))
+}
+
+fn validate_batch(batch: &UsageBatch) -> Result<()> {
+    id::validate("server_id", &batch.server_id)?;
+    if batch.seq == 0 {
+        return Err(ControlError::Invalid("seq starts at 1".into()));
+    }
+    if batch.records.len() > MAX_BATCH_RECORDS {
+        return Err(ControlError::Invalid(format!(
+            "a batch carries at most {MAX_BATCH_RECORDS} records"
+        )));
+    }
+    for r in &batch.records {
+        id::validate("tenant", &r.tenant)?;
+        id::validate("room", &r.room)?;
+    }
+    Ok(())
+}
+
+async fn apply_usage(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(batch): JsonBody<UsageBatch>,
+) -> Result<Json<UsageAck>> {
+    app.require_internal(&headers)?;
+    if let Err(e) = validate_batch(&batch) {
+        app.metrics
+            .usage_batches
+            .with_label_values(&["rejected"])
+            .inc();
+        return Err(e);
+    }
+    let applied = app
+        .timed("apply_batch", app.store.apply_batch(&batch))
+        .await?;
+    if applied {
+        app.metrics.usage_batches.with_label_values(&["applied"]).inc();
+        for r in &batch.records {
+            app.metrics
+                .ledger_bytes
+                .with_label_values(&[r.tenant.as_str()])
+                .inc_by(r.bytes());
+        }
+        tracing::debug!(server = %batch.server_id, seq = batch.seq, records = batch.records.len(), "usage batch applied");
+    } else {
+        app.metrics
+            .usage_batches
+            .with_label_values(&["duplicate"])
+            .inc();
+        tracing::debug!(server = %batch.server_id, seq = batch.seq, "duplicate usage batch");
+    }
+    Ok(Json(UsageAck {
+        server_id: batch.server_id,
+        seq: batch.seq,
+        applied,
+        enforcement: app.enforcement(unix_now()).await?,
+    }))
+}

@@ -1,0 +1,1 @@
+//! Operator CLI (tenant/token/usage).

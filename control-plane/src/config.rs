@@ -1,0 +1,277 @@
+//! Configuration of `floe control-plane`: flags, each also read from a
+//! `FLOE_…` environment variable, resolved into validated [`Settings`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use floe_proto::credential::{CredentialError, TurnSecrets};
+
+/// Flags of `floe control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address of the HTTP API (admin, internal and ops endpoints).
+    #[arg(long = "listen", env = "FLOE_LISTEN", default_value = "0.0.0.0:8090")]
+    pub listen: SocketAddr,
+
+    /// Store: a redb file path (embedded, single node) or a `redis://` /
+    /// `rediss://` URL (several replicas).
+    #[arg(long, env = "FLOE_STORE", default_value = "floe-data/control.redb")]
+    pub store: String,
+
+    /// Prefix of every Redis key, so deployments can share a Redis.
+    #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:cp:")]
+    pub redis_prefix: String,
+
+    /// Bearer token of the admin API.
+    #[arg(long, env = "FLOE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File holding the admin token (instead of --admin-token).
+    #[arg(long, env = "FLOE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Bearer token that signal and TURN present on the internal API.
+    #[arg(long, env = "FLOE_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+
+    /// File holding the internal token.
+    #[arg(long, env = "FLOE_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
+
+    /// TURN secrets as `kid=secret` entries separated by commas; the first
+    /// issues new credentials, the others stay valid (rotation).
+    #[arg(long, env = "FLOE_TURN_SECRETS", hide_env_values = true)]
+    pub turn_secrets: Option<String>,
+
+    /// File holding TURN secrets, one `kid=secret` per line.
+    #[arg(long, env = "FLOE_TURN_SECRETS_FILE")]
+    pub turn_secrets_file: Option<PathBuf>,
+
+    /// STUN URLs handed to every peer (`stun:host:port`); repeatable.
+    #[arg(long = "stun-url", env = "FLOE_STUN_URLS", value_delimiter = ',')]
+    pub stun_urls: Vec<String>,
+
+    /// TURN URLs handed to peers whose plan allows TURN
+    /// (`turn:host:3478?transport=udp`, `turns:host:5349?transport=tcp`); repeatable.
+    #[arg(long = "turn-url", env = "FLOE_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+
+    /// Lifetime of issued TURN credentials, seconds.
+    #[arg(long, env = "FLOE_CREDENTIAL_TTL_SECS", default_value_t = 600)]
+    pub credential_ttl_secs: u64,
+
+    /// Longest lifetime of a join token minted through the API, seconds.
+    #[arg(long, env = "FLOE_MAX_TOKEN_TTL_SECS", default_value_t = 86_400)]
+    pub max_token_ttl_secs: u64,
+
+    /// Requests per second per client IP on the admin and token endpoints.
+    #[arg(long, env = "FLOE_API_RATE", default_value_t = 50.0)]
+    pub api_rate: f64,
+}
+
+/// Where the control plane keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Embedded(PathBuf),
+    Redis(String),
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub store: StoreLocation,
+    pub redis_prefix: String,
+    pub admin_token: String,
+    pub internal_token: String,
+    pub turn_secrets: Option<TurnSecrets>,
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub credential_ttl_secs: u64,
+    pub max_token_ttl_secs: u64,
+    pub api_rate: f64,
+}
+
+/// A configuration the control plane cannot start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Secret(#[from] floe_common::secret::SecretError),
+    #[error("{0} is required (flag, env or file)")]
+    Missing(&'static str),
+    #[error("{what} must be at least {min} characters")]
+    TooShort { what: &'static str, min: usize },
+    #[error("TURN secrets: {0}")]
+    TurnSecrets(#[from] CredentialError),
+    #[error("--turn-url needs TURN secrets to sign credentials with")]
+    TurnUrlsWithoutSecrets,
+    #[error("{0:?} is not a STUN/TURN URL (stun:, turn:, turns:)")]
+    BadIceUrl(String),
+    #[error("{what} must be between {min} and {max}")]
+    OutOfRange {
+        what: &'static str,
+        min: u64,
+        max: u64,
+    },
+}
+
+/// Shortest admin or internal token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// Loads secrets and checks every value.
+    pub fn resolve(&self) -> Result<Settings, ConfigError> {
+        use floe_common::secret::load;
+        let admin_token = load(
+            "admin token",
+            self.admin_token.as_deref(),
+            self.admin_token_file.as_deref(),
+        )?
+        .ok_or(ConfigError::Missing("admin token"))?;
+        let internal_token = load(
+            "internal token",
+            self.internal_token.as_deref(),
+            self.internal_token_file.as_deref(),
+        )?
+        .ok_or(ConfigError::Missing("internal token"))?;
+        for (what, token) in [("admin token", &admin_token), ("internal token", &internal_token)] {
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(ConfigError::TooShort {
+                    what,
+                    min: MIN_TOKEN_LEN,
+                });
+            }
+        }
+        let turn_secrets = load(
+            "TURN secrets",
+            self.turn_secrets.as_deref(),
+            self.turn_secrets_file.as_deref(),
+        )?
+        .map(|s| TurnSecrets::parse(&s))
+        .transpose()?;
+        if !self.turn_urls.is_empty() && turn_secrets.is_none() {
+            return Err(ConfigError::TurnUrlsWithoutSecrets);
+        }
+        for url in &self.stun_urls {
+            check_ice_url(url, &["stun:", "stuns:"])?;
+        }
+        for url in &self.turn_urls {
+            check_ice_url(url, &["turn:", "turns:"])?;
+        }
+        if !(60..=86_400).contains(&self.credential_ttl_secs) {
+            return Err(ConfigError::OutOfRange {
+                what: "--credential-ttl-secs",
+                min: 60,
+                max: 86_400,
+            });
+        }
+        if !(60..=30 * 86_400).contains(&self.max_token_ttl_secs) {
+            return Err(ConfigError::OutOfRange {
+                what: "--max-token-ttl-secs",
+                min: 60,
+                max: 30 * 86_400,
+            });
+        }
+        let store = if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
+            StoreLocation::Redis(self.store.clone())
+        } else {
+            StoreLocation::Embedded(PathBuf::from(
+                self.store.strip_prefix("file:").unwrap_or(&self.store),
+            ))
+        };
+        Ok(Settings {
+            listen: self.listen,
+            store,
+            redis_prefix: self.redis_prefix.clone(),
+            admin_token,
+            internal_token,
+            turn_secrets,
+            stun_urls: self.stun_urls.clone(),
+            turn_urls: self.turn_urls.clone(),
+            credential_ttl_secs: self.credential_ttl_secs,
+            max_token_ttl_secs: self.max_token_ttl_secs,
+            api_rate: self.api_rate,
+        })
+    }
+}
+
+fn check_ice_url(url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let ok = schemes.iter().any(|s| {
+        url.strip_prefix(s)
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadIceUrl(url.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut full = vec!["cp"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).expect("flags parse").config
+    }
+
+    const TOKENS: [&str; 4] = [
+        "--admin-token",
+        "admin-token-0123456789",
+        "--internal-token",
+        "internal-token-0123456789",
+    ];
+
+    #[test]
+    fn resolves_a_good_config() {
+        let mut args = TOKENS.to_vec();
+        args.extend([
+            "--turn-secrets",
+            "k1=0123456789abcdef0",
+            "--turn-url",
+            "turn:example.com:3478?transport=udp",
+            "--stun-url",
+            "stun:example.com:3478",
+            "--store",
+            "redis://127.0.0.1:6390",
+        ]);
+        let s = parse(&args).resolve().expect("valid");
+        assert_eq!(s.store, StoreLocation::Redis("redis://127.0.0.1:6390".into()));
+        assert_eq!(s.turn_secrets.expect("secrets").active_kid(), "k1");
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        assert!(matches!(parse(&[]).resolve(), Err(ConfigError::Missing(_))));
+        let mut short = TOKENS.to_vec();
+        short[1] = "short";
+        assert!(matches!(
+            parse(&short).resolve(),
+            Err(ConfigError::TooShort { .. })
+        ));
+        let mut urls = TOKENS.to_vec();
+        urls.extend(["--turn-url", "turn:example.com"]);
+        assert!(matches!(
+            parse(&urls).resolve(),
+            Err(ConfigError::TurnUrlsWithoutSecrets)
+        ));
+        let mut bad = TOKENS.to_vec();
+        bad.extend(["--stun-url", "http://example.com"]);
+        assert!(matches!(parse(&bad).resolve(), Err(ConfigError::BadIceUrl(_))));
+        let mut ttl = TOKENS.to_vec();
+        ttl.extend(["--credential-ttl-secs", "5"]);
+        assert!(matches!(
+            parse(&ttl).resolve(),
+            Err(ConfigError::OutOfRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,454 @@
+//! The embedded backend: one redb file, for `floe dev` and single-node
+//! deployments. Each store call is one redb transaction run on the blocking
+//! pool, so a usage batch's dedup record and ledger increments commit
+//! atomically and survive a crash.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use floe_proto::api::Tenant;
+use floe_proto::usage::{Revocation, UsageBatch};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{KeyRecord, LedgerDelta, Result, Store, StoreError, Totals, UsageReport};
+
+const TENANTS: TableDefinition<&str, &str> = TableDefinition::new("tenants");
+const KEYS: TableDefinition<&str, &str> = TableDefinition::new("keys");
+/// Seen batch sequence numbers by server id.
+const SEEN: TableDefinition<&str, &str> = TableDefinition::new("seen_batches");
+/// Totals by `tenant/day`.
+const DAYS: TableDefinition<&str, &str> = TableDefinition::new("usage_days");
+/// Totals by `tenant/day/room`.
+const ROOMS: TableDefinition<&str, &str> = TableDefinition::new("usage_rooms");
+/// Relayed bytes by `tenant/month`.
+const MONTHS: TableDefinition<&str, u64> = TableDefinition::new("usage_months");
+/// Revocation (as JSON) to the time it stops mattering.
+const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
+/// Alerts raised, by `tenant/month/level`.
+const ALERTS: TableDefinition<&str, u64> = TableDefinition::new("alerts");
+
+/// Which sequence numbers of one server have been applied: all up to
+/// `watermark`, plus those in `above`. Kept small by advancing the
+/// watermark over every contiguous run.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Seen {
+    watermark: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Seen {
+    fn contains(&self, seq: u64) -> bool {
+        seq <= self.watermark || self.above.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        self.above.insert(seq);
+        while self.above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
+}
+
+/// A redb-backed [`Store`].
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file at `path`, creating its folder.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        // Create every table up front so readers never see a missing one.
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(TENANTS).map_err(backend)?;
+        txn.open_table(KEYS).map_err(backend)?;
+        txn.open_table(SEEN).map_err(backend)?;
+        txn.open_table(DAYS).map_err(backend)?;
+        txn.open_table(ROOMS).map_err(backend)?;
+        txn.open_table(MONTHS).map_err(backend)?;
+        txn.open_table(REVOCATIONS).map_err(backend)?;
+        txn.open_table(ALERTS).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Runs `f` on the blocking pool with the database.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?
+    }
+
+    /// Runs `f` in one write transaction, committed when `f` succeeds.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let out = f(&txn)?;
+            txn.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static str>,
+        key: &str,
+    ) -> Result<Option<T>> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(table).map_err(backend)?;
+            match t.get(key.as_str()).map_err(backend)? {
+                Some(v) => Ok(Some(serde_json::from_str(v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+}
+
+fn add_totals(
+    table: &mut redb::Table<&str, &str>,
+    key: &str,
+    delta: &Totals,
+) -> Result<()> {
+    let mut totals: Totals = match table.get(key).map_err(backend)? {
+        Some(v) => serde_json::from_str(v.value())?,
+        None => Totals::default(),
+    };
+    totals.add(delta);
+    table
+        .insert(key, serde_json::to_string(&totals)?.as_str())
+        .map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> Result<()> {
+        self.blocking(|db| db.begin_read().map(|_| ()).map_err(backend))
+            .await
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let (id, json) = (tenant.id.clone(), serde_json::to_string(tenant)?);
+        self.write(move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(backend)?;
+            if t.get(id.as_str()).map_err(backend)?.is_some() {
+                return Err(StoreError::Conflict(format!("tenant {id}")));
+            }
+            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        self.get_json(TENANTS, id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(TENANTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (_, v) = entry.map_err(backend)?;
+                out.push(serde_json::from_str(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let (id, json) = (tenant.id.clone(), serde_json::to_string(tenant)?);
+        self.write(move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(backend)?;
+            if t.get(id.as_str()).map_err(backend)?.is_none() {
+                return Err(StoreError::NotFound(format!("tenant {id}")));
+            }
+            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(backend)?;
+            if t.remove(id.as_str()).map_err(backend)?.is_none() {
+                return Ok(false);
+            }
+            let mut keys = txn.open_table(KEYS).map_err(backend)?;
+            let mut owned = Vec::new();
+            for entry in keys.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let rec: KeyRecord = serde_json::from_str(v.value())?;
+                if rec.tenant == id {
+                    owned.push(k.value().to_owned());
+                }
+            }
+            for k in owned {
+                keys.remove(k.as_str()).map_err(backend)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> Result<()> {
+        let (id, json) = (key.id.clone(), serde_json::to_string(key)?);
+        self.write(move |txn| {
+            let mut t = txn.open_table(KEYS).map_err(backend)?;
+            if t.get(id.as_str()).map_err(backend)?.is_some() {
+                return Err(StoreError::Conflict(format!("key {id}")));
+            }
+            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        self.get_json(KEYS, id).await
+    }
+
+    async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyRecord>> {
+        let tenant = tenant.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(KEYS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (_, v) = entry.map_err(backend)?;
+                let rec: KeyRecord = serde_json::from_str(v.value())?;
+                if rec.tenant == tenant {
+                    out.push(rec);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(KEYS).map_err(backend)?;
+            let mut rec: KeyRecord = match t.get(id.as_str()).map_err(backend)? {
+                Some(v) => serde_json::from_str(v.value())?,
+                None => return Ok(false),
+            };
+            rec.revoked = true;
+            t.insert(id.as_str(), serde_json::to_string(&rec)?.as_str())
+                .map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn apply_batch(&self, batch: &UsageBatch) -> Result<bool> {
+        let (server, seq) = (batch.server_id.clone(), batch.seq);
+        let delta = LedgerDelta::of(batch);
+        self.write(move |txn| {
+            let mut seen_t = txn.open_table(SEEN).map_err(backend)?;
+            let mut seen: Seen = match seen_t.get(server.as_str()).map_err(backend)? {
+                Some(v) => serde_json::from_str(v.value())?,
+                None => Seen::default(),
+            };
+            if seen.contains(seq) {
+                return Ok(false);
+            }
+            seen.insert(seq);
+            seen_t
+                .insert(server.as_str(), serde_json::to_string(&seen)?.as_str())
+                .map_err(backend)?;
+            let mut days = txn.open_table(DAYS).map_err(backend)?;
+            for ((tenant, day), t) in &delta.days {
+                add_totals(&mut days, &format!("{tenant}/{day}"), t)?;
+            }
+            let mut rooms = txn.open_table(ROOMS).map_err(backend)?;
+            for ((tenant, day, room), t) in &delta.rooms {
+                add_totals(&mut rooms, &format!("{tenant}/{day}/{room}"), t)?;
+            }
+            let mut months = txn.open_table(MONTHS).map_err(backend)?;
+            for ((tenant, month), bytes) in &delta.months {
+                let key = format!("{tenant}/{month}");
+                let old = months
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                months
+                    .insert(key.as_str(), old.saturating_add(*bytes))
+                    .map_err(backend)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64> {
+        let key = format!("{tenant}/{month}");
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MONTHS).map_err(backend)?;
+            Ok(t.get(key.as_str()).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn usage(&self, tenant: &str, from: &str, to: &str) -> Result<UsageReport> {
+        let (tenant, from, to) = (tenant.to_owned(), from.to_owned(), to.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let mut report = UsageReport::default();
+            let days = txn.open_table(DAYS).map_err(backend)?;
+            let (lo, hi) = (format!("{tenant}/{from}"), format!("{tenant}/{to}"));
+            for entry in days.range(lo.as_str()..=hi.as_str()).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let totals: Totals = serde_json::from_str(v.value())?;
+                let day = k.value().rsplit('/').next().unwrap_or_default().to_owned();
+                report.total.add(&totals);
+                report.days.insert(day, totals);
+            }
+            let rooms = txn.open_table(ROOMS).map_err(backend)?;
+            // Room keys are `tenant/day/room`; '~' sorts after every id character.
+            let hi = format!("{tenant}/{to}/~");
+            for entry in rooms.range(lo.as_str()..=hi.as_str()).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let totals: Totals = serde_json::from_str(v.value())?;
+                let room = k.value().rsplit('/').next().unwrap_or_default().to_owned();
+                report.rooms.entry(room).or_default().add(&totals);
+            }
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn add_revocation(&self, revocation: &Revocation) -> Result<()> {
+        let until = revocation.until;
+        let json = serde_json::to_string(revocation)?;
+        self.write(move |txn| {
+            let mut t = txn.open_table(REVOCATIONS).map_err(backend)?;
+            t.insert(json.as_str(), until).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revocations(&self, now: u64) -> Result<Vec<Revocation>> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(REVOCATIONS).map_err(backend)?;
+            let mut live = Vec::new();
+            let mut stale = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                if v.value() < now {
+                    stale.push(k.value().to_owned());
+                } else {
+                    live.push(serde_json::from_str(k.value())?);
+                }
+            }
+            for k in stale {
+                t.remove(k.as_str()).map_err(backend)?;
+            }
+            Ok(live)
+        })
+        .await
+    }
+
+    async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
+        let key = format!("{tenant}/{month}/{level}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(ALERTS).map_err(backend)?;
+            Ok(t.insert(key.as_str(), 1).map_err(backend)?.is_none())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite;
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("sub/control.redb")).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn seen_advances_watermark_over_contiguous_runs() {
+        let mut seen = Seen::default();
+        for seq in [3, 1, 5] {
+            seen.insert(seq);
+        }
+        assert_eq!(seen.watermark, 1);
+        seen.insert(2);
+        assert_eq!(seen.watermark, 3);
+        assert_eq!(seen.above.iter().copied().collect::<Vec<_>>(), [5]);
+        assert!(seen.contains(2) && seen.contains(5) && !seen.contains(4));
+    }
+
+    #[tokio::test]
+    async fn suite_tenants_and_keys() {
+        let (_d, s) = open();
+        suite::tenants_and_keys(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_exactly_once() {
+        let (_d, s) = open();
+        suite::ledger_exactly_once(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_concurrent_duplicates() {
+        let (_d, s) = open();
+        suite::ledger_concurrent_duplicates(Arc::new(s), "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_revocations_and_alerts() {
+        let (_d, s) = open();
+        suite::revocations_and_alerts(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("control.redb");
+        {
+            let s = EmbeddedStore::open(&path).expect("open");
+            suite::ledger_exactly_once(&s, "").await;
+        }
+        let s = EmbeddedStore::open(&path).expect("reopen");
+        assert_eq!(s.month_bytes("t", "2026-11").await.expect("month"), 3 * 161);
+    }
+}

@@ -1,0 +1,473 @@
+//! The Redis backend, for several control-plane replicas sharing one Redis.
+//!
+//! Multi-key steps run as Lua scripts, which Redis executes atomically: a
+//! usage batch's dedup check, its ledger increments and the record that it
+//! was applied happen together, so two replicas receiving the same batch at
+//! the same moment apply it once.
+
+use async_trait::async_trait;
+use floe_proto::api::Tenant;
+use floe_proto::usage::{Revocation, UsageBatch};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+
+use super::{KeyRecord, LedgerDelta, Result, Store, StoreError, Totals, UsageReport};
+
+use std::sync::LazyLock;
+
+/// Scripts are hashed once; Redis caches them by SHA after the first call.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    create_tenant: redis::Script::new(CREATE_TENANT),
+    create_key: redis::Script::new(CREATE_KEY),
+    delete_tenant: redis::Script::new(DELETE_TENANT),
+    apply_batch: redis::Script::new(APPLY_BATCH),
+});
+
+struct Scripts {
+    create_tenant: redis::Script,
+    create_key: redis::Script,
+    delete_tenant: redis::Script,
+    apply_batch: redis::Script,
+}
+
+/// Longest range of days a usage query reads.
+const MAX_REPORT_DAYS: usize = 400;
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A Redis-backed [`Store`]. Every key starts with `prefix`, so several
+/// deployments (or tests) can share one Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+const CREATE_TENANT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  return 1
+end
+return 0";
+
+const CREATE_KEY: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  return 1
+end
+return 0";
+
+/// KEYS: tenant, tenant set, tenant's key set; ARGV: tenant id, key prefix.
+const DELETE_TENANT: &str = r"
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+for _, kid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  redis.call('DEL', ARGV[2] .. kid)
+end
+redis.call('DEL', KEYS[3])
+return 1";
+
+/// KEYS[1] watermark, KEYS[2] set of applied seqs above it, then `ARGV[2]`
+/// hash keys taking four HINCRBY field/amount pairs each from ARGV, then
+/// counter keys taking one INCRBY amount each.
+const APPLY_BATCH: &str = r"
+local seq = tonumber(ARGV[1])
+local w = tonumber(redis.call('GET', KEYS[1]) or '0')
+if seq <= w or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+while redis.call('SREM', KEYS[2], tostring(w + 1)) == 1 do w = w + 1 end
+redis.call('SET', KEYS[1], tostring(w))
+local hashes = tonumber(ARGV[2])
+local a = 3
+for i = 3, 2 + hashes do
+  for _ = 1, 4 do
+    redis.call('HINCRBY', KEYS[i], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+end
+for i = 3 + hashes, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[a])
+  a = a + 1
+end
+return 1";
+
+impl RedisStore {
+    /// Connects to `url` (`redis://…`); keys start with `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let conn = ConnectionManager::new(client).await.map_err(backend)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let v: Option<String> = self.conn.clone().get(key).await.map_err(backend)?;
+        v.map(|s| serde_json::from_str(&s).map_err(StoreError::from))
+            .transpose()
+    }
+
+    async fn hash_totals(&self, key: &str, room_fields: bool) -> Result<Vec<(String, Totals)>> {
+        let fields: Vec<(String, u64)> = self.conn.clone().hgetall(key).await.map_err(backend)?;
+        let mut out: std::collections::BTreeMap<String, Totals> = Default::default();
+        for (field, value) in fields {
+            // Day hashes have fields `bo`…; room hashes `<room>/bo`….
+            let (name, what) = if room_fields {
+                match field.rsplit_once('/') {
+                    Some((room, what)) => (room.to_owned(), what.to_owned()),
+                    None => continue,
+                }
+            } else {
+                (String::new(), field)
+            };
+            let t = out.entry(name).or_default();
+            match what.as_str() {
+                "bo" => t.bytes_out = value,
+                "bi" => t.bytes_in = value,
+                "po" => t.packets_out = value,
+                "pi" => t.packets_in = value,
+                _ => {}
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+fn push_totals(argv: &mut Vec<String>, prefix: &str, t: &Totals) {
+    for (field, v) in [
+        ("bo", t.bytes_out),
+        ("bi", t.bytes_in),
+        ("po", t.packets_out),
+        ("pi", t.packets_in),
+    ] {
+        argv.push(format!("{prefix}{field}"));
+        argv.push(v.to_string());
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn ping(&self) -> Result<()> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let created: i32 = SCRIPTS
+            .create_tenant
+            .key(self.key(&["tenant", &tenant.id]))
+            .key(self.key(&["tenants"]))
+            .arg(serde_json::to_string(tenant)?)
+            .arg(&tenant.id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        if created == 0 {
+            return Err(StoreError::Conflict(format!("tenant {}", tenant.id)));
+        }
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        self.get_json(&self.key(&["tenant", id])).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        let mut ids: Vec<String> = self
+            .conn
+            .clone()
+            .smembers(self.key(&["tenants"]))
+            .await
+            .map_err(backend)?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(t) = self.get_tenant(&id).await? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&["tenant", &tenant.id]))
+            .arg(serde_json::to_string(tenant)?)
+            .arg("XX")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        match set {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound(format!("tenant {}", tenant.id))),
+        }
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool> {
+        let deleted: i32 = SCRIPTS
+            .delete_tenant
+            .key(self.key(&["tenant", id]))
+            .key(self.key(&["tenants"]))
+            .key(self.key(&["tenantkeys", id]))
+            .arg(id)
+            .arg(self.key(&["key", ""]))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(deleted == 1)
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> Result<()> {
+        let created: i32 = SCRIPTS
+            .create_key
+            .key(self.key(&["key", &key.id]))
+            .key(self.key(&["tenantkeys", &key.tenant]))
+            .arg(serde_json::to_string(key)?)
+            .arg(&key.id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        if created == 0 {
+            return Err(StoreError::Conflict(format!("key {}", key.id)));
+        }
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        self.get_json(&self.key(&["key", id])).await
+    }
+
+    async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyRecord>> {
+        let mut ids: Vec<String> = self
+            .conn
+            .clone()
+            .smembers(self.key(&["tenantkeys", tenant]))
+            .await
+            .map_err(backend)?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(k) = self.get_key(&id).await? {
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool> {
+        // A key record only ever changes from live to revoked, so a plain
+        // read-modify-write cannot lose an update that matters.
+        let Some(mut rec) = self.get_key(id).await? else {
+            return Ok(false);
+        };
+        rec.revoked = true;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&["key", id]))
+            .arg(serde_json::to_string(&rec)?)
+            .arg("XX")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(set.is_some())
+    }
+
+    async fn apply_batch(&self, batch: &UsageBatch) -> Result<bool> {
+        let delta = LedgerDelta::of(batch);
+        let mut script = SCRIPTS.apply_batch.prepare_invoke();
+        script
+            .key(self.key(&["seen", &batch.server_id]))
+            .key(self.key(&["seenabove", &batch.server_id]));
+        let mut argv = vec![
+            batch.seq.to_string(),
+            (delta.days.len() + delta.rooms.len()).to_string(),
+        ];
+        for ((tenant, day), t) in &delta.days {
+            script.key(self.key(&["day", tenant, day]));
+            push_totals(&mut argv, "", t);
+        }
+        for ((tenant, day, room), t) in &delta.rooms {
+            script.key(self.key(&["roomday", tenant, day]));
+            push_totals(&mut argv, &format!("{room}/"), t);
+        }
+        for ((tenant, month), bytes) in &delta.months {
+            script.key(self.key(&["month", tenant, month]));
+            argv.push(bytes.to_string());
+        }
+        for a in argv {
+            script.arg(a);
+        }
+        let applied: i32 = script
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(applied == 1)
+    }
+
+    async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64> {
+        let v: Option<u64> = self
+            .conn
+            .clone()
+            .get(self.key(&["month", tenant, month]))
+            .await
+            .map_err(backend)?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn usage(&self, tenant: &str, from: &str, to: &str) -> Result<UsageReport> {
+        use floe_proto::time::Date;
+        let bad = || StoreError::NotFound(format!("day range {from}..{to}"));
+        let first = Date::parse_day(from).ok_or_else(bad)?;
+        let last = Date::parse_day(to).ok_or_else(bad)?;
+        let mut report = UsageReport::default();
+        for day in first.days_through(&last, MAX_REPORT_DAYS) {
+            if let Some((_, totals)) = self
+                .hash_totals(&self.key(&["day", tenant, &day]), false)
+                .await?
+                .into_iter()
+                .next()
+            {
+                report.total.add(&totals);
+                report.days.insert(day.clone(), totals);
+            }
+            for (room, totals) in self
+                .hash_totals(&self.key(&["roomday", tenant, &day]), true)
+                .await?
+            {
+                report.rooms.entry(room).or_default().add(&totals);
+            }
+        }
+        Ok(report)
+    }
+
+    async fn add_revocation(&self, revocation: &Revocation) -> Result<()> {
+        let _: i64 = self
+            .conn
+            .clone()
+            .zadd(
+                self.key(&["revocations"]),
+                serde_json::to_string(revocation)?,
+                revocation.until,
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn revocations(&self, now: u64) -> Result<Vec<Revocation>> {
+        let key = self.key(&["revocations"]);
+        let mut conn = self.conn.clone();
+        let _: i64 = conn
+            .zrembyscore(&key, "-inf", format!("({now}"))
+            .await
+            .map_err(backend)?;
+        let live: Vec<String> = conn.zrange(&key, 0, -1).await.map_err(backend)?;
+        live.iter()
+            .map(|s| serde_json::from_str(s).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&["alert", tenant, month, level]))
+            .arg(1)
+            .arg("NX")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(set.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite;
+    use super::*;
+    use std::sync::Arc;
+
+    /// A store on the test Redis with a fresh key prefix; panics with a
+    /// clear message when no test Redis is configured.
+    pub(crate) async fn test_store() -> (RedisStore, String) {
+        let url = std::env::var("FLOE_TEST_REDIS_URL").expect(
+            "FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh, \
+             which starts a private Redis",
+        );
+        let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+        let store = RedisStore::connect(&url, &prefix).await.expect("connect to test Redis");
+        (store, prefix)
+    }
+
+    #[tokio::test]
+    async fn suite_tenants_and_keys() {
+        let (s, _) = test_store().await;
+        suite::tenants_and_keys(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_exactly_once() {
+        let (s, _) = test_store().await;
+        suite::ledger_exactly_once(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_concurrent_duplicates() {
+        let (s, _) = test_store().await;
+        suite::ledger_concurrent_duplicates(Arc::new(s), "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_revocations_and_alerts() {
+        let (s, _) = test_store().await;
+        suite::revocations_and_alerts(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn two_replicas_apply_concurrent_duplicates_once() {
+        let (a, prefix) = test_store().await;
+        let url = std::env::var("FLOE_TEST_REDIS_URL").expect("set above");
+        let b = RedisStore::connect(&url, &prefix).await.expect("second replica");
+        let stores: [Arc<dyn Store>; 2] = [Arc::new(a), Arc::new(b)];
+        let mut tasks = Vec::new();
+        for seq in 1..=40u64 {
+            for store in &stores {
+                let store = store.clone();
+                let batch = UsageBatch {
+                    server_id: "turn-1".into(),
+                    seq,
+                    at: 1_795_435_200,
+                    records: vec![floe_proto::usage::UsageRecord {
+                        tenant: "t".into(),
+                        room: "r".into(),
+                        bytes_out: seq,
+                        bytes_in: 0,
+                        packets_out: 1,
+                        packets_in: 0,
+                    }],
+                };
+                tasks.push(tokio::spawn(async move { store.apply_batch(&batch).await }));
+            }
+        }
+        let mut applied = 0;
+        for t in tasks {
+            if t.await.expect("join").expect("apply") {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 40);
+        assert_eq!(
+            stores[0].month_bytes("t", "2026-11").await.expect("month"),
+            (1..=40).sum::<u64>()
+        );
+    }
+}
