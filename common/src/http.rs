@@ -58,7 +58,11 @@ where
                     JsonRejection::BytesRejection(_) => "body_too_large",
                     _ => "invalid_json",
                 };
-                Err(ApiError::new(rejection.status(), code, rejection.body_text()))
+                Err(ApiError::new(
+                    rejection.status(),
+                    code,
+                    rejection.body_text(),
+                ))
             }
         }
     }
@@ -94,7 +98,10 @@ struct Ops {
 /// `/healthz`, `/readyz` and `/metrics` for a component.
 pub fn ops_router(registry: Registry, health: Health) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(Ops { registry, health })
@@ -108,17 +115,17 @@ async fn readyz(State(ops): State<Ops>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(serde_json::json!({"ready": ready, "checks": checks}))).into_response()
+    (
+        status,
+        Json(serde_json::json!({"ready": ready, "checks": checks})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(ops): State<Ops>) -> Response {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&ops.registry.gather(), &mut buf) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            buf,
-        )
-            .into_response(),
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response(),
         Err(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "metrics_encoding",
@@ -130,9 +137,9 @@ async fn metrics(State(ops): State<Ops>) -> Response {
 
 /// Binds `addr` for HTTP, with a clear error naming what failed.
 pub async fn bind(what: &'static str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot bind {what} on {addr}: {e}"))
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {what} on {addr}: {e}")))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then lets requests
@@ -156,8 +163,8 @@ mod tests {
     #[tokio::test]
     async fn ops_endpoints_answer_over_tcp() {
         let registry = Registry::new();
-        let counter = prometheus::IntCounter::new("floe_test_things_total", "things")
-            .expect("valid metric");
+        let counter =
+            prometheus::IntCounter::new("floe_test_things_total", "things").expect("valid metric");
         registry
             .register(Box::new(counter.clone()))
             .expect("register once");
@@ -177,12 +184,24 @@ mod tests {
         let base = format!("http://{addr}");
         let client = reqwest::Client::new();
 
-        let r = client.get(format!("{base}/healthz")).send().await.expect("healthz");
+        let r = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
         assert_eq!(r.status(), 200);
-        let r = client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        let r = client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
         assert_eq!(r.status(), 503);
         dep.set(true);
-        let r = client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        let r = client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
         assert_eq!(r.status(), 200);
         let body = client
             .get(format!("{base}/metrics"))
@@ -193,7 +212,11 @@ mod tests {
             .await
             .expect("text");
         assert!(body.contains("floe_test_things_total 3"), "{body}");
-        let r = client.get(format!("{base}/nope")).send().await.expect("404");
+        let r = client
+            .get(format!("{base}/nope"))
+            .send()
+            .await
+            .expect("404");
         assert_eq!(r.status(), 404);
         let err: ErrorBody = r.json().await.expect("json error");
         assert_eq!(err.code, "not_found");

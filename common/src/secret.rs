@@ -49,10 +49,11 @@ pub fn random_token(bytes: usize) -> String {
     use std::fmt::Write as _;
     let mut raw = vec![0u8; bytes];
     fill_random(&mut raw);
-    raw.iter().fold(String::with_capacity(bytes * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    raw.iter()
+        .fold(String::with_capacity(bytes * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn fill_random(buf: &mut [u8]) {
@@ -67,17 +68,29 @@ mod tests {
     #[test]
     fn inline_file_or_nothing() {
         assert_eq!(load("x", None, None).expect("ok"), None);
-        assert_eq!(load("x", Some(" abc \n"), None).expect("ok").as_deref(), Some("abc"));
+        assert_eq!(
+            load("x", Some(" abc \n"), None).expect("ok").as_deref(),
+            Some("abc")
+        );
         let dir = std::env::temp_dir().join(format!("floe-secret-{}", random_token(4)));
         std::fs::write(&dir, "from-file\n").expect("write");
         assert_eq!(
             load("x", None, Some(&dir)).expect("ok").as_deref(),
             Some("from-file")
         );
-        assert!(matches!(load("x", Some("a"), Some(&dir)), Err(SecretError::Both { .. })));
-        assert!(matches!(load("x", Some("  "), None), Err(SecretError::Empty { .. })));
+        assert!(matches!(
+            load("x", Some("a"), Some(&dir)),
+            Err(SecretError::Both { .. })
+        ));
+        assert!(matches!(
+            load("x", Some("  "), None),
+            Err(SecretError::Empty { .. })
+        ));
         std::fs::remove_file(&dir).expect("cleanup");
-        assert!(matches!(load("x", None, Some(&dir)), Err(SecretError::Read { .. })));
+        assert!(matches!(
+            load("x", None, Some(&dir)),
+            Err(SecretError::Read { .. })
+        ));
         let t = random_token(16);
         assert_eq!(t.len(), 32);
         assert_ne!(t, random_token(16));

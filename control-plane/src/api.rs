@@ -16,8 +16,8 @@ use base64::Engine as _;
 use floe_common::http::{JsonBody, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
-    ApiKey, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
-    KeyVerification, MintToken, MintedToken, Tenant, UpdateTenant,
+    ApiKey, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest, KeyVerification,
+    MintToken, MintedToken, Tenant, UpdateTenant,
 };
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
@@ -149,7 +149,9 @@ impl App {
     /// The enforcement state over every tenant, as of `now`.
     pub async fn enforcement(&self, now: u64) -> Result<Enforcement> {
         let month = Date::from_unix(now).month_key();
-        let tenants = self.timed("list_tenants", self.store.list_tenants()).await?;
+        let tenants = self
+            .timed("list_tenants", self.store.list_tenants())
+            .await?;
         let mut with_bytes = Vec::with_capacity(tenants.len());
         for t in tenants {
             let bytes = self
@@ -157,7 +159,9 @@ impl App {
                 .await?;
             with_bytes.push((t, bytes));
         }
-        let revocations = self.timed("revocations", self.store.revocations(now)).await?;
+        let revocations = self
+            .timed("revocations", self.store.revocations(now))
+            .await?;
         let e = enforcement::enforcement(&with_bytes, revocations);
         let over = e
             .cut_off
@@ -339,7 +343,8 @@ async fn update_tenant(
         }
         None => {}
     }
-    app.timed("put_tenant", app.store.put_tenant(&tenant)).await?;
+    app.timed("put_tenant", app.store.put_tenant(&tenant))
+        .await?;
     tracing::info!(tenant = %tenant.id, disabled = tenant.disabled, "tenant updated");
     Ok(Json(tenant))
 }
@@ -350,7 +355,10 @@ async fn delete_tenant(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     app.require_admin(&headers)?;
-    if app.timed("delete_tenant", app.store.delete_tenant(&id)).await? {
+    if app
+        .timed("delete_tenant", app.store.delete_tenant(&id))
+        .await?
+    {
         tracing::info!(tenant = %id, "tenant deleted");
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -655,7 +663,10 @@ async fn apply_usage(
         .timed("apply_batch", app.store.apply_batch(&batch))
         .await?;
     if applied {
-        app.metrics.usage_batches.with_label_values(&["applied"]).inc();
+        app.metrics
+            .usage_batches
+            .with_label_values(&["applied"])
+            .inc();
         for r in &batch.records {
             app.metrics
                 .ledger_bytes

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use floe_proto::ErrorBody;
-use floe_proto::api::{CreateTenant, CreatedApiKey, MintToken, MintedToken, Plan, Tenant, UpdateTenant};
+use floe_proto::api::{
+    CreateTenant, CreatedApiKey, MintToken, MintedToken, Plan, Tenant, UpdateTenant,
+};
 use floe_proto::token::Grants;
 use serde::de::DeserializeOwned;
 
@@ -14,7 +16,11 @@ use crate::store::UsageReport;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Endpoint {
     /// Base URL of the control plane API.
-    #[arg(long = "control-url", env = "FLOE_CONTROL_URL", default_value = "http://127.0.0.1:8090")]
+    #[arg(
+        long = "control-url",
+        env = "FLOE_CONTROL_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
     pub url: String,
     /// Admin bearer token.
     #[arg(long, env = "FLOE_ADMIN_TOKEN", hide_env_values = true)]
@@ -132,7 +138,11 @@ pub enum TenantCommand {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenCommand {
     /// Base URL of the control plane API.
-    #[arg(long = "control-url", env = "FLOE_CONTROL_URL", default_value = "http://127.0.0.1:8090")]
+    #[arg(
+        long = "control-url",
+        env = "FLOE_CONTROL_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
     pub url: String,
     /// API key id.
     #[arg(long, env = "FLOE_KEY_ID")]
@@ -196,8 +206,9 @@ async fn answer<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, CliEr
         return Ok(resp.json().await?);
     }
     let text = resp.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|_| ErrorBody::new("http_error", text.chars().take(200).collect::<String>()));
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| {
+        ErrorBody::new("http_error", text.chars().take(200).collect::<String>())
+    });
     Err(CliError::Api {
         status: status.as_u16(),
         body,
@@ -394,7 +405,10 @@ pub async fn usage(cmd: &UsageCommand) -> Result<String, CliError> {
     }
     let report: UsageReport = answer(
         reqwest::Client::new()
-            .get(cmd.endpoint.url(&format!("/v1/tenants/{}/usage", cmd.tenant)))
+            .get(
+                cmd.endpoint
+                    .url(&format!("/v1/tenants/{}/usage", cmd.tenant)),
+            )
             .bearer_auth(&token)
             .query(&query)
             .send()

@@ -134,7 +134,10 @@ impl Config {
             self.internal_token_file.as_deref(),
         )?
         .ok_or(ConfigError::Missing("internal token"))?;
-        for (what, token) in [("admin token", &admin_token), ("internal token", &internal_token)] {
+        for (what, token) in [
+            ("admin token", &admin_token),
+            ("internal token", &internal_token),
+        ] {
             if token.len() < MIN_TOKEN_LEN {
                 return Err(ConfigError::TooShort {
                     what,
@@ -245,7 +248,10 @@ mod tests {
             "redis://127.0.0.1:6390",
         ]);
         let s = parse(&args).resolve().expect("valid");
-        assert_eq!(s.store, StoreLocation::Redis("redis://127.0.0.1:6390".into()));
+        assert_eq!(
+            s.store,
+            StoreLocation::Redis("redis://127.0.0.1:6390".into())
+        );
         assert_eq!(s.turn_secrets.expect("secrets").active_kid(), "k1");
     }
 
@@ -266,7 +272,10 @@ mod tests {
         ));
         let mut bad = TOKENS.to_vec();
         bad.extend(["--stun-url", "http://example.com"]);
-        assert!(matches!(parse(&bad).resolve(), Err(ConfigError::BadIceUrl(_))));
+        assert!(matches!(
+            parse(&bad).resolve(),
+            Err(ConfigError::BadIceUrl(_))
+        ));
         let mut ttl = TOKENS.to_vec();
         ttl.extend(["--credential-ttl-secs", "5"]);
         assert!(matches!(

@@ -24,10 +24,7 @@ pub(crate) fn cut_off_reason(tenant: &Tenant, month_bytes: u64) -> Option<CutOff
 }
 
 /// The enforcement state for every tenant with its month's bytes.
-pub(crate) fn enforcement(
-    tenants: &[(Tenant, u64)],
-    revocations: Vec<Revocation>,
-) -> Enforcement {
+pub(crate) fn enforcement(tenants: &[(Tenant, u64)], revocations: Vec<Revocation>) -> Enforcement {
     let mut out = Enforcement {
         revocations,
         ..Enforcement::default()

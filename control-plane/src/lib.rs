@@ -4,8 +4,8 @@
 //! The public API is small: [`Config`] (flags), [`start`] / [`run`], the
 //! running [`ControlPlane`] handle, and the operator [`cli`].
 
-pub mod cli;
 mod api;
+pub mod cli;
 mod config;
 mod enforcement;
 mod error;

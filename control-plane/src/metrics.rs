@@ -1,8 +1,6 @@
 //! The control plane's Prometheus metrics, built once and shared by `Arc`.
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of the control plane.
 pub(crate) struct Metrics {

@@ -45,7 +45,11 @@ impl Date {
 
     /// Unix seconds at 00:00 UTC of this date (dates from 1970 on).
     pub fn unix_midnight(&self) -> u64 {
-        let (y, m, d) = (i64::from(self.year), i64::from(self.month), i64::from(self.day));
+        let (y, m, d) = (
+            i64::from(self.year),
+            i64::from(self.month),
+            i64::from(self.day),
+        );
         let y = if m <= 2 { y - 1 } else { y };
         let era = y.div_euclid(400);
         let yoe = y.rem_euclid(400);
@@ -107,13 +111,30 @@ mod tests {
     fn parse_and_iterate_days() {
         let d = Date::parse_day("2026-11-23").expect("valid");
         assert_eq!(d.unix_midnight(), 1_795_392_000);
-        assert_eq!(Date::parse_day("2024-02-29").map(|d| d.day_key()).as_deref(), Some("2024-02-29"));
-        for bad in ["2026-02-30", "2026-13-01", "26-11-23", "2026/11/23", "x", "1969-12-31"] {
+        assert_eq!(
+            Date::parse_day("2024-02-29")
+                .map(|d| d.day_key())
+                .as_deref(),
+            Some("2024-02-29")
+        );
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "26-11-23",
+            "2026/11/23",
+            "x",
+            "1969-12-31",
+        ] {
             assert_eq!(Date::parse_day(bad), None, "{bad}");
         }
         let last = Date::parse_day("2026-12-02").expect("valid");
-        let days = Date::parse_day("2026-11-29").expect("valid").days_through(&last, 100);
-        assert_eq!(days, ["2026-11-29", "2026-11-30", "2026-12-01", "2026-12-02"]);
+        let days = Date::parse_day("2026-11-29")
+            .expect("valid")
+            .days_through(&last, 100);
+        assert_eq!(
+            days,
+            ["2026-11-29", "2026-11-30", "2026-12-01", "2026-12-02"]
+        );
         assert_eq!(d.days_through(&last, 2).len(), 2);
         assert!(last.days_through(&d, 10).is_empty());
     }

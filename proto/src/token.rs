@@ -82,9 +82,9 @@ pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<JoinClaims, TokenE
     let data =
         jsonwebtoken::decode::<JoinClaims>(token, &DecodingKey::from_secret(secret), &validation)
             .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-                _ => TokenError::Malformed,
-            })?;
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+            _ => TokenError::Malformed,
+        })?;
     let claims = data.claims;
     if claims.iss != kid {
         return Err(TokenError::IssuerMismatch);
@@ -142,8 +142,8 @@ mod tests {
         c.iss = "key2".into();
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some("key1".into());
-        let token = jsonwebtoken::encode(&header, &c, &EncodingKey::from_secret(b"s"))
-            .expect("sign");
+        let token =
+            jsonwebtoken::encode(&header, &c, &EncodingKey::from_secret(b"s")).expect("sign");
         assert_eq!(verify(&token, b"s", 0), Err(TokenError::IssuerMismatch));
     }
 }

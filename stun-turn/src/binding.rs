@@ -156,7 +156,9 @@ mod tests {
         let v6: SocketAddr = "[2001:db8::1]:5000".parse().expect("addr");
         assert_eq!(handle(&req, v6, &mut out), Outcome::Respond);
         let mut mapped = XorMappedAddress::default();
-        mapped.get_from(&decode(&out.raw)).expect("XOR-MAPPED-ADDRESS");
+        mapped
+            .get_from(&decode(&out.raw))
+            .expect("XOR-MAPPED-ADDRESS");
         assert_eq!(SocketAddr::new(mapped.ip, mapped.port), v6);
     }
 
@@ -190,7 +192,10 @@ mod tests {
     fn indications_bad_fingerprints_and_non_stun_are_discarded() {
         let mut m = Message::new();
         m.build(&[
-            Box::new(stun::message::MessageType::new(METHOD_BINDING, CLASS_INDICATION)),
+            Box::new(stun::message::MessageType::new(
+                METHOD_BINDING,
+                CLASS_INDICATION,
+            )),
             Box::new(stun::agent::TransactionId::new()),
         ])
         .expect("build");

@@ -11,7 +11,11 @@ pub enum Frame {
     Stun { len: usize },
     /// A ChannelData message: `len` bytes on the wire including padding,
     /// of which `data` bytes of application data follow the 4-byte header.
-    ChannelData { channel: u16, data: usize, len: usize },
+    ChannelData {
+        channel: u16,
+        data: usize,
+        len: usize,
+    },
 }
 
 /// The stream cannot be framed any further: the connection must close.
@@ -101,7 +105,10 @@ mod tests {
     #[test]
     fn refuses_garbage() {
         assert_eq!(next_frame(b"PUT /", true), Err(FramingError::Garbage(b'P')));
-        assert_eq!(next_frame(&[0xC0, 0, 0, 0], true), Err(FramingError::Garbage(0xC0)));
+        assert_eq!(
+            next_frame(&[0xC0, 0, 0, 0], true),
+            Err(FramingError::Garbage(0xC0))
+        );
         assert_eq!(
             next_frame(&[0x50, 0, 0, 0], true),
             Err(FramingError::Garbage(0x50))

@@ -40,7 +40,13 @@ impl Scratch {
     }
 
     /// Handles one STUN message; returns the bytes to send back, if any.
-    fn stun(&mut self, bytes: &[u8], from: SocketAddr, transport: &str, metrics: &Metrics) -> Option<&[u8]> {
+    fn stun(
+        &mut self,
+        bytes: &[u8],
+        from: SocketAddr,
+        transport: &str,
+        metrics: &Metrics,
+    ) -> Option<&[u8]> {
         if !binding::looks_like_stun(bytes) {
             metrics.discarded.with_label_values(&["not_stun"]).inc();
             return None;
@@ -127,7 +133,10 @@ pub(crate) fn bind_and_serve(
     shutdown: Shutdown,
 ) -> std::io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
     let (udp, tcp) = bind_all(config).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot bind STUN/TURN on {}: {e}", config.listen))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind STUN/TURN on {}: {e}", config.listen),
+        )
     })?;
     let addr = tcp.local_addr()?;
     let mut tasks: Vec<JoinHandle<()>> = udp
@@ -187,7 +196,10 @@ async fn tcp_accept(
         };
         if open.fetch_add(1, Ordering::AcqRel) >= max_connections {
             open.fetch_sub(1, Ordering::AcqRel);
-            metrics.discarded.with_label_values(&["tcp_connection_limit"]).inc();
+            metrics
+                .discarded
+                .with_label_values(&["tcp_connection_limit"])
+                .inc();
             drop(stream);
             continue;
         }
@@ -229,14 +241,18 @@ async fn tcp_connection(
         loop {
             match framing::next_frame(&buf[start..filled], true) {
                 Ok(Some(Frame::Stun { len })) => {
-                    if let Some(resp) = scratch.stun(&buf[start..start + len], from, "tcp", metrics) {
+                    if let Some(resp) = scratch.stun(&buf[start..start + len], from, "tcp", metrics)
+                    {
                         stream.write_all(resp).await?;
                     }
                     start += len;
                 }
                 Ok(Some(Frame::ChannelData { len, .. })) => {
                     // No allocation on this connection, so no channel.
-                    metrics.discarded.with_label_values(&["no_allocation"]).inc();
+                    metrics
+                        .discarded
+                        .with_label_values(&["no_allocation"])
+                        .inc();
                     start += len;
                 }
                 Ok(None) => break,

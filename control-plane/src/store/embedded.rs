@@ -129,11 +129,7 @@ impl EmbeddedStore {
     }
 }
 
-fn add_totals(
-    table: &mut redb::Table<&str, &str>,
-    key: &str,
-    delta: &Totals,
-) -> Result<()> {
+fn add_totals(table: &mut redb::Table<&str, &str>, key: &str, delta: &Totals) -> Result<()> {
     let mut totals: Totals = match table.get(key).map_err(backend)? {
         Some(v) => serde_json::from_str(v.value())?,
         None => Totals::default(),
@@ -317,7 +313,10 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let t = txn.open_table(MONTHS).map_err(backend)?;
-            Ok(t.get(key.as_str()).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+            Ok(t.get(key.as_str())
+                .map_err(backend)?
+                .map(|v| v.value())
+                .unwrap_or(0))
         })
         .await
     }

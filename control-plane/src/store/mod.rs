@@ -236,9 +236,19 @@ pub(crate) mod suite {
             store.create_key(&key).await,
             Err(StoreError::Conflict(_))
         ));
-        assert_eq!(store.list_keys(&a.id).await.expect("keys"), vec![key.clone()]);
+        assert_eq!(
+            store.list_keys(&a.id).await.expect("keys"),
+            vec![key.clone()]
+        );
         assert!(store.revoke_key(&key.id).await.expect("revoke"));
-        assert!(store.get_key(&key.id).await.expect("get").expect("some").revoked);
+        assert!(
+            store
+                .get_key(&key.id)
+                .await
+                .expect("get")
+                .expect("some")
+                .revoked
+        );
         assert!(!store.revoke_key("nope").await.expect("revoke"));
 
         assert!(store.delete_tenant(&a.id).await.expect("delete"));

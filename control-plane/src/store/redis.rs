@@ -404,7 +404,9 @@ mod tests {
              which starts a private Redis",
         );
         let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
-        let store = RedisStore::connect(&url, &prefix).await.expect("connect to test Redis");
+        let store = RedisStore::connect(&url, &prefix)
+            .await
+            .expect("connect to test Redis");
         (store, prefix)
     }
 
@@ -436,7 +438,9 @@ mod tests {
     async fn two_replicas_apply_concurrent_duplicates_once() {
         let (a, prefix) = test_store().await;
         let url = std::env::var("FLOE_TEST_REDIS_URL").expect("set above");
-        let b = RedisStore::connect(&url, &prefix).await.expect("second replica");
+        let b = RedisStore::connect(&url, &prefix)
+            .await
+            .expect("second replica");
         let stores: [Arc<dyn Store>; 2] = [Arc::new(a), Arc::new(b)];
         let mut tasks = Vec::new();
         for seq in 1..=40u64 {

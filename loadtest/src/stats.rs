@@ -1,0 +1,95 @@
+//! Latency and size distributions for reports: exact percentiles over the
+//! recorded samples (runs are bounded, so keeping every sample is cheap and
+//! needs no approximation).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Recorded samples of one quantity.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    values: Vec<f64>,
+}
+
+/// p50/p95/p99/max of a sample set, in the samples' unit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    pub count: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Samples {
+    pub fn record(&mut self, v: f64) {
+        if v.is_finite() {
+            self.values.push(v);
+        }
+    }
+
+    /// Records a duration in milliseconds.
+    pub fn record_ms(&mut self, d: Duration) {
+        self.record(d.as_secs_f64() * 1_000.0);
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn merge(&mut self, other: &Samples) {
+        self.values.extend_from_slice(&other.values);
+    }
+
+    /// Nearest-rank percentiles; `None` when nothing was recorded.
+    pub fn summary(&self) -> Option<Summary> {
+        if self.values.is_empty() {
+            return None;
+        }
+        let mut v = self.values.clone();
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| {
+            let idx = ((p / 100.0) * v.len() as f64).ceil() as usize;
+            v[idx.clamp(1, v.len()) - 1]
+        };
+        Some(Summary {
+            count: v.len(),
+            p50: rank(50.0),
+            p95: rank(95.0),
+            p99: rank(99.0),
+            max: v[v.len() - 1],
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut s = Samples::default();
+        assert_eq!(s.summary(), None);
+        for v in (1..=100).rev() {
+            s.record(f64::from(v));
+        }
+        s.record(f64::NAN);
+        let sum = s.summary().expect("samples");
+        assert_eq!(sum.count, 100);
+        assert_eq!(
+            (sum.p50, sum.p95, sum.p99, sum.max),
+            (50.0, 95.0, 99.0, 100.0)
+        );
+        assert_eq!(sum.mean, 50.5);
+        let mut one = Samples::default();
+        one.record_ms(Duration::from_micros(1500));
+        assert_eq!(one.summary().map(|s| s.p99), Some(1.5));
+    }
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (Redis, coturn's
+# tools), starts a private Redis on a free port, then runs formatting,
+# lints and the whole test suite. Stops what it started on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- Packages -----------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v turnutils_uclient >/dev/null || missing+=(coturn)
+if ((${#missing[@]})); then
+  step "installing ${missing[*]} (apt-get)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    step "installing rustup component $component"
+    rustup component add "$component"
+  fi
+done
+
+# --- A private Redis ------------------------------------------------------
+work="$(mktemp -d -t floe-test.XXXXXX)"
+redis_pid=""
+cleanup() {
+  if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
+    kill "$redis_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=""
+for candidate in $(shuf -i 20000-45000 -n 50); do
+  if port_free "$candidate"; then port="$candidate"; break; fi
+done
+[ -n "$port" ] || { echo "no free port for Redis" >&2; exit 1; }
+
+step "starting Redis on 127.0.0.1:$port"
+redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+  --dir "$work" --logfile "$work/redis.log" --daemonize yes --pidfile "$work/redis.pid"
+for _ in $(seq 100); do
+  redis-cli -p "$port" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+redis-cli -p "$port" ping >/dev/null || { cat "$work/redis.log" >&2; exit 1; }
+redis_pid="$(cat "$work/redis.pid")"
+export FLOE_TEST_REDIS_URL="redis://127.0.0.1:$port"
+
+# --- Checks -----------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "all checks passed"

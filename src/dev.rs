@@ -1,0 +1,246 @@
+//! `floe dev`: every component in one process on embedded defaults.
+//!
+//! Secrets are generated on first start and kept in the data folder with
+//! the control plane's embedded store, so a second start reuses the same
+//! admin token, tenant and API key. Components are composed here through
+//! their public `start` functions and talk to each other over loopback,
+//! exactly as separate processes would.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use floe_common::Shutdown;
+use floe_common::secret::random_token;
+use floe_proto::api::Plan;
+use floe_proto::token::{Grants, JoinClaims};
+use serde::Serialize;
+
+/// Flags of `floe dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevConfig {
+    /// Folder for the embedded store and generated secrets.
+    #[arg(long, env = "FLOE_DATA_DIR", default_value = "floe-data")]
+    pub data_dir: PathBuf,
+
+    /// Address every component binds and advertises.
+    #[arg(long, env = "FLOE_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Signal API port (0: any free port).
+    #[arg(long, env = "FLOE_SIGNAL_PORT", default_value_t = 8080)]
+    pub signal_port: u16,
+
+    /// Control plane API port (0: any free port).
+    #[arg(long, env = "FLOE_CONTROL_PORT", default_value_t = 8090)]
+    pub control_port: u16,
+
+    /// STUN/TURN port, UDP and TCP (0: any free port).
+    #[arg(long, env = "FLOE_TURN_PORT", default_value_t = 3478)]
+    pub turn_port: u16,
+
+    /// TURN ops HTTP port (0: any free port).
+    #[arg(long, env = "FLOE_TURN_HTTP_PORT", default_value_t = 9478)]
+    pub turn_http_port: u16,
+}
+
+/// Id of the tenant `floe dev` creates.
+const DEV_TENANT: &str = "default";
+
+impl DevConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            anyhow::bail!("--data-dir must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// What `floe dev` started, also written to `<data-dir>/endpoints.json`.
+#[derive(Debug, Serialize)]
+struct Endpoints {
+    signal_url: String,
+    control_url: String,
+    turn_addr: SocketAddr,
+    turn_ops_url: String,
+    admin_token: String,
+    tenant: String,
+    api_key_id: String,
+    api_key_secret: String,
+    join_token: String,
+}
+
+/// Reads the secret in `dir/name`, creating it with `make` the first time
+/// (mode 0600).
+fn persistent_secret(
+    dir: &Path,
+    name: &str,
+    make: impl FnOnce() -> String,
+) -> anyhow::Result<String> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let value = make();
+    write_private(&path, &value)?;
+    Ok(value)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Runs every component until `shutdown` fires.
+pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    config.validate()?;
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let endpoints_file = dir.join("endpoints.json");
+    let _ = std::fs::remove_file(&endpoints_file);
+    let admin_token = persistent_secret(dir, "admin-token", || random_token(24))?;
+    let internal_token = persistent_secret(dir, "internal-token", || random_token(24))?;
+    let turn_secrets =
+        persistent_secret(dir, "turn-secrets", || format!("k1={}", random_token(24)))?;
+    let host = config.host;
+
+    // TURN first: the control plane advertises its address.
+    let turn = floe_turn::start(
+        floe_turn::Config {
+            listen: SocketAddr::new(host, config.turn_port),
+            http_listen: SocketAddr::new(host, config.turn_http_port),
+            udp_sockets: 0,
+            max_tcp_connections: 10_000,
+        },
+        shutdown.clone(),
+    )
+    .await
+    .context("starting TURN")?;
+    let turn_addr = turn.listen_addr();
+    let turn_host = match turn_addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+
+    let control = floe_control::Config {
+        listen: SocketAddr::new(host, config.control_port),
+        store: dir.join("control.redb").display().to_string(),
+        redis_prefix: "floe:cp:".into(),
+        admin_token: Some(admin_token.clone()),
+        admin_token_file: None,
+        internal_token: Some(internal_token.clone()),
+        internal_token_file: None,
+        turn_secrets: Some(turn_secrets),
+        turn_secrets_file: None,
+        stun_urls: vec![format!("stun:{turn_host}")],
+        turn_urls: vec![
+            format!("turn:{turn_host}?transport=udp"),
+            format!("turn:{turn_host}?transport=tcp"),
+        ],
+        credential_ttl_secs: 600,
+        max_token_ttl_secs: 86_400,
+        api_rate: 200.0,
+    };
+    let control = floe_control::start(control.resolve()?, shutdown.clone())
+        .await
+        .context("starting the control plane")?;
+    let (tenant, key) = control
+        .ensure_tenant(
+            DEV_TENANT,
+            "Default (dev)",
+            Plan {
+                turn: true,
+                public_rooms: true,
+                ..Plan::default()
+            },
+        )
+        .await
+        .context("creating the default tenant")?;
+
+    let signal = floe_signal::start(
+        floe_signal::Settings {
+            listen: SocketAddr::new(host, config.signal_port),
+            control_url: control.url(),
+            internal_token,
+        },
+        shutdown.clone(),
+    )
+    .await
+    .context("starting signal")?;
+
+    let now = floe_proto::time::unix_now();
+    let join_token = floe_proto::token::mint(
+        &JoinClaims {
+            iss: key.id.clone(),
+            sub: "alice".into(),
+            room: None,
+            grants: Grants {
+                create: true,
+                join: true,
+            },
+            exp: now + 86_400,
+            iat: now,
+        },
+        key.secret.as_bytes(),
+    )?;
+    let endpoints = Endpoints {
+        signal_url: format!("http://{}", signal.addr()),
+        control_url: control.url(),
+        turn_addr,
+        turn_ops_url: format!("http://{}", turn.http_addr()),
+        admin_token,
+        tenant: tenant.id,
+        api_key_id: key.id,
+        api_key_secret: key.secret,
+        join_token,
+    };
+    write_private(&endpoints_file, &serde_json::to_string_pretty(&endpoints)?)?;
+    print_banner(&endpoints, dir);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    signal.wait().await;
+    turn.wait().await;
+    control.wait().await;
+    Ok(())
+}
+
+fn print_banner(e: &Endpoints, dir: &Path) {
+    println!(
+        "\nfloe dev is running (data in {dir}; Ctrl-C to stop)\n\n\
+         \x20 signal API      {signal}      (health: {signal}/healthz, metrics: {signal}/metrics)\n\
+         \x20 control plane   {control}      (health: {control}/healthz)\n\
+         \x20 STUN/TURN       {turn} udp+tcp   (ops: {ops}/metrics)\n\n\
+         \x20 admin token     {admin}\n\
+         \x20 tenant          {tenant}\n\
+         \x20 API key id      {kid}\n\
+         \x20 API key secret  {secret}\n\
+         \x20 join token      {token}\n\
+         \x20                 (peer \"alice\", create+join, valid 24 h)\n\n\
+         Try:\n\
+         \x20 curl -s -H 'Authorization: Bearer {admin}' {control}/v1/tenants\n\
+         \x20 floe loadtest stun-binding --target {turn}\n\
+         (all of the above is also in {dir}/endpoints.json)\n",
+        dir = dir.display(),
+        signal = e.signal_url,
+        control = e.control_url,
+        turn = e.turn_addr,
+        ops = e.turn_ops_url,
+        admin = e.admin_token,
+        tenant = e.tenant,
+        kid = e.api_key_id,
+        secret = e.api_key_secret,
+        token = e.join_token,
+    );
+}

@@ -1,0 +1,191 @@
+//! `floe dev` as a user runs it: a real process on free ports, checked over
+//! HTTP, STUN and signals.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Dev {
+    child: Child,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `floe dev` on free ports with `data` as its folder and waits for
+/// its endpoints file.
+fn start(data: &Path) -> (Dev, Value) {
+    let endpoints = data.join("endpoints.json");
+    let _ = std::fs::remove_file(&endpoints);
+    let child = Command::new(env!("CARGO_BIN_EXE_floe"))
+        .args(["dev", "--signal-port", "0", "--control-port", "0"])
+        .args(["--turn-port", "0", "--turn-http-port", "0", "--data-dir"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn floe dev");
+    let dev = Dev { child };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&endpoints) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                return (dev, v);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "floe dev did not come up in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn url(v: &Value, key: &str) -> String {
+    v[key].as_str().expect("endpoint present").to_owned()
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        if r.status() == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{base} never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn dev_serves_health_readiness_metrics_and_stun_then_stops_cleanly() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (mut dev, ep) = start(data.path());
+    let http = reqwest::Client::new();
+    for base in [
+        url(&ep, "signal_url"),
+        url(&ep, "control_url"),
+        url(&ep, "turn_ops_url"),
+    ] {
+        let r = http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(r.status(), 200, "{base}/healthz");
+        wait_ready(&http, &base).await;
+        let r = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(r.status(), 200);
+        let ct = r.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert!(ct.starts_with("text/plain"), "{ct}");
+    }
+
+    // The default tenant exists and the admin token printed works.
+    let control = url(&ep, "control_url");
+    let tenants: Value = http
+        .get(format!("{control}/v1/tenants"))
+        .bearer_auth(url(&ep, "admin_token"))
+        .send()
+        .await
+        .expect("list tenants")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(tenants[0]["id"], "default");
+    assert_eq!(tenants[0]["plan"]["turn"], true);
+    assert_eq!(tenants[0]["plan"]["public_rooms"], true);
+
+    // The printed join token verifies with the printed key.
+    let claims = floe_proto::token::verify(
+        &url(&ep, "join_token"),
+        url(&ep, "api_key_secret").as_bytes(),
+        floe_proto::time::unix_now(),
+    )
+    .expect("join token verifies");
+    assert_eq!(claims.iss, url(&ep, "api_key_id"));
+
+    // STUN answers on the advertised address.
+    let turn: std::net::SocketAddr = url(&ep, "turn_addr").parse().expect("addr");
+    let report = floe_loadtest::stun_flood::run(turn, 200, 20, Duration::from_secs(2))
+        .await
+        .expect("binding flood");
+    assert_eq!(report.answered, 200);
+
+    // SIGTERM: graceful stop, exit 0.
+    let pid = dev.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = dev.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "floe dev ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+
+    // A second start reuses the tenant, key and admin token.
+    let (_dev2, ep2) = start(data.path());
+    for key in ["admin_token", "tenant", "api_key_id", "api_key_secret"] {
+        assert_eq!(ep2[key], ep[key], "{key} changed across restarts");
+    }
+}
+
+#[test]
+fn check_config_validates_without_starting() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_floe"))
+            .args(args)
+            .output()
+            .expect("run floe")
+    };
+    let ok = run(&[
+        "control-plane",
+        "--check-config",
+        "--admin-token",
+        "0123456789abcdef0123",
+        "--internal-token",
+        "0123456789abcdef0123",
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration OK"));
+    let bad = run(&["control-plane", "--check-config"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("admin token is required"));
+    let bad_flag = run(&["signal", "--no-such-flag"]);
+    assert!(!bad_flag.status.success());
+    for cmd in [
+        "dev",
+        "signal",
+        "turn",
+        "control-plane",
+        "loadtest",
+        "tenant",
+        "token",
+        "usage",
+    ] {
+        let help = run(&[cmd, "--help"]);
+        assert!(help.status.success(), "{cmd} --help");
+    }
+}
