@@ -34,10 +34,10 @@ fn start(data: &Path) -> (Dev, Value) {
     let dev = Dev { child };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(text) = std::fs::read_to_string(&endpoints) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                return (dev, v);
-            }
+        if let Ok(text) = std::fs::read_to_string(&endpoints)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            return (dev, v);
         }
         assert!(
             Instant::now() < deadline,

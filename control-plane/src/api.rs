@@ -47,6 +47,8 @@ pub(crate) struct App {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Wakes the webhook deliverer when events are queued.
+    pub webhooks: Arc<tokio::sync::Notify>,
     limiter: Mutex<RateLimiter<IpAddr>>,
 }
 
@@ -58,6 +60,7 @@ impl App {
             settings,
             store,
             metrics,
+            webhooks: Arc::new(tokio::sync::Notify::new()),
             limiter,
         }
     }
@@ -288,6 +291,10 @@ async fn create_tenant(
         name: req.name,
         plan: req.plan,
         disabled: false,
+        webhook_secret: req
+            .webhook_url
+            .as_ref()
+            .map(|_| floe_common::secret::random_token(32)),
         webhook_url: req.webhook_url,
         created_at: unix_now(),
     };
@@ -336,10 +343,16 @@ async fn update_tenant(
         tenant.disabled = disabled;
     }
     match req.webhook_url.as_deref() {
-        Some("") => tenant.webhook_url = None,
+        Some("") => {
+            tenant.webhook_url = None;
+            tenant.webhook_secret = None;
+        }
         Some(url) => {
             validate_webhook(url)?;
             tenant.webhook_url = Some(url.to_owned());
+            tenant
+                .webhook_secret
+                .get_or_insert_with(|| floe_common::secret::random_token(32));
         }
         None => {}
     }
@@ -674,6 +687,13 @@ async fn apply_usage(
                 .inc_by(r.bytes());
         }
         tracing::debug!(server = %batch.server_id, seq = batch.seq, records = batch.records.len(), "usage batch applied");
+        let tenants = batch.records.iter().map(|r| r.tenant.clone()).collect();
+        match crate::webhooks::raise_alerts(app.store.as_ref(), &tenants, unix_now()).await {
+            Ok(0) => {}
+            Ok(_) => app.webhooks.notify_one(),
+            // The batch stands; the next one for these tenants checks again.
+            Err(e) => tracing::warn!(error = %e, "cannot raise usage alerts"),
+        }
     } else {
         app.metrics
             .usage_batches

@@ -78,6 +78,7 @@ mod tests {
             },
             disabled,
             webhook_url: None,
+            webhook_secret: None,
             created_at: 0,
         }
     }

@@ -11,6 +11,7 @@ mod enforcement;
 mod error;
 mod metrics;
 pub mod store;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +81,7 @@ impl ControlPlane {
                     plan,
                     disabled: false,
                     webhook_url: None,
+                    webhook_secret: None,
                     created_at: floe_proto::time::unix_now(),
                 };
                 store.create_tenant(&t).await?;
@@ -131,7 +133,13 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlan
         .fallback(floe_common::http::not_found);
     let shutdown = shutdown.child_token();
     let server = floe_common::http::serve(listener, router, shutdown.clone());
-    tokio::spawn(watch_store(store, store_ok, shutdown.clone()));
+    tokio::spawn(watch_store(store.clone(), store_ok, shutdown.clone()));
+    tokio::spawn(webhooks::deliver(
+        store,
+        metrics,
+        app.webhooks.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(%addr, "control plane listening");
     Ok(ControlPlane {
         addr,

@@ -66,11 +66,12 @@ pub async fn run(
             Ok(Ok(n)) => {
                 resp.raw.clear();
                 resp.raw.extend_from_slice(&buf[..n]);
-                if resp.decode().is_ok() && resp.typ == BINDING_SUCCESS {
-                    if let Some(at) = pending.remove(&resp.transaction_id.0) {
-                        latency.record_ms(at.elapsed());
-                        answered += 1;
-                    }
+                if resp.decode().is_ok()
+                    && resp.typ == BINDING_SUCCESS
+                    && let Some(at) = pending.remove(&resp.transaction_id.0)
+                {
+                    latency.record_ms(at.elapsed());
+                    answered += 1;
                 }
             }
             Ok(Err(e)) => return Err(e),

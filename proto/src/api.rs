@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::token::Grants;
 
 /// What a tenant's plan allows. `None` limits mean "unlimited".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Plan {
     /// Whether the tenant may use the TURN relay at all.
@@ -25,20 +25,6 @@ pub struct Plan {
     pub public_rooms: bool,
 }
 
-impl Default for Plan {
-    fn default() -> Self {
-        Self {
-            turn: false,
-            monthly_relay_bytes: None,
-            max_bitrate_bps: None,
-            max_allocations: None,
-            max_rooms: None,
-            max_peers_per_room: None,
-            public_rooms: false,
-        }
-    }
-}
-
 /// A tenant as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
@@ -49,6 +35,10 @@ pub struct Tenant {
     /// Where usage alerts are POSTed, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// Key of the `X-Floe-Signature` HMAC-SHA256 on webhook bodies; set
+    /// with the webhook URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
 }

@@ -167,10 +167,10 @@ async fn udp_loop(socket: UdpSocket, metrics: Arc<Metrics>, shutdown: Shutdown) 
                 }
             },
         };
-        if let Some(resp) = scratch.stun(&buf[..n], from, "udp", &metrics) {
-            if let Err(e) = socket.send_to(resp, from).await {
-                tracing::debug!(error = %e, %from, "UDP send failed");
-            }
+        if let Some(resp) = scratch.stun(&buf[..n], from, "udp", &metrics)
+            && let Err(e) = socket.send_to(resp, from).await
+        {
+            tracing::debug!(error = %e, %from, "UDP send failed");
         }
     }
 }

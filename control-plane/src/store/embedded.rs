@@ -13,7 +13,7 @@ use floe_proto::usage::{Revocation, UsageBatch};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{KeyRecord, LedgerDelta, Result, Store, StoreError, Totals, UsageReport};
+use super::{KeyRecord, LedgerDelta, OutboxEvent, Result, Store, StoreError, Totals, UsageReport};
 
 const TENANTS: TableDefinition<&str, &str> = TableDefinition::new("tenants");
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("keys");
@@ -29,6 +29,8 @@ const MONTHS: TableDefinition<&str, u64> = TableDefinition::new("usage_months");
 const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
 /// Alerts raised, by `tenant/month/level`.
 const ALERTS: TableDefinition<&str, u64> = TableDefinition::new("alerts");
+/// Webhook events waiting for delivery, by id.
+const OUTBOX: TableDefinition<&str, &str> = TableDefinition::new("webhook_outbox");
 
 /// Which sequence numbers of one server have been applied: all up to
 /// `watermark`, plus those in `above`. Kept small by advancing the
@@ -82,6 +84,7 @@ impl EmbeddedStore {
         txn.open_table(MONTHS).map_err(backend)?;
         txn.open_table(REVOCATIONS).map_err(backend)?;
         txn.open_table(ALERTS).map_err(backend)?;
+        txn.open_table(OUTBOX).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -377,6 +380,50 @@ impl Store for EmbeddedStore {
                 t.remove(k.as_str()).map_err(backend)?;
             }
             Ok(live)
+        })
+        .await
+    }
+
+    async fn alert_raised(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
+        let key = format!("{tenant}/{month}/{level}");
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(ALERTS).map_err(backend)?;
+            Ok(t.get(key.as_str()).map_err(backend)?.is_some())
+        })
+        .await
+    }
+
+    async fn push_outbox(&self, event: &OutboxEvent) -> Result<()> {
+        let (id, json) = (event.id.clone(), serde_json::to_string(event)?);
+        self.write(move |txn| {
+            let mut t = txn.open_table(OUTBOX).map_err(backend)?;
+            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox(&self) -> Result<Vec<OutboxEvent>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(OUTBOX).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (_, v) = entry.map_err(backend)?;
+                out.push(serde_json::from_str(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_outbox(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(OUTBOX).map_err(backend)?;
+            t.remove(id.as_str()).map_err(backend)?;
+            Ok(())
         })
         .await
     }

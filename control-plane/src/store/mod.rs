@@ -157,9 +157,34 @@ pub trait Store: Send + Sync + 'static {
     /// Revocations still in force at `now`; older ones may be pruned.
     async fn revocations(&self, now: u64) -> Result<Vec<Revocation>>;
 
+    /// Whether the alert `(tenant, month, level)` has been raised.
+    async fn alert_raised(&self, tenant: &str, month: &str, level: &str) -> Result<bool>;
     /// Records that the alert `(tenant, month, level)` was raised; `false`
-    /// if it had been raised before (so each alert is queued once).
+    /// if it had been raised before.
     async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool>;
+
+    /// Queues a webhook event for delivery; an event with the same id
+    /// replaces the queued one (so re-queuing is idempotent).
+    async fn push_outbox(&self, event: &OutboxEvent) -> Result<()>;
+    /// Every queued webhook event.
+    async fn outbox(&self) -> Result<Vec<OutboxEvent>>;
+    /// Removes a delivered (or abandoned) event.
+    async fn remove_outbox(&self, id: &str) -> Result<()>;
+}
+
+/// A webhook event waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// Stable id, also in the body, so receivers can drop duplicates.
+    pub id: String,
+    pub tenant: String,
+    pub url: String,
+    /// HMAC-SHA256 key for the signature header.
+    pub secret: String,
+    /// The JSON body, exactly as signed and sent.
+    pub body: String,
+    /// Unix seconds.
+    pub created_at: u64,
 }
 
 /// The shared behaviour every backend must show; run against each backend
@@ -180,6 +205,7 @@ pub(crate) mod suite {
             },
             disabled: false,
             webhook_url: None,
+            webhook_secret: None,
             created_at: 1,
         }
     }
@@ -360,9 +386,53 @@ pub(crate) mod suite {
             .collect();
         assert_eq!(live, vec![r2]);
 
+        assert!(
+            !store
+                .alert_raised(&t, "2026-11", "80")
+                .await
+                .expect("raised")
+        );
         assert!(store.mark_alert(&t, "2026-11", "80").await.expect("mark"));
+        assert!(
+            store
+                .alert_raised(&t, "2026-11", "80")
+                .await
+                .expect("raised")
+        );
         assert!(!store.mark_alert(&t, "2026-11", "80").await.expect("mark"));
         assert!(store.mark_alert(&t, "2026-11", "100").await.expect("mark"));
         assert!(store.mark_alert(&t, "2026-12", "80").await.expect("mark"));
+
+        let event = |id: &str, body: &str| OutboxEvent {
+            id: format!("{prefix}{id}"),
+            tenant: t.clone(),
+            url: "http://127.0.0.1:1/hook".into(),
+            secret: "s".into(),
+            body: body.into(),
+            created_at: 5,
+        };
+        store.push_outbox(&event("e1", "{}")).await.expect("push");
+        store.push_outbox(&event("e2", "{}")).await.expect("push");
+        store
+            .push_outbox(&event("e1", "{\"v\":2}"))
+            .await
+            .expect("re-push");
+        let mut queued = store.outbox().await.expect("outbox");
+        queued.retain(|e| e.tenant == t);
+        queued.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(queued, vec![event("e1", "{\"v\":2}"), event("e2", "{}")]);
+        store
+            .remove_outbox(&format!("{prefix}e1"))
+            .await
+            .expect("remove");
+        let left: Vec<_> = store
+            .outbox()
+            .await
+            .expect("outbox")
+            .into_iter()
+            .filter(|e| e.tenant == t)
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, vec![format!("{prefix}e2")]);
     }
 }

@@ -11,7 +11,7 @@ use floe_proto::usage::{Revocation, UsageBatch};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
-use super::{KeyRecord, LedgerDelta, Result, Store, StoreError, Totals, UsageReport};
+use super::{KeyRecord, LedgerDelta, OutboxEvent, Result, Store, StoreError, Totals, UsageReport};
 
 use std::sync::LazyLock;
 
@@ -376,6 +376,50 @@ impl Store for RedisStore {
         live.iter()
             .map(|s| serde_json::from_str(s).map_err(StoreError::from))
             .collect()
+    }
+
+    async fn alert_raised(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
+        self.conn
+            .clone()
+            .exists(self.key(&["alert", tenant, month, level]))
+            .await
+            .map_err(backend)
+    }
+
+    async fn push_outbox(&self, event: &OutboxEvent) -> Result<()> {
+        let _: i64 = self
+            .conn
+            .clone()
+            .hset(
+                self.key(&["outbox"]),
+                &event.id,
+                serde_json::to_string(event)?,
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn outbox(&self) -> Result<Vec<OutboxEvent>> {
+        let all: Vec<String> = self
+            .conn
+            .clone()
+            .hvals(self.key(&["outbox"]))
+            .await
+            .map_err(backend)?;
+        all.iter()
+            .map(|s| serde_json::from_str(s).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn remove_outbox(&self, id: &str) -> Result<()> {
+        let _: i64 = self
+            .conn
+            .clone()
+            .hdel(self.key(&["outbox"]), id)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
