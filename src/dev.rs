@@ -169,11 +169,11 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         .context("creating the default tenant")?;
 
     let signal = floe_signal::start(
-        floe_signal::Settings {
-            listen: SocketAddr::new(host, config.signal_port),
-            control_url: control.url(),
-            internal_token,
-        },
+        floe_signal::Settings::new(
+            SocketAddr::new(host, config.signal_port),
+            &control.url(),
+            &internal_token,
+        ),
         shutdown.clone(),
     )
     .await

@@ -205,6 +205,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     let internal = Router::new()
         .route("/internal/v1/keys/{kid}", get(key_for_verification))
+        .route("/internal/v1/tenants/{id}", get(tenant_for_service))
         .route("/internal/v1/ice-servers", post(ice_servers))
         .route("/internal/v1/enforcement", get(get_enforcement))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -579,6 +580,19 @@ async fn key_for_verification(
         plan: tenant.plan,
         tenant_disabled: tenant.disabled,
     }))
+}
+
+/// A tenant as signal needs it: plan and status, without secrets.
+async fn tenant_for_service(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>> {
+    app.require_internal(&headers)?;
+    let mut tenant = app.tenant(&id).await?;
+    tenant.webhook_secret = None;
+    tenant.webhook_url = None;
+    Ok(Json(tenant))
 }
 
 async fn ice_servers(

@@ -8,6 +8,7 @@ pub mod api;
 pub mod credential;
 pub mod error;
 pub mod id;
+pub mod signal;
 pub mod time;
 pub mod token;
 pub mod usage;

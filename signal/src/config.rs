@@ -26,6 +26,60 @@ pub struct Config {
     /// File holding the internal token.
     #[arg(long, env = "FLOE_INTERNAL_TOKEN_FILE")]
     pub internal_token_file: Option<PathBuf>,
+
+    /// Redis URL shared by every signal node (`redis://…`); without it the
+    /// node keeps rooms in process and runs alone.
+    #[arg(long, env = "FLOE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel of the room bus.
+    #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:sig:")]
+    pub redis_prefix: String,
+
+    /// This node's id on the room bus (default: host name and a random suffix).
+    #[arg(long, env = "FLOE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Origins allowed to open WebSockets and call the API from a browser;
+    /// repeatable. Empty allows any origin.
+    #[arg(long = "allowed-origin", env = "FLOE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Largest WebSocket message accepted, bytes.
+    #[arg(long, env = "FLOE_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub max_message_bytes: usize,
+
+    /// Messages per second a connection may send (sustained).
+    #[arg(long, env = "FLOE_MESSAGES_PER_SEC", default_value_t = 50.0)]
+    pub messages_per_sec: f64,
+
+    /// Messages a connection may send in a burst.
+    #[arg(long, env = "FLOE_MESSAGE_BURST", default_value_t = 200)]
+    pub message_burst: u32,
+
+    /// Concurrent WebSocket connections per client IP.
+    #[arg(long, env = "FLOE_MAX_CONNECTIONS_PER_IP", default_value_t = 200)]
+    pub max_connections_per_ip: u32,
+
+    /// Anonymous room creations per client IP per minute.
+    #[arg(long, env = "FLOE_PUBLIC_ROOMS_PER_MIN", default_value_t = 30)]
+    pub public_rooms_per_min: u32,
+
+    /// Room lifetime when the creator gives none, seconds.
+    #[arg(long, env = "FLOE_ROOM_TTL_SECS", default_value_t = 3_600)]
+    pub room_ttl_secs: u64,
+
+    /// Longest room lifetime, seconds.
+    #[arg(long, env = "FLOE_MAX_ROOM_TTL_SECS", default_value_t = 86_400)]
+    pub max_room_ttl_secs: u64,
+
+    /// Peers per room when the creator gives no limit.
+    #[arg(long, env = "FLOE_DEFAULT_MAX_PEERS", default_value_t = 8)]
+    pub default_max_peers: u32,
+
+    /// Seconds between WebSocket pings; a peer silent for two is dropped.
+    #[arg(long, env = "FLOE_HEARTBEAT_SECS", default_value_t = 20)]
+    pub heartbeat_secs: u64,
 }
 
 /// A validated configuration.
@@ -34,6 +88,60 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub control_url: String,
     pub internal_token: String,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub node_id: String,
+    pub allowed_origins: Vec<String>,
+    pub max_message_bytes: usize,
+    pub messages_per_sec: f64,
+    pub message_burst: u32,
+    pub max_connections_per_ip: u32,
+    pub public_rooms_per_min: u32,
+    pub room_ttl_secs: u64,
+    pub max_room_ttl_secs: u64,
+    pub default_max_peers: u32,
+    pub heartbeat_secs: u64,
+}
+
+impl Settings {
+    /// Defaults for a node that talks to the control plane at
+    /// `control_url` (used by `floe dev` and tests).
+    pub fn new(listen: SocketAddr, control_url: &str, internal_token: &str) -> Self {
+        Self {
+            listen,
+            control_url: control_url.trim_end_matches('/').to_owned(),
+            internal_token: internal_token.to_owned(),
+            redis_url: None,
+            redis_prefix: "floe:sig:".into(),
+            node_id: default_node_id(),
+            allowed_origins: Vec::new(),
+            max_message_bytes: 65_536,
+            messages_per_sec: 50.0,
+            message_burst: 200,
+            max_connections_per_ip: 200,
+            public_rooms_per_min: 30,
+            room_ttl_secs: 3_600,
+            max_room_ttl_secs: 86_400,
+            default_max_peers: 8,
+            heartbeat_secs: 20,
+        }
+    }
+}
+
+/// Host name (or "signal") and a random suffix.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "signal".into());
+    format!("{host}-{}", floe_common::secret::random_token(3))
 }
 
 /// A configuration `floe signal` cannot start with.
@@ -45,6 +153,24 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("--control-url must be an http(s) URL, got {0:?}")]
     BadControlUrl(String),
+    #[error("--redis-url must be a redis:// or rediss:// URL")]
+    BadRedisUrl,
+    #[error("--node-id: {0}")]
+    BadNodeId(#[from] floe_proto::id::IdError),
+    #[error("{what} must be between {min} and {max}")]
+    OutOfRange {
+        what: &'static str,
+        min: u64,
+        max: u64,
+    },
+}
+
+fn range(what: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { what, min, max })
+    }
 }
 
 impl Config {
@@ -60,10 +186,43 @@ impl Config {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::BadControlUrl(self.control_url.clone()));
         }
+        if let Some(r) = &self.redis_url
+            && !(r.starts_with("redis://") || r.starts_with("rediss://"))
+        {
+            return Err(ConfigError::BadRedisUrl);
+        }
+        let node_id = match &self.node_id {
+            Some(id) => {
+                floe_proto::id::validate("node id", id)?;
+                id.clone()
+            }
+            None => default_node_id(),
+        };
+        range("--max-message-bytes", self.max_message_bytes as u64, 1_024, 1 << 20)?;
+        range("--messages-per-sec", self.messages_per_sec as u64, 1, 100_000)?;
+        range("--message-burst", u64::from(self.message_burst), 1, 100_000)?;
+        range("--max-connections-per-ip", u64::from(self.max_connections_per_ip), 1, 1_000_000)?;
+        range("--max-room-ttl-secs", self.max_room_ttl_secs, 60, 30 * 86_400)?;
+        range("--room-ttl-secs", self.room_ttl_secs, 60, self.max_room_ttl_secs)?;
+        range("--default-max-peers", u64::from(self.default_max_peers), 2, 1_000)?;
+        range("--heartbeat-secs", self.heartbeat_secs, 1, 300)?;
         Ok(Settings {
             listen: self.listen,
             control_url: url.to_owned(),
             internal_token,
+            redis_url: self.redis_url.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            node_id,
+            allowed_origins: self.allowed_origins.clone(),
+            max_message_bytes: self.max_message_bytes,
+            messages_per_sec: self.messages_per_sec,
+            message_burst: self.message_burst,
+            max_connections_per_ip: self.max_connections_per_ip,
+            public_rooms_per_min: self.public_rooms_per_min,
+            room_ttl_secs: self.room_ttl_secs,
+            max_room_ttl_secs: self.max_room_ttl_secs,
+            default_max_peers: self.default_max_peers,
+            heartbeat_secs: self.heartbeat_secs,
         })
     }
 }

@@ -1,17 +1,33 @@
-//! floe signaling: rooms, presence and offer/answer relay over WebSocket.
+//! floe signaling: rooms, presence and offer/answer/candidate relay over
+//! WebSocket, scaled out through a Redis room bus.
 //!
-//! The public API: [`Config`], [`start`] / [`run`] and the running
-//! [`Signal`] handle.
+//! Room rules live in [`room`] as plain functions; [`hub`] holds this
+//! node's sockets; [`bus`] shares rooms between nodes; [`ws`] and [`api`]
+//! are the network edges. The public API: [`Config`] / [`Settings`],
+//! [`start`] / [`run`] and the running [`Signal`] handle.
 
+mod api;
+mod bus;
 mod config;
+mod control;
+mod error;
+mod hub;
+mod metrics;
+mod room;
+mod ws;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, Method, header};
 use floe_common::{Check, Health, Shutdown};
-use prometheus::Registry;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use config::{Config, ConfigError, Settings};
+
+/// Longest wait for connections to close during a drain.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// Why the signal node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,13 +38,16 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Bus(String),
 }
 
-/// A running signal node. Dropping it shuts it down.
+/// A running signal node. Dropping it shuts it down (draining first).
 pub struct Signal {
     addr: SocketAddr,
+    node_id: String,
     shutdown: Shutdown,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Signal {
@@ -37,9 +56,22 @@ impl Signal {
         self.addr
     }
 
+    /// This node's id on the room bus.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Starts a graceful drain and waits until the node has stopped.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
     /// Waits until the node has stopped (after shutdown fired).
     pub async fn wait(mut self) {
-        for task in self.tasks.drain(..) {
+        if let Some(task) = self.task.take() {
             let _ = task.await;
         }
     }
@@ -51,50 +83,135 @@ impl Drop for Signal {
     }
 }
 
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(600))
+}
+
 /// Starts serving; returns once the listener is bound.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, StartError> {
     let shutdown = shutdown.child_token();
-    let registry = Registry::new();
+    // Stops the HTTP server and the bus tasks, after the drain.
+    let stop = Shutdown::new();
+    let draining = Shutdown::new();
+    let metrics = Arc::new(metrics::Metrics::new());
     let health = Health::new();
+    let serving = health.check("serving", true);
     let control_ok = health.check("control_plane", false);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    let hub = Arc::new(hub::Hub::new());
+    let bus: Arc<dyn bus::Bus> = match &settings.redis_url {
+        Some(url) => bus::redis::RedisBus::start(
+            url,
+            &settings.redis_prefix,
+            &settings.node_id,
+            hub.clone(),
+            metrics.clone(),
+            &health,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Bus(e.to_string()))?,
+        None => Arc::new(bus::local::LocalBus::new(hub.clone())),
+    };
+    let control = control::Control::new(&settings.control_url, &settings.internal_token)?;
     let listener = floe_common::http::bind("signal API", settings.listen).await?;
     let addr = listener.local_addr()?;
-    let router =
-        floe_common::http::ops_router(registry, health).fallback(floe_common::http::not_found);
-    let tasks = vec![
-        floe_common::http::serve(listener, router, shutdown.clone()),
-        tokio::spawn(watch_control_plane(
-            http,
-            settings.control_url.clone(),
-            control_ok,
-            shutdown.clone(),
-        )),
-    ];
-    tracing::info!(%addr, "signal node listening");
+    let node_id = settings.node_id.clone();
+    let app = Arc::new(api::App::new(
+        settings.clone(),
+        bus,
+        hub.clone(),
+        control,
+        metrics.clone(),
+        draining.clone(),
+    ));
+    let router = api::router(app.clone())
+        .layer(cors(&settings.allowed_origins))
+        .merge(floe_common::http::ops_router(metrics.registry.clone(), health))
+        .fallback(floe_common::http::not_found);
+    let server = floe_common::http::serve(listener, router, stop.clone());
+    tokio::spawn(watch_control_plane(
+        settings.control_url.clone(),
+        control_ok,
+        stop.clone(),
+    ));
+    tokio::spawn(close_expired_rooms(app.clone(), stop.clone()));
+    tracing::info!(%addr, node = %node_id, bus = if settings.redis_url.is_some() { "redis" } else { "local" }, "signal node listening");
+
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("draining: closing connections so peers reconnect elsewhere");
+            serving.set(false);
+            draining.cancel();
+            let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+            while hub.counts().1 > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Let departures reach the bus before it stops.
+            while metrics.connections.get() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.cancel();
+            let _ = server.await;
+        }
+    });
     Ok(Signal {
         addr,
+        node_id,
         shutdown,
-        tasks,
+        task: Some(task),
     })
 }
 
-/// Runs until `shutdown` fires.
+/// Runs until `shutdown` fires, then drains.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     start(config.resolve()?, shutdown).await?.wait().await;
     tracing::info!("signal node stopped");
     Ok(())
 }
 
+/// Closes this node's connections in rooms whose time is up.
+async fn close_expired_rooms(app: Arc<api::App>, stop: Shutdown) {
+    let closed = bus::room_closed("expired");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for room in app.hub.expired(floe_proto::time::unix_now()) {
+            app.hub
+                .close_room(&room, Some(&closed), hub::close::ROOM_CLOSED, "room expired");
+        }
+    }
+}
+
 /// Keeps the `control_plane` readiness check current.
-async fn watch_control_plane(
-    http: reqwest::Client,
-    control_url: String,
-    ok: Check,
-    shutdown: Shutdown,
-) {
+async fn watch_control_plane(control_url: String, ok: Check, stop: Shutdown) {
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build an HTTP client");
+            return;
+        }
+    };
     let url = format!("{control_url}/healthz");
     loop {
         let reachable = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
@@ -104,7 +221,7 @@ async fn watch_control_plane(
         ok.set(reachable);
         let pause = if reachable { 5 } else { 1 };
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
         }
     }

@@ -1,0 +1,128 @@
+//! The room bus: room records, membership and message routing, behind one
+//! trait with two backends. [`local`] keeps everything in this process
+//! (`floe dev`, single nodes); [`redis`] shares rooms between nodes through
+//! Redis keys with leases and pub/sub, so any node serves any peer.
+//!
+//! Both apply the rules of [`crate::room`] and deliver through the local
+//! [`Hub`](crate::hub::Hub) of whichever node holds the target socket.
+
+pub mod local;
+pub mod redis;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use floe_proto::signal::{PeerInfo, ServerMessage};
+
+use crate::room::{Admission, Member, Refusal, RoomRecord};
+
+/// The bus backend cannot answer now.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("room bus unavailable: {0}")]
+pub(crate) struct BusError(pub String);
+
+/// How a join ended.
+#[derive(Debug)]
+pub(crate) enum JoinOutcome {
+    /// In the room; `peers` are the others present.
+    Admitted {
+        admission: Admission,
+        peers: Vec<PeerInfo>,
+    },
+    Refused(Refusal),
+    NoRoom,
+}
+
+/// Why a message to one peer was not delivered. Never silent: the sender
+/// gets an `error` naming it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("no such peer in this room")]
+    NoPeer,
+    #[error("the peer has reconnected; its session id changed")]
+    StaleSession,
+    #[error("the peer could not be reached")]
+    Unreachable,
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl SendError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoPeer => "peer_not_found",
+            Self::StaleSession => "stale_session",
+            Self::Unreachable => "peer_unreachable",
+            Self::Bus(_) => "bus_unavailable",
+        }
+    }
+}
+
+/// Rooms, membership and routing.
+#[async_trait]
+pub(crate) trait Bus: Send + Sync + 'static {
+    /// Stores a new room; `Ok(false)` when the tenant already has
+    /// `max_rooms` live rooms.
+    async fn create_room(
+        &self,
+        room: &RoomRecord,
+        max_rooms: Option<u32>,
+        now: u64,
+    ) -> Result<bool, BusError>;
+    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError>;
+    /// Deletes a room and closes it for every member, wherever connected.
+    async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError>;
+    async fn members(&self, id: &str) -> Result<Vec<Member>, BusError>;
+    /// Admits `member` (already registered in the local hub) and tells the
+    /// others; a replaced connection is closed wherever it is.
+    async fn join(&self, room: &RoomRecord, member: &Member, now: u64) -> Result<JoinOutcome, BusError>;
+    /// Removes `member` if its session is still current, telling the others.
+    async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError>;
+    /// Routes `text` to peer `to` (whose session must be `sid` if given).
+    async fn send_to_peer(
+        &self,
+        room: &str,
+        from: &Member,
+        to: &str,
+        sid: Option<&str>,
+        text: Utf8Bytes,
+    ) -> Result<(), SendError>;
+    /// Routes `text` to every member but `from`.
+    async fn broadcast(&self, room: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError>;
+}
+
+pub(crate) fn peer_joined(m: &Member) -> Utf8Bytes {
+    ServerMessage::PeerJoined {
+        peer_id: m.peer_id.clone(),
+        session_id: m.session_id.clone(),
+    }
+    .to_json()
+    .into()
+}
+
+pub(crate) fn peer_left(m: &Member, reason: &str) -> Utf8Bytes {
+    ServerMessage::PeerLeft {
+        peer_id: m.peer_id.clone(),
+        session_id: m.session_id.clone(),
+        reason: reason.to_owned(),
+    }
+    .to_json()
+    .into()
+}
+
+pub(crate) fn room_closed(reason: &str) -> Utf8Bytes {
+    ServerMessage::RoomClosed {
+        reason: reason.to_owned(),
+    }
+    .to_json()
+    .into()
+}
+
+pub(crate) fn peer_info(m: &Member) -> PeerInfo {
+    PeerInfo {
+        peer_id: m.peer_id.clone(),
+        session_id: m.session_id.clone(),
+    }
+}
+
+/// Close reason sent to a replaced connection.
+pub(crate) const REPLACED_REASON: &str = "replaced by a newer connection of this peer";

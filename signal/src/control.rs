@@ -1,0 +1,110 @@
+//! The control plane as signal sees it: API keys (to verify join tokens
+//! locally), tenant plans, and ICE servers with fresh TURN credentials.
+//! Keys and plans are cached briefly so joins do not each cost a round trip.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use floe_proto::api::{IceServers, IceServersRequest, KeyVerification, Tenant};
+
+/// How long a fetched key or tenant is trusted.
+const FRESH: Duration = Duration::from_secs(30);
+/// How long a "not found" is trusted.
+const NEGATIVE: Duration = Duration::from_secs(5);
+/// Most cached entries of each kind.
+const MAX_ENTRIES: usize = 100_000;
+
+/// The control plane could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("control plane unavailable: {0}")]
+pub(crate) struct Unavailable(pub String);
+
+type Cache<T> = Mutex<HashMap<String, (Instant, Option<T>)>>;
+
+/// Client of the control plane's internal API.
+pub(crate) struct Control {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    keys: Cache<KeyVerification>,
+    tenants: Cache<Tenant>,
+}
+
+impl Control {
+    pub fn new(base: &str, token: &str) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            keys: Mutex::default(),
+            tenants: Mutex::default(),
+        })
+    }
+
+    async fn cached<T: serde::de::DeserializeOwned + Clone>(
+        &self,
+        cache: &Cache<T>,
+        id: &str,
+        path: String,
+    ) -> Result<Option<T>, Unavailable> {
+        if let Some((at, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            let ttl = if v.is_some() { FRESH } else { NEGATIVE };
+            if at.elapsed() < ttl {
+                return Ok(v.clone());
+            }
+        }
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        let value = match resp.status().as_u16() {
+            200 => Some(resp.json::<T>().await.map_err(|e| Unavailable(e.to_string()))?),
+            404 => None,
+            s => return Err(Unavailable(format!("answered {s}"))),
+        };
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= MAX_ENTRIES {
+            c.retain(|_, (at, _)| at.elapsed() < FRESH);
+        }
+        c.insert(id.to_owned(), (Instant::now(), value.clone()));
+        Ok(value)
+    }
+
+    /// The API key `kid`, with its tenant's plan; `None` if unknown or revoked.
+    pub async fn key(&self, kid: &str) -> Result<Option<KeyVerification>, Unavailable> {
+        self.cached(&self.keys, kid, format!("/internal/v1/keys/{kid}"))
+            .await
+    }
+
+    /// The tenant `id`; `None` if unknown.
+    pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, Unavailable> {
+        self.cached(&self.tenants, id, format!("/internal/v1/tenants/{id}"))
+            .await
+    }
+
+    /// ICE servers, with fresh TURN credentials where the plan allows.
+    pub async fn ice_servers(&self, tenant: &str, room: &str, peer: &str) -> Result<IceServers, Unavailable> {
+        let resp = self
+            .http
+            .post(format!("{}/internal/v1/ice-servers", self.base))
+            .bearer_auth(&self.token)
+            .json(&IceServersRequest {
+                tenant: tenant.to_owned(),
+                room: room.to_owned(),
+                peer: peer.to_owned(),
+            })
+            .send()
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(Unavailable(format!("ICE servers: answered {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| Unavailable(e.to_string()))
+    }
+}

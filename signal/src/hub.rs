@@ -1,0 +1,360 @@
+//! The WebSocket connections this node holds, by room and peer, and
+//! delivery of ready-made message text to them.
+//!
+//! Every connection task owns a bounded queue; delivery never waits on a
+//! socket. A peer whose queue is full is too slow to keep: it is closed,
+//! and the sender hears that the message could not be delivered.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use crate::room::RoomRecord;
+
+/// Messages queued for one connection.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A text frame to send.
+    Text(Utf8Bytes),
+    /// Close the connection with this code and reason.
+    Close { code: u16, reason: String },
+}
+
+/// Close codes floe uses (4000–4999 are for applications).
+pub(crate) mod close {
+    /// Replaced by a newer connection of the same peer.
+    pub const REPLACED: u16 = 4001;
+    /// Too slow to read its messages.
+    pub const SLOW: u16 = 4002;
+    /// The room closed (expired or deleted).
+    pub const ROOM_CLOSED: u16 = 4004;
+    /// Refused at join; the `error` message before it says why.
+    pub const REFUSED: u16 = 4003;
+    /// No heartbeat answer.
+    pub const DEAD: u16 = 4008;
+    /// Server going away; reconnect (to another node).
+    pub const DRAINING: u16 = 1012;
+    /// A dependency is down; retry later.
+    pub const TRY_AGAIN: u16 = 1013;
+}
+
+struct LocalPeer {
+    session: String,
+    tx: mpsc::Sender<Outbound>,
+}
+
+struct LocalRoom {
+    record: RoomRecord,
+    peers: HashMap<String, LocalPeer>,
+}
+
+/// Where a message goes.
+pub(crate) enum Target<'a> {
+    /// One peer, optionally only if its session is `session`.
+    Peer {
+        peer: &'a str,
+        session: Option<&'a str>,
+    },
+    /// Every peer of the room but `except`.
+    Room { except: Option<&'a str> },
+}
+
+/// What happened to a message for one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Delivered,
+    NoPeer,
+    StaleSession,
+    /// The peer's queue was full: it has been closed.
+    Dropped,
+}
+
+const SHARDS: usize = 32;
+
+/// The local connection registry.
+pub(crate) struct Hub {
+    shards: Vec<Mutex<HashMap<String, LocalRoom>>>,
+    hasher: std::collections::hash_map::RandomState,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shard(&self, room: &str) -> &Mutex<HashMap<String, LocalRoom>> {
+        let mut h = self.hasher.build_hasher();
+        room.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Counts a connection from `ip`; `false` if it already has `max`.
+    pub fn acquire_ip(&self, ip: IpAddr, max: u32) -> bool {
+        let mut map = lock(&self.per_ip);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub fn release_ip(&self, ip: IpAddr) {
+        let mut map = lock(&self.per_ip);
+        if let Entry::Occupied(mut e) = map.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Registers a connection; returns the queue of a previous local
+    /// connection of the same peer, which the caller closes.
+    pub fn register(
+        &self,
+        record: &RoomRecord,
+        peer: &str,
+        session: &str,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Option<mpsc::Sender<Outbound>> {
+        let mut shard = lock(self.shard(&record.id));
+        let room = shard.entry(record.id.clone()).or_insert_with(|| LocalRoom {
+            record: record.clone(),
+            peers: HashMap::new(),
+        });
+        room.peers
+            .insert(
+                peer.to_owned(),
+                LocalPeer {
+                    session: session.to_owned(),
+                    tx,
+                },
+            )
+            .map(|old| old.tx)
+    }
+
+    /// Removes a connection if `session` is still the peer's current one.
+    pub fn unregister(&self, room: &str, peer: &str, session: &str) -> bool {
+        let mut shard = lock(self.shard(room));
+        let Some(r) = shard.get_mut(room) else {
+            return false;
+        };
+        let current = r.peers.get(peer).is_some_and(|p| p.session == session);
+        if current {
+            r.peers.remove(peer);
+            if r.peers.is_empty() {
+                shard.remove(room);
+            }
+        }
+        current
+    }
+
+    /// Queues `text` for the target peers of `room`.
+    pub fn deliver(&self, room: &str, target: Target<'_>, text: &Utf8Bytes) -> Delivery {
+        let mut shard = lock(self.shard(room));
+        let Some(r) = shard.get_mut(room) else {
+            return Delivery::NoPeer;
+        };
+        match target {
+            Target::Peer { peer, session } => {
+                let Some(p) = r.peers.get(peer) else {
+                    return Delivery::NoPeer;
+                };
+                if session.is_some_and(|s| s != p.session) {
+                    return Delivery::StaleSession;
+                }
+                if p.tx.try_send(Outbound::Text(text.clone())).is_ok() {
+                    Delivery::Delivered
+                } else {
+                    let _ = p.tx.try_send(Outbound::Close {
+                        code: close::SLOW,
+                        reason: "too slow to read messages".into(),
+                    });
+                    r.peers.remove(peer);
+                    Delivery::Dropped
+                }
+            }
+            Target::Room { except } => {
+                let mut slow = Vec::new();
+                for (id, p) in &r.peers {
+                    if Some(id.as_str()) == except {
+                        continue;
+                    }
+                    if p.tx.try_send(Outbound::Text(text.clone())).is_err() {
+                        slow.push(id.clone());
+                    }
+                }
+                for id in slow {
+                    if let Some(p) = r.peers.remove(&id) {
+                        let _ = p.tx.try_send(Outbound::Close {
+                            code: close::SLOW,
+                            reason: "too slow to read messages".into(),
+                        });
+                    }
+                }
+                Delivery::Delivered
+            }
+        }
+    }
+
+    /// Closes one peer's connection (if `session` matches, when given).
+    pub fn close_peer(&self, room: &str, peer: &str, session: Option<&str>, code: u16, reason: &str) {
+        let mut shard = lock(self.shard(room));
+        if let Some(r) = shard.get_mut(room) {
+            let matches = r
+                .peers
+                .get(peer)
+                .is_some_and(|p| session.is_none_or(|s| s == p.session));
+            if matches && let Some(p) = r.peers.remove(peer) {
+                let _ = p.tx.try_send(Outbound::Close {
+                    code,
+                    reason: reason.to_owned(),
+                });
+            }
+            if r.peers.is_empty() {
+                shard.remove(room);
+            }
+        }
+    }
+
+    /// Sends `text` (if any) and closes every local peer of `room`.
+    pub fn close_room(&self, room: &str, text: Option<&Utf8Bytes>, code: u16, reason: &str) {
+        let removed = lock(self.shard(room)).remove(room);
+        if let Some(r) = removed {
+            for p in r.peers.into_values() {
+                if let Some(t) = text {
+                    let _ = p.tx.try_send(Outbound::Text(t.clone()));
+                }
+                let _ = p.tx.try_send(Outbound::Close {
+                    code,
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Ids of local rooms that have expired at `now`.
+    pub fn expired(&self, now: u64) -> Vec<String> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                lock(s)
+                    .values()
+                    .filter(|r| r.record.expires_at <= now)
+                    .map(|r| r.record.id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every local room with its local (peer, session) pairs.
+    pub fn snapshot(&self) -> Vec<(RoomRecord, Vec<(String, String)>)> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                lock(s)
+                    .values()
+                    .map(|r| {
+                        let peers = r
+                            .peers
+                            .iter()
+                            .map(|(id, p)| (id.clone(), p.session.clone()))
+                            .collect();
+                        (r.record.clone(), peers)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Local rooms and local peers.
+    pub fn counts(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(rooms, peers), s| {
+            let s = lock(s);
+            (rooms + s.len(), peers + s.values().map(|r| r.peers.len()).sum::<usize>())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::tests::record;
+
+    fn text(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_owned())
+    }
+
+    #[test]
+    fn delivers_by_peer_and_session_and_drops_slow_peers() {
+        let hub = Hub::new();
+        let room = record(4, false);
+        let (tx_a, mut rx_a) = mpsc::channel(1);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        assert!(hub.register(&room, "a", "s1", tx_a).is_none());
+        assert!(hub.register(&room, "b", "s2", tx_b).is_none());
+
+        let to_a = |session| Target::Peer { peer: "a", session };
+        assert_eq!(hub.deliver("r", to_a(Some("s1")), &text("1")), Delivery::Delivered);
+        assert!(matches!(rx_a.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "1"));
+        assert_eq!(hub.deliver("r", to_a(Some("old")), &text("x")), Delivery::StaleSession);
+        assert_eq!(
+            hub.deliver("r", Target::Peer { peer: "zz", session: None }, &text("x")),
+            Delivery::NoPeer
+        );
+        assert_eq!(hub.deliver("nope", to_a(None), &text("x")), Delivery::NoPeer);
+
+        // Room-wide, except the sender.
+        hub.deliver("r", Target::Room { except: Some("a") }, &text("all"));
+        assert!(matches!(rx_b.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "all"));
+        assert!(rx_a.try_recv().is_err());
+
+        // a's queue holds one message: the second overflows and a is dropped.
+        assert_eq!(hub.deliver("r", to_a(None), &text("q")), Delivery::Delivered);
+        assert_eq!(hub.deliver("r", to_a(None), &text("overflow")), Delivery::Dropped);
+        assert_eq!(hub.deliver("r", to_a(None), &text("gone")), Delivery::NoPeer);
+        assert_eq!(hub.counts(), (1, 1));
+    }
+
+    #[test]
+    fn replacement_unregister_and_room_close() {
+        let hub = Hub::new();
+        let room = record(4, false);
+        let (tx1, _rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        hub.register(&room, "a", "s1", tx1);
+        assert!(hub.register(&room, "a", "s2", tx2).is_some(), "old queue returned");
+        assert!(!hub.unregister("r", "a", "s1"), "stale session cannot unregister");
+        hub.close_room("r", Some(&text("bye")), close::ROOM_CLOSED, "expired");
+        assert!(matches!(rx2.try_recv(), Ok(Outbound::Text(_))));
+        assert!(matches!(rx2.try_recv(), Ok(Outbound::Close { code: close::ROOM_CLOSED, .. })));
+        assert_eq!(hub.counts(), (0, 0));
+        assert_eq!(hub.expired(1_000), Vec::<String>::new());
+    }
+
+    #[test]
+    fn per_ip_limit() {
+        let hub = Hub::new();
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert!(hub.acquire_ip(ip, 2));
+        assert!(hub.acquire_ip(ip, 2));
+        assert!(!hub.acquire_ip(ip, 2));
+        hub.release_ip(ip);
+        assert!(hub.acquire_ip(ip, 2));
+    }
+}

@@ -1,0 +1,94 @@
+//! The signal node's Prometheus metrics, built once and shared by `Arc`.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Every metric of a signal node.
+pub(crate) struct Metrics {
+    pub registry: Registry,
+    pub connections: IntGauge,
+    pub rooms: IntGauge,
+    pub messages: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub relay_latency: Histogram,
+    pub redis_errors: IntCounter,
+    pub reported_bytes: IntCounterVec,
+    pub rooms_created: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            connections: IntGauge::new(
+                "floe_signal_connections",
+                "Open WebSocket connections on this node",
+            )
+            .expect("valid metric"),
+            rooms: IntGauge::new(
+                "floe_signal_rooms",
+                "Rooms with at least one peer connected to this node",
+            )
+            .expect("valid metric"),
+            messages: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_messages_total",
+                    "Client messages received, by type",
+                ),
+                &["type"],
+            )
+            .expect("valid metric"),
+            refusals: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_refusals_total",
+                    "Requests, joins and messages refused, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            relay_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "floe_signal_relay_latency_seconds",
+                    "Time from a message entering one node to its delivery on another",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                ]),
+            )
+            .expect("valid metric"),
+            redis_errors: IntCounter::new(
+                "floe_signal_redis_errors_total",
+                "Failed Redis commands and lost Redis connections",
+            )
+            .expect("valid metric"),
+            reported_bytes: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_reported_bytes_total",
+                    "Bytes peers reported moving, by tenant and path (direct, relayed)",
+                ),
+                &["tenant", "path"],
+            )
+            .expect("valid metric"),
+            rooms_created: IntCounterVec::new(
+                Opts::new("floe_signal_rooms_created_total", "Rooms created, by tenant"),
+                &["tenant"],
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        for c in [
+            Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.rooms.clone()),
+            Box::new(m.messages.clone()),
+            Box::new(m.refusals.clone()),
+            Box::new(m.relay_latency.clone()),
+            Box::new(m.redis_errors.clone()),
+            Box::new(m.reported_bytes.clone()),
+            Box::new(m.rooms_created.clone()),
+        ] {
+            m.registry.register(c).expect("each metric registered once");
+        }
+        m
+    }
+}
