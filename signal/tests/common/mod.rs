@@ -177,6 +177,22 @@ impl Client {
         }
     }
 
+    /// The next JSON message, or `None` if none arrives within `wait`.
+    pub async fn next_or_timeout(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(serde_json::from_str(&t).expect("JSON"));
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                    return Some(json!({"type": "closed"}));
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
     /// The next message of type `kind`, skipping others (bounded).
     pub async fn expect(&mut self, kind: &str) -> Value {
         for _ in 0..50 {
