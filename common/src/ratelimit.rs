@@ -50,7 +50,8 @@ impl TokenBucket {
 
     /// How long until one token is available.
     pub fn wait(&self, now: Instant) -> Duration {
-        let have = self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
+        let have =
+            self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
         if have >= 1.0 || self.per_sec <= 0.0 {
             Duration::ZERO
         } else {

@@ -80,7 +80,10 @@ pub enum ClientMessage {
     /// Leave the room and close.
     Leave,
     /// Bytes this peer moved since its last report, by path.
-    Stats { direct_bytes: u64, relayed_bytes: u64 },
+    Stats {
+        direct_bytes: u64,
+        relayed_bytes: u64,
+    },
     /// Application-level keepalive; answered with `pong`.
     Ping,
 }
@@ -93,9 +96,15 @@ pub enum MessageError {
     #[error("unknown message type {0:?}")]
     UnknownType(String),
     #[error("message type {kind:?} needs the field {field:?}")]
-    MissingField { kind: &'static str, field: &'static str },
+    MissingField {
+        kind: &'static str,
+        field: &'static str,
+    },
     #[error("message type {kind:?} does not take the field {field:?}")]
-    UnexpectedField { kind: &'static str, field: &'static str },
+    UnexpectedField {
+        kind: &'static str,
+        field: &'static str,
+    },
 }
 
 /// The wire shape of every client message: one flat object. (Raw payloads
@@ -138,7 +147,8 @@ impl ClientMessage {
                 None => Ok(()),
             }
         };
-        let need = |kind: &'static str, field: &'static str| MessageError::MissingField { kind, field };
+        let need =
+            |kind: &'static str, field: &'static str| MessageError::MissingField { kind, field };
         match m.kind.as_str() {
             "signal" => {
                 only("signal", &["to", "sid", "payload"])?;
@@ -163,9 +173,7 @@ impl ClientMessage {
                 })
             }
             "ping" => only("ping", &[]).map(|()| Self::Ping),
-            _ => Err(MessageError::UnknownType(
-                m.kind.chars().take(32).collect(),
-            )),
+            _ => Err(MessageError::UnknownType(m.kind.chars().take(32).collect())),
         }
     }
 }
@@ -251,7 +259,10 @@ mod tests {
         ));
         assert!(matches!(
             ClientMessage::parse(r#"{"type":"stats","relayed_bytes":5}"#),
-            Ok(ClientMessage::Stats { direct_bytes: 0, relayed_bytes: 5 })
+            Ok(ClientMessage::Stats {
+                direct_bytes: 0,
+                relayed_bytes: 5
+            })
         ));
         assert_eq!(
             ClientMessage::parse(r#"{"type":"nope"}"#).err(),
@@ -259,11 +270,17 @@ mod tests {
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"signal","payload":1}"#).err(),
-            Some(MessageError::MissingField { kind: "signal", field: "to" })
+            Some(MessageError::MissingField {
+                kind: "signal",
+                field: "to"
+            })
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"leave","payload":1}"#).err(),
-            Some(MessageError::UnexpectedField { kind: "leave", field: "payload" })
+            Some(MessageError::UnexpectedField {
+                kind: "leave",
+                field: "payload"
+            })
         );
         for bad in [
             r#"{"type":"signal","to":"p","payload":1,"from":"forged"}"#,
@@ -284,7 +301,10 @@ mod tests {
             peer_id: "p".into(),
             session_id: "s".into(),
         };
-        assert_eq!(m.to_json(), r#"{"type":"peer-joined","peer_id":"p","session_id":"s"}"#);
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"peer-joined","peer_id":"p","session_id":"s"}"#
+        );
         let payload = RawValue::from_string(r#"{"candidate":"a"}"#.into()).expect("raw");
         let s = ServerMessage::Signal {
             from: "a".into(),

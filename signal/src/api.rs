@@ -94,7 +94,10 @@ impl App {
             .await?
             .ok_or_else(|| SignalError::InvalidToken("unknown or revoked API key".into()))?;
         if key.tenant_disabled {
-            return Err(SignalError::Forbidden("tenant_disabled", "the tenant is disabled".into()));
+            return Err(SignalError::Forbidden(
+                "tenant_disabled",
+                "the tenant is disabled".into(),
+            ));
         }
         let claims = token::verify(token, key.secret.as_bytes(), unix_now())?;
         Ok(TokenHolder {
@@ -111,7 +114,10 @@ impl App {
             .await?
             .ok_or_else(|| SignalError::UnknownTenant(id.to_owned()))?;
         if t.disabled {
-            return Err(SignalError::Forbidden("tenant_disabled", "the tenant is disabled".into()));
+            return Err(SignalError::Forbidden(
+                "tenant_disabled",
+                "the tenant is disabled".into(),
+            ));
         }
         Ok(t)
     }
@@ -193,7 +199,10 @@ async fn create(
     req: CreateRoom,
 ) -> Result<(StatusCode, Json<CreatedRoom>)> {
     if !app.origin_allowed(headers) {
-        return Err(SignalError::Forbidden("origin_not_allowed", "origin not allowed".into()));
+        return Err(SignalError::Forbidden(
+            "origin_not_allowed",
+            "origin not allowed".into(),
+        ));
     }
     let now = unix_now();
     let (tenant, creator, room_id) = match bearer(headers) {
@@ -267,7 +276,11 @@ async fn create(
         owner: Salted::new(&owner_key),
         creator,
     };
-    if !app.bus.create_room(&record, tenant.plan.max_rooms, now).await? {
+    if !app
+        .bus
+        .create_room(&record, tenant.plan.max_rooms, now)
+        .await?
+    {
         return Err(SignalError::RoomLimit);
     }
     app.metrics
@@ -333,13 +346,16 @@ async fn may_delete(app: &App, record: &RoomRecord, headers: &HeaderMap) -> Resu
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        })
         .and_then(|v| String::from_utf8(v).ok());
-    if let Some((kid, secret)) = basic.as_deref().and_then(|s| s.split_once(':')) {
-        if let Some(key) = app.control.key(kid).await? {
-            return Ok(key.tenant == record.tenant
-                && floe_common::http::secret_eq(secret, &key.secret));
-        }
+    if let Some((kid, secret)) = basic.as_deref().and_then(|s| s.split_once(':'))
+        && let Some(key) = app.control.key(kid).await?
+    {
+        return Ok(key.tenant == record.tenant && floe_common::http::secret_eq(secret, &key.secret));
     }
     Ok(false)
 }
@@ -366,7 +382,10 @@ async fn websocket(
 ) -> Response {
     if !app.origin_allowed(&headers) {
         return app
-            .refuse(SignalError::Forbidden("origin_not_allowed", "origin not allowed".into()))
+            .refuse(SignalError::Forbidden(
+                "origin_not_allowed",
+                "origin not allowed".into(),
+            ))
             .into_response();
     }
     if app.draining.is_cancelled() {

@@ -42,7 +42,11 @@ pub struct Config {
 
     /// Origins allowed to open WebSockets and call the API from a browser;
     /// repeatable. Empty allows any origin.
-    #[arg(long = "allowed-origin", env = "FLOE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origin",
+        env = "FLOE_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 
     /// Largest WebSocket message accepted, bytes.
@@ -198,13 +202,43 @@ impl Config {
             }
             None => default_node_id(),
         };
-        range("--max-message-bytes", self.max_message_bytes as u64, 1_024, 1 << 20)?;
-        range("--messages-per-sec", self.messages_per_sec as u64, 1, 100_000)?;
+        range(
+            "--max-message-bytes",
+            self.max_message_bytes as u64,
+            1_024,
+            1 << 20,
+        )?;
+        range(
+            "--messages-per-sec",
+            self.messages_per_sec as u64,
+            1,
+            100_000,
+        )?;
         range("--message-burst", u64::from(self.message_burst), 1, 100_000)?;
-        range("--max-connections-per-ip", u64::from(self.max_connections_per_ip), 1, 1_000_000)?;
-        range("--max-room-ttl-secs", self.max_room_ttl_secs, 60, 30 * 86_400)?;
-        range("--room-ttl-secs", self.room_ttl_secs, 60, self.max_room_ttl_secs)?;
-        range("--default-max-peers", u64::from(self.default_max_peers), 2, 1_000)?;
+        range(
+            "--max-connections-per-ip",
+            u64::from(self.max_connections_per_ip),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "--max-room-ttl-secs",
+            self.max_room_ttl_secs,
+            60,
+            30 * 86_400,
+        )?;
+        range(
+            "--room-ttl-secs",
+            self.room_ttl_secs,
+            60,
+            self.max_room_ttl_secs,
+        )?;
+        range(
+            "--default-max-peers",
+            u64::from(self.default_max_peers),
+            2,
+            1_000,
+        )?;
         range("--heartbeat-secs", self.heartbeat_secs, 1, 300)?;
         Ok(Settings {
             listen: self.listen,

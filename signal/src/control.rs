@@ -64,7 +64,11 @@ impl Control {
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
         let value = match resp.status().as_u16() {
-            200 => Some(resp.json::<T>().await.map_err(|e| Unavailable(e.to_string()))?),
+            200 => Some(
+                resp.json::<T>()
+                    .await
+                    .map_err(|e| Unavailable(e.to_string()))?,
+            ),
             404 => None,
             s => return Err(Unavailable(format!("answered {s}"))),
         };
@@ -89,7 +93,12 @@ impl Control {
     }
 
     /// ICE servers, with fresh TURN credentials where the plan allows.
-    pub async fn ice_servers(&self, tenant: &str, room: &str, peer: &str) -> Result<IceServers, Unavailable> {
+    pub async fn ice_servers(
+        &self,
+        tenant: &str,
+        room: &str,
+        peer: &str,
+    ) -> Result<IceServers, Unavailable> {
         let resp = self
             .http
             .post(format!("{}/internal/v1/ice-servers", self.base))
@@ -103,7 +112,10 @@ impl Control {
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
         if !resp.status().is_success() {
-            return Err(Unavailable(format!("ICE servers: answered {}", resp.status())));
+            return Err(Unavailable(format!(
+                "ICE servers: answered {}",
+                resp.status()
+            )));
         }
         resp.json().await.map_err(|e| Unavailable(e.to_string()))
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -97,9 +97,7 @@ impl Hub {
     }
 
     fn shard(&self, room: &str) -> &Mutex<HashMap<String, LocalRoom>> {
-        let mut h = self.hasher.build_hasher();
-        room.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(room) as usize) % SHARDS]
     }
 
     /// Counts a connection from `ip`; `false` if it already has `max`.
@@ -213,7 +211,14 @@ impl Hub {
     }
 
     /// Closes one peer's connection (if `session` matches, when given).
-    pub fn close_peer(&self, room: &str, peer: &str, session: Option<&str>, code: u16, reason: &str) {
+    pub fn close_peer(
+        &self,
+        room: &str,
+        peer: &str,
+        session: Option<&str>,
+        code: u16,
+        reason: &str,
+    ) {
         let mut shard = lock(self.shard(room));
         if let Some(r) = shard.get_mut(room) {
             let matches = r
@@ -286,7 +291,10 @@ impl Hub {
     pub fn counts(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(rooms, peers), s| {
             let s = lock(s);
-            (rooms + s.len(), peers + s.values().map(|r| r.peers.len()).sum::<usize>())
+            (
+                rooms + s.len(),
+                peers + s.values().map(|r| r.peers.len()).sum::<usize>(),
+            )
         })
     }
 }
@@ -310,14 +318,30 @@ mod tests {
         assert!(hub.register(&room, "b", "s2", tx_b).is_none());
 
         let to_a = |session| Target::Peer { peer: "a", session };
-        assert_eq!(hub.deliver("r", to_a(Some("s1")), &text("1")), Delivery::Delivered);
-        assert!(matches!(rx_a.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "1"));
-        assert_eq!(hub.deliver("r", to_a(Some("old")), &text("x")), Delivery::StaleSession);
         assert_eq!(
-            hub.deliver("r", Target::Peer { peer: "zz", session: None }, &text("x")),
+            hub.deliver("r", to_a(Some("s1")), &text("1")),
+            Delivery::Delivered
+        );
+        assert!(matches!(rx_a.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "1"));
+        assert_eq!(
+            hub.deliver("r", to_a(Some("old")), &text("x")),
+            Delivery::StaleSession
+        );
+        assert_eq!(
+            hub.deliver(
+                "r",
+                Target::Peer {
+                    peer: "zz",
+                    session: None
+                },
+                &text("x")
+            ),
             Delivery::NoPeer
         );
-        assert_eq!(hub.deliver("nope", to_a(None), &text("x")), Delivery::NoPeer);
+        assert_eq!(
+            hub.deliver("nope", to_a(None), &text("x")),
+            Delivery::NoPeer
+        );
 
         // Room-wide, except the sender.
         hub.deliver("r", Target::Room { except: Some("a") }, &text("all"));
@@ -325,9 +349,18 @@ mod tests {
         assert!(rx_a.try_recv().is_err());
 
         // a's queue holds one message: the second overflows and a is dropped.
-        assert_eq!(hub.deliver("r", to_a(None), &text("q")), Delivery::Delivered);
-        assert_eq!(hub.deliver("r", to_a(None), &text("overflow")), Delivery::Dropped);
-        assert_eq!(hub.deliver("r", to_a(None), &text("gone")), Delivery::NoPeer);
+        assert_eq!(
+            hub.deliver("r", to_a(None), &text("q")),
+            Delivery::Delivered
+        );
+        assert_eq!(
+            hub.deliver("r", to_a(None), &text("overflow")),
+            Delivery::Dropped
+        );
+        assert_eq!(
+            hub.deliver("r", to_a(None), &text("gone")),
+            Delivery::NoPeer
+        );
         assert_eq!(hub.counts(), (1, 1));
     }
 
@@ -338,11 +371,23 @@ mod tests {
         let (tx1, _rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
         hub.register(&room, "a", "s1", tx1);
-        assert!(hub.register(&room, "a", "s2", tx2).is_some(), "old queue returned");
-        assert!(!hub.unregister("r", "a", "s1"), "stale session cannot unregister");
+        assert!(
+            hub.register(&room, "a", "s2", tx2).is_some(),
+            "old queue returned"
+        );
+        assert!(
+            !hub.unregister("r", "a", "s1"),
+            "stale session cannot unregister"
+        );
         hub.close_room("r", Some(&text("bye")), close::ROOM_CLOSED, "expired");
         assert!(matches!(rx2.try_recv(), Ok(Outbound::Text(_))));
-        assert!(matches!(rx2.try_recv(), Ok(Outbound::Close { code: close::ROOM_CLOSED, .. })));
+        assert!(matches!(
+            rx2.try_recv(),
+            Ok(Outbound::Close {
+                code: close::ROOM_CLOSED,
+                ..
+            })
+        ));
         assert_eq!(hub.counts(), (0, 0));
         assert_eq!(hub.expired(1_000), Vec::<String>::new());
     }

@@ -140,7 +140,10 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     ));
     let router = api::router(app.clone())
         .layer(cors(&settings.allowed_origins))
-        .merge(floe_common::http::ops_router(metrics.registry.clone(), health))
+        .merge(floe_common::http::ops_router(
+            metrics.registry.clone(),
+            health,
+        ))
         .fallback(floe_common::http::not_found);
     let server = floe_common::http::serve(listener, router, stop.clone());
     tokio::spawn(watch_control_plane(
@@ -194,8 +197,12 @@ async fn close_expired_rooms(app: Arc<api::App>, stop: Shutdown) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         for room in app.hub.expired(floe_proto::time::unix_now()) {
-            app.hub
-                .close_room(&room, Some(&closed), hub::close::ROOM_CLOSED, "room expired");
+            app.hub.close_room(
+                &room,
+                Some(&closed),
+                hub::close::ROOM_CLOSED,
+                "room expired",
+            );
         }
     }
 }

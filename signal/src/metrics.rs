@@ -1,8 +1,6 @@
 //! The signal node's Prometheus metrics, built once and shared by `Arc`.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of a signal node.
 pub(crate) struct Metrics {
@@ -71,7 +69,10 @@ impl Metrics {
             )
             .expect("valid metric"),
             rooms_created: IntCounterVec::new(
-                Opts::new("floe_signal_rooms_created_total", "Rooms created, by tenant"),
+                Opts::new(
+                    "floe_signal_rooms_created_total",
+                    "Rooms created, by tenant",
+                ),
                 &["tenant"],
             )
             .expect("valid metric"),

@@ -46,10 +46,12 @@ impl Salted {
         h.update(salt.as_bytes());
         h.update([0u8]);
         h.update(secret.as_bytes());
-        h.finalize().iter().fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+        h.finalize()
+            .iter()
+            .fold(String::with_capacity(64), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
     }
 
     /// Whether `secret` matches, compared in constant time.
@@ -146,7 +148,10 @@ pub(crate) mod tests {
     fn capacity_and_replacement() {
         let room = record(2, false);
         let a = member("a", "s1");
-        assert_eq!(admit(&room, &[], false, &a, 0), Ok((Admission::Joined, false)));
+        assert_eq!(
+            admit(&room, &[], false, &a, 0),
+            Ok((Admission::Joined, false))
+        );
         let members = [a.clone(), member("b", "s2")];
         assert_eq!(
             admit(&room, &members, false, &member("c", "s3"), 0),
@@ -157,19 +162,34 @@ pub(crate) mod tests {
             admit(&room, &members, false, &member("a", "s9"), 0),
             Ok((Admission::Replaced { previous: a }, false))
         );
-        assert_eq!(admit(&room, &[], false, &member("x", "s"), 100), Err(Refusal::Expired));
+        assert_eq!(
+            admit(&room, &[], false, &member("x", "s"), 100),
+            Err(Refusal::Expired)
+        );
     }
 
     #[test]
     fn one_time_rooms_seal_after_the_first_pair() {
         let room = record(10, true);
         let a = member("a", "s1");
-        assert_eq!(admit(&room, &[], false, &a, 0), Ok((Admission::Joined, false)));
-        let (adm, seal) = admit(&room, std::slice::from_ref(&a), false, &member("b", "s2"), 0)
-            .expect("second peer joins");
+        assert_eq!(
+            admit(&room, &[], false, &a, 0),
+            Ok((Admission::Joined, false))
+        );
+        let (adm, seal) = admit(
+            &room,
+            std::slice::from_ref(&a),
+            false,
+            &member("b", "s2"),
+            0,
+        )
+        .expect("second peer joins");
         assert_eq!((adm, seal), (Admission::Joined, true));
         // Sealed: strangers are refused, even after someone left ...
-        assert_eq!(admit(&room, &[], true, &member("c", "s3"), 0), Err(Refusal::Sealed));
+        assert_eq!(
+            admit(&room, &[], true, &member("c", "s3"), 0),
+            Err(Refusal::Sealed)
+        );
         // ... but the pair may reconnect.
         assert!(matches!(
             admit(&room, &[a], true, &member("a", "s4"), 0),

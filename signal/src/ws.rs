@@ -56,7 +56,12 @@ async fn authenticate(app: &App, room: &str, q: &JoinQuery) -> Result<Joiner, Si
                     "the join token is for another tenant".into(),
                 ));
             }
-            if holder.claims.room.as_deref().is_some_and(|r| r != record.id) {
+            if holder
+                .claims
+                .room
+                .as_deref()
+                .is_some_and(|r| r != record.id)
+            {
                 return Err(SignalError::Forbidden(
                     "wrong_room",
                     "the join token is for another room".into(),
@@ -135,7 +140,9 @@ fn refresh_at(expires: u64) -> Option<tokio::time::Instant> {
     if expires == 0 {
         return None;
     }
-    let secs = expires.saturating_sub(REFRESH_BEFORE).saturating_sub(unix_now());
+    let secs = expires
+        .saturating_sub(REFRESH_BEFORE)
+        .saturating_sub(unix_now());
     Some(tokio::time::Instant::now() + Duration::from_secs(secs.max(2)))
 }
 
@@ -146,7 +153,11 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
         Err(e) => return refuse(&app, &mut socket, e).await,
     };
     let Joiner { record, peer_id } = joiner;
-    let ice = match app.control.ice_servers(&record.tenant, &record.id, &peer_id).await {
+    let ice = match app
+        .control
+        .ice_servers(&record.tenant, &record.id, &peer_id)
+        .await
+    {
         Ok(ice) => ice,
         Err(e) => return refuse(&app, &mut socket, e.into()).await,
     };
@@ -331,7 +342,10 @@ async fn on_text(
     if text.len() > app.settings.max_message_bytes {
         let r = reply(
             "message_too_large",
-            format!("messages are limited to {} bytes", app.settings.max_message_bytes),
+            format!(
+                "messages are limited to {} bytes",
+                app.settings.max_message_bytes
+            ),
         );
         return (!send_text(socket, r).await).then_some("gone");
     }
@@ -370,7 +384,10 @@ async fn on_text(
                     .await
                 {
                     Ok(()) => None,
-                    Err(e) => Some(reply(e.code(), format!("message to {to} not delivered: {e}"))),
+                    Err(e) => Some(reply(
+                        e.code(),
+                        format!("message to {to} not delivered: {e}"),
+                    )),
                 }
             }
         }
@@ -385,7 +402,11 @@ async fn on_text(
                     from: me.peer_id.clone(),
                     payload,
                 };
-                match app.bus.broadcast(&record.id, &me.peer_id, out.to_json().into()).await {
+                match app
+                    .bus
+                    .broadcast(&record.id, &me.peer_id, out.to_json().into())
+                    .await
+                {
                     Ok(()) => None,
                     Err(e) => Some(reply("bus_unavailable", e.to_string())),
                 }

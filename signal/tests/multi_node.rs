@@ -63,14 +63,18 @@ async fn peers_on_three_nodes_share_rooms_presence_and_relay() {
     let offer = json!({"type": "offer", "sdp": "x".repeat(1_600)});
     a.signal("b", Some(&b.session_id()), offer.clone()).await;
     let got = b.expect("signal").await;
-    assert_eq!((got["from"].clone(), got["payload"].clone()), (json!("a"), offer));
+    assert_eq!(
+        (got["from"].clone(), got["payload"].clone()),
+        (json!("a"), offer)
+    );
     for i in 0..30 {
         c.signal("a", None, json!({"candidate": i})).await;
     }
     for i in 0..30 {
         assert_eq!(a.expect("signal").await["payload"]["candidate"], i);
     }
-    a.send(json!({"type": "broadcast", "payload": {"n": 1}})).await;
+    a.send(json!({"type": "broadcast", "payload": {"n": 1}}))
+        .await;
     assert_eq!(b.expect("broadcast").await["payload"]["n"], 1);
     assert_eq!(c.expect("broadcast").await["payload"]["n"], 1);
 
@@ -85,7 +89,8 @@ async fn peers_on_three_nodes_share_rooms_presence_and_relay() {
     assert_eq!(b.next().await["code"], 4001);
     assert_eq!(a.expect("peer-joined").await["session_id"], b2.session_id());
     let mut b2 = b2;
-    a.signal("b", Some(&b2.session_id()), json!({"again": true})).await;
+    a.signal("b", Some(&b2.session_id()), json!({"again": true}))
+        .await;
     assert_eq!(b2.expect("signal").await["payload"]["again"], true);
 
     // The REST view from any node.
@@ -138,8 +143,14 @@ async fn a_stopped_node_sends_its_peers_elsewhere_and_others_hear_them_leave() {
     let stop = tokio::spawn(node1.stop());
     assert_eq!(b.next().await["code"], 1012);
     let left = a.expect("peer-left").await;
-    assert_eq!((left["peer_id"].clone(), left["reason"].clone()), (json!("b"), json!("node_draining")));
-    tokio::time::timeout(Duration::from_secs(15), stop).await.expect("stopped").expect("join");
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!("b"), json!("node_draining"))
+    );
+    tokio::time::timeout(Duration::from_secs(15), stop)
+        .await
+        .expect("stopped")
+        .expect("join");
     // b reconnects to the surviving node.
     let b2 = Client::join(&nodes[0], id, "client_id=b").await;
     assert_eq!(b2.welcome["peers"][0]["peer_id"], "a");
@@ -169,7 +180,16 @@ impl OwnRedis {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -219,17 +239,25 @@ async fn a_redis_restart_heals_without_restarting_nodes() {
     redis.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = reqwest::get(format!("http://{}/readyz", nodes[0].addr())).await.expect("readyz");
+        let r = reqwest::get(format!("http://{}/readyz", nodes[0].addr()))
+            .await
+            .expect("readyz");
         if r.status() == 503 {
             break;
         }
-        assert!(Instant::now() < deadline, "readiness never reported the outage");
+        assert!(
+            Instant::now() < deadline,
+            "readiness never reported the outage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A message during the outage is refused, not lost silently.
     a.signal("b", None, json!({"during": "outage"})).await;
     let err = a.expect("error").await;
-    assert!(["bus_unavailable", "peer_unreachable"].contains(&err["code"].as_str().unwrap_or("")), "{err}");
+    assert!(
+        ["bus_unavailable", "peer_unreachable"].contains(&err["code"].as_str().unwrap_or("")),
+        "{err}"
+    );
 
     redis.spawn();
     for n in &nodes {
@@ -238,7 +266,8 @@ async fn a_redis_restart_heals_without_restarting_nodes() {
     // Nodes re-registered rooms and peers: relay works again both ways.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        a.signal("b", Some(&b.session_id()), json!({"after": "restart"})).await;
+        a.signal("b", Some(&b.session_id()), json!({"after": "restart"}))
+            .await;
         let m = a.next_or_timeout(Duration::from_millis(300)).await;
         match m {
             Some(m) if m["type"] == "error" => {
@@ -250,8 +279,12 @@ async fn a_redis_restart_heals_without_restarting_nodes() {
     }
     let got = b.expect("signal").await;
     assert_eq!(got["payload"]["after"], "restart");
-    b.signal("a", Some(&a.session_id()), json!({"back": 1})).await;
+    b.signal("a", Some(&a.session_id()), json!({"back": 1}))
+        .await;
     assert_eq!(a.expect("signal").await["payload"]["back"], 1);
     let m = metrics(&nodes[0]).await;
-    assert!(!m.contains("floe_signal_redis_errors_total 0"), "errors were counted: {m}");
+    assert!(
+        !m.contains("floe_signal_redis_errors_total 0"),
+        "errors were counted: {m}"
+    );
 }

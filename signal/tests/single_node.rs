@@ -27,7 +27,12 @@ async fn two_peers_exchange_offer_answer_and_candidates_exactly() {
         .iter()
         .find(|s| s.get("username").is_some())
         .expect("a TURN entry");
-    assert!(turn["username"].as_str().expect("username").ends_with(&format!(":t1:{id}:alice")));
+    assert!(
+        turn["username"]
+            .as_str()
+            .expect("username")
+            .ends_with(&format!(":t1:{id}:alice"))
+    );
 
     let mut b = Client::join(&node, id, "client_id=bob").await;
     assert_eq!(b.welcome["peers"][0]["peer_id"], "alice");
@@ -44,12 +49,17 @@ async fn two_peers_exchange_offer_answer_and_candidates_exactly() {
     assert_eq!(got["payload"], offer);
 
     let answer = json!({"type": "answer", "sdp": "v=0\r\n"});
-    b.signal("alice", Some(&a.session_id()), answer.clone()).await;
+    b.signal("alice", Some(&a.session_id()), answer.clone())
+        .await;
     assert_eq!(a.expect("signal").await["payload"], answer);
     for i in 0..20 {
         let cand = json!({"candidate": format!("candidate:{i} 1 udp 2122260223 127.0.0.1 {} typ host", 50000 + i)});
         a.signal("bob", None, cand.clone()).await;
-        assert_eq!(b.expect("signal").await["payload"], cand, "candidate {i} in order");
+        assert_eq!(
+            b.expect("signal").await["payload"],
+            cand,
+            "candidate {i} in order"
+        );
     }
 
     // Mistakes get errors, never silence.
@@ -57,26 +67,41 @@ async fn two_peers_exchange_offer_answer_and_candidates_exactly() {
     assert_eq!(a.expect("error").await["code"], "stale_session");
     a.signal("nobody", None, json!({})).await;
     assert_eq!(a.expect("error").await["code"], "peer_not_found");
-    a.send(json!({"type": "signal", "to": "bob", "from": "mallory", "payload": {}})).await;
+    a.send(json!({"type": "signal", "to": "bob", "from": "mallory", "payload": {}}))
+        .await;
     assert_eq!(a.expect("error").await["code"], "bad_message");
     a.signal("alice", None, json!({})).await;
     assert_eq!(a.expect("error").await["code"], "bad_message");
 
-    a.send(json!({"type": "broadcast", "payload": {"hello": 1}})).await;
+    a.send(json!({"type": "broadcast", "payload": {"hello": 1}}))
+        .await;
     let bc = b.expect("broadcast").await;
-    assert_eq!((bc["from"].clone(), bc["payload"].clone()), (json!("alice"), json!({"hello": 1})));
+    assert_eq!(
+        (bc["from"].clone(), bc["payload"].clone()),
+        (json!("alice"), json!({"hello": 1}))
+    );
 
     a.send(json!({"type": "ping"})).await;
     a.expect("pong").await;
-    a.send(json!({"type": "stats", "direct_bytes": 1000, "relayed_bytes": 250})).await;
+    a.send(json!({"type": "stats", "direct_bytes": 1000, "relayed_bytes": 250}))
+        .await;
 
     b.send(json!({"type": "leave"})).await;
     let left = a.expect("peer-left").await;
-    assert_eq!((left["peer_id"].clone(), left["reason"].clone()), (json!("bob"), json!("left")));
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!("bob"), json!("left"))
+    );
 
     let m = metrics(&node).await;
-    assert!(m.contains("floe_signal_messages_total{type=\"signal\"}"), "{m}");
-    assert!(m.contains("floe_signal_reported_bytes_total{path=\"relayed\",tenant=\"t1\"} 250"), "{m}");
+    assert!(
+        m.contains("floe_signal_messages_total{type=\"signal\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("floe_signal_reported_bytes_total{path=\"relayed\",tenant=\"t1\"} 250"),
+        "{m}"
+    );
     assert!(m.contains("floe_signal_connections 1"), "{m}");
 }
 
@@ -99,7 +124,8 @@ async fn bad_input_is_answered_with_errors() {
     let e = a.expect("error").await;
     assert_eq!(e["code"], "bad_message");
     assert!(e["message"].as_str().expect("text").contains("teleport"));
-    a.send(json!({"type": "signal", "to": "x", "payload": "y".repeat(3_000)})).await;
+    a.send(json!({"type": "signal", "to": "x", "payload": "y".repeat(3_000)}))
+        .await;
     assert_eq!(a.expect("error").await["code"], "message_too_large");
     // The burst allows 30 messages; the rest of a flood is refused.
     let mut limited = 0;
@@ -125,28 +151,73 @@ async fn bad_input_is_answered_with_errors() {
 
     // REST errors are JSON with codes.
     let base = format!("http://{}", node.addr());
-    let r = stack.http.post(format!("{base}/v1/rooms")).json(&json!({"ttl_secs": 60})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .json(&json!({"ttl_secs": 60}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 400);
-    let r = stack.http.post(format!("{base}/v1/rooms")).json(&json!({"tenant": "t1", "max_peers": 1})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .json(&json!({"tenant": "t1", "max_peers": 1}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 400);
-    let r = stack.http.post(format!("{base}/v1/rooms")).json(&json!({"tenant": "nope"})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .json(&json!({"tenant": "nope"}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 404);
-    assert_eq!(r.json::<Value>().await.expect("json")["code"], "unknown_tenant");
-    let r = stack.http.post(format!("{base}/v1/rooms")).json(&json!({"tenant": "t1", "colour": 1})).send().await.expect("req");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "unknown_tenant"
+    );
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .json(&json!({"tenant": "t1", "colour": 1}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 422);
-    let r = stack.http.get(format!("{base}/v1/rooms/zzz")).send().await.expect("req");
+    let r = stack
+        .http
+        .get(format!("{base}/v1/rooms/zzz"))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 404);
-    let r = stack.http.get(format!("{base}/v1/openapi.json")).send().await.expect("req");
+    let r = stack
+        .http
+        .get(format!("{base}/v1/openapi.json"))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 200);
     let doc: Value = r.json().await.expect("json");
-    assert!(doc["paths"]["/v1/rooms"].is_object(), "OpenAPI documents the room API");
+    assert!(
+        doc["paths"]["/v1/rooms"].is_object(),
+        "OpenAPI documents the room API"
+    );
 }
 
 #[tokio::test]
 async fn passwords_one_time_rooms_capacity_and_reconnects() {
     let stack = Stack::new().await;
     let node = stack.node(stack.settings()).await;
-    let room = public_room(&stack.http, &node, json!({"password": "s3cret", "one_time": true})).await;
+    let room = public_room(
+        &stack.http,
+        &node,
+        json!({"password": "s3cret", "one_time": true}),
+    )
+    .await;
     let id = room["room_id"].as_str().expect("id");
     assert_eq!(room["has_password"], true);
     assert!(room.get("password").is_none());
@@ -192,13 +263,31 @@ async fn passwords_one_time_rooms_capacity_and_reconnects() {
 
     // Rooms per tenant: "tiny" may have one.
     let url = format!("http://{}/v1/rooms", node.addr());
-    let r = stack.http.post(&url).json(&json!({"tenant": "tiny"})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(&url)
+        .json(&json!({"tenant": "tiny"}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 201);
-    let r = stack.http.post(&url).json(&json!({"tenant": "tiny"})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(&url)
+        .json(&json!({"tenant": "tiny"}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 403);
-    assert_eq!(r.json::<Value>().await.expect("json")["code"], "room_limit_reached");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "room_limit_reached"
+    );
     let m = metrics(&node).await;
-    assert!(m.contains("floe_signal_refusals_total{reason=\"room_sealed\"} 1"), "{m}");
+    assert!(
+        m.contains("floe_signal_refusals_total{reason=\"room_sealed\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -228,25 +317,57 @@ async fn join_tokens_create_join_and_are_checked() {
     let (_x, first) = Client::connect_raw(&node, "standup-42", &format!("token={expired}")).await;
     assert_eq!(first["code"], "token_expired");
     let other_room = stack.token("erin", Some("elsewhere"), false, 600);
-    let (_x, first) = Client::connect_raw(&node, "standup-42", &format!("token={other_room}")).await;
+    let (_x, first) =
+        Client::connect_raw(&node, "standup-42", &format!("token={other_room}")).await;
     assert_eq!(first["code"], "wrong_room");
     let (_x, first) = Client::connect_raw(&node, "standup-42", "token=not.a.token").await;
     assert_eq!(first["code"], "invalid_token");
     let no_create = stack.token("frank", None, false, 600);
-    let r = stack.http.post(format!("{base}/v1/rooms")).bearer_auth(&no_create).json(&json!({})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .bearer_auth(&no_create)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 403);
-    assert_eq!(r.json::<Value>().await.expect("json")["code"], "grant_missing");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "grant_missing"
+    );
 
     // A tenant without public rooms refuses anonymous creation.
-    let r = stack.http.post(format!("{base}/v1/rooms")).json(&json!({"tenant": "private"})).send().await.expect("req");
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .json(&json!({"tenant": "private"}))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 403);
-    assert_eq!(r.json::<Value>().await.expect("json")["code"], "public_rooms_disabled");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "public_rooms_disabled"
+    );
 
     // The creator's token deletes the room; the member hears it closed.
     let mut c = c;
-    let r = stack.http.delete(format!("{base}/v1/rooms/standup-42")).bearer_auth(&join).send().await.expect("req");
+    let r = stack
+        .http
+        .delete(format!("{base}/v1/rooms/standup-42"))
+        .bearer_auth(&join)
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 403, "only the creator deletes");
-    let r = stack.http.delete(format!("{base}/v1/rooms/standup-42")).bearer_auth(&creator).send().await.expect("req");
+    let r = stack
+        .http
+        .delete(format!("{base}/v1/rooms/standup-42"))
+        .bearer_auth(&creator)
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 204);
     assert_eq!(c.expect("room-closed").await["reason"], "deleted");
     assert_eq!(c.next().await["code"], 4004);
@@ -261,7 +382,12 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
     let mut a = Client::join(&node, id, "").await;
     let closed = a.expect("room-closed").await;
     assert_eq!(closed["reason"], "expired");
-    let r = stack.http.get(format!("http://{}/v1/rooms/{id}", node.addr())).send().await.expect("req");
+    let r = stack
+        .http
+        .get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 404);
 
     let room = public_room(&stack.http, &node, json!({})).await;
@@ -271,12 +397,38 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
     // Credentials last 60 s in this stack: fresh ones arrive before that.
     let fresh = b.expect("ice-servers").await;
     let expires = fresh["ice_servers"]["expires"].as_u64().expect("expiry");
-    assert!(expires > b.welcome["ice_servers"]["expires"].as_u64().expect("expiry"));
-    let info: Value = stack.http.get(format!("http://{}/v1/rooms/{id}", node.addr())).send().await.expect("req").json().await.expect("json");
+    assert!(
+        expires
+            > b.welcome["ice_servers"]["expires"]
+                .as_u64()
+                .expect("expiry")
+    );
+    let info: Value = stack
+        .http
+        .get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(info["peers"], json!([b.peer_id()]));
     let url = format!("http://{}/v1/rooms/{id}", node.addr());
-    assert_eq!(stack.http.delete(&url).send().await.expect("req").status(), 403);
-    assert_eq!(stack.http.delete(&url).bearer_auth(owner).send().await.expect("req").status(), 204);
+    assert_eq!(
+        stack.http.delete(&url).send().await.expect("req").status(),
+        403
+    );
+    assert_eq!(
+        stack
+            .http
+            .delete(&url)
+            .bearer_auth(owner)
+            .send()
+            .await
+            .expect("req")
+            .status(),
+        204
+    );
     b.expect("room-closed").await;
     let _ = Duration::ZERO;
 }
@@ -291,5 +443,8 @@ async fn graceful_stop_tells_peers_to_reconnect() {
     let stop = tokio::spawn(node.stop());
     let closed = a.next().await;
     assert_eq!(closed["code"], 1012, "{closed}");
-    tokio::time::timeout(Duration::from_secs(15), stop).await.expect("stops").expect("join");
+    tokio::time::timeout(Duration::from_secs(15), stop)
+        .await
+        .expect("stops")
+        .expect("join");
 }

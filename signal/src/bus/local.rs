@@ -50,7 +50,10 @@ impl Bus for LocalBus {
         let mut rooms = self.rooms();
         rooms.retain(|_, r| r.record.expires_at > now);
         if let Some(max) = max_rooms {
-            let live = rooms.values().filter(|r| r.record.tenant == room.tenant).count();
+            let live = rooms
+                .values()
+                .filter(|r| r.record.tenant == room.tenant)
+                .count();
             if live >= max as usize {
                 return Ok(false);
             }
@@ -80,10 +83,19 @@ impl Bus for LocalBus {
     }
 
     async fn members(&self, id: &str) -> Result<Vec<Member>, BusError> {
-        Ok(self.rooms().get(id).map(|r| r.members.clone()).unwrap_or_default())
+        Ok(self
+            .rooms()
+            .get(id)
+            .map(|r| r.members.clone())
+            .unwrap_or_default())
     }
 
-    async fn join(&self, record: &RoomRecord, member: &Member, now: u64) -> Result<JoinOutcome, BusError> {
+    async fn join(
+        &self,
+        record: &RoomRecord,
+        member: &Member,
+        now: u64,
+    ) -> Result<JoinOutcome, BusError> {
         let (admission, others) = {
             let mut rooms = self.rooms();
             let Some(room) = rooms.get_mut(&record.id) else {
@@ -156,7 +168,14 @@ impl Bus for LocalBus {
         sid: Option<&str>,
         text: Utf8Bytes,
     ) -> Result<(), SendError> {
-        match self.hub.deliver(room, Target::Peer { peer: to, session: sid }, &text) {
+        match self.hub.deliver(
+            room,
+            Target::Peer {
+                peer: to,
+                session: sid,
+            },
+            &text,
+        ) {
             Delivery::Delivered => Ok(()),
             Delivery::NoPeer => Err(SendError::NoPeer),
             Delivery::StaleSession => Err(SendError::StaleSession),

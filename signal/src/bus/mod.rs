@@ -74,7 +74,12 @@ pub(crate) trait Bus: Send + Sync + 'static {
     async fn members(&self, id: &str) -> Result<Vec<Member>, BusError>;
     /// Admits `member` (already registered in the local hub) and tells the
     /// others; a replaced connection is closed wherever it is.
-    async fn join(&self, room: &RoomRecord, member: &Member, now: u64) -> Result<JoinOutcome, BusError>;
+    async fn join(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        now: u64,
+    ) -> Result<JoinOutcome, BusError>;
     /// Removes `member` if its session is still current, telling the others.
     async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError>;
     /// Routes `text` to peer `to` (whose session must be `sid` if given).

@@ -301,7 +301,12 @@ impl RedisBus {
     }
 
     /// Sends `body` to every member of `room` but `except`, by node.
-    async fn to_room(&self, room: &str, except: Option<&str>, body: &Utf8Bytes) -> Result<(), BusError> {
+    async fn to_room(
+        &self,
+        room: &str,
+        except: Option<&str>,
+        body: &Utf8Bytes,
+    ) -> Result<(), BusError> {
         let nodes: BTreeSet<String> = self
             .members(room)
             .await?
@@ -351,9 +356,14 @@ impl RedisBus {
                     return;
                 }
                 let session = (!env.session.is_empty()).then_some(env.session);
-                let outcome =
-                    self.hub
-                        .deliver(env.room, Target::Peer { peer: env.peer, session }, &body);
+                let outcome = self.hub.deliver(
+                    env.room,
+                    Target::Peer {
+                        peer: env.peer,
+                        session,
+                    },
+                    &body,
+                );
                 if outcome != Delivery::Delivered && !env.origin_peer.is_empty() {
                     let err = match outcome {
                         Delivery::StaleSession => SendError::StaleSession,
@@ -380,13 +390,24 @@ impl RedisBus {
             }
             Kind::Bounce => {
                 let session = (!env.session.is_empty()).then_some(env.session);
-                self.hub
-                    .deliver(env.room, Target::Peer { peer: env.peer, session }, &body);
+                self.hub.deliver(
+                    env.room,
+                    Target::Peer {
+                        peer: env.peer,
+                        session,
+                    },
+                    &body,
+                );
             }
             Kind::Kick => {
                 let session = (!env.session.is_empty()).then_some(env.session);
-                self.hub
-                    .close_peer(env.room, env.peer, session, close::REPLACED, REPLACED_REASON);
+                self.hub.close_peer(
+                    env.room,
+                    env.peer,
+                    session,
+                    close::REPLACED,
+                    REPLACED_REASON,
+                );
             }
             Kind::Close => {
                 self.hub
@@ -460,11 +481,7 @@ impl RedisBus {
     async fn heartbeat(self: Arc<Self>, ok: Check, shutdown: Shutdown) {
         let nodes = self.key(&["nodes"]);
         loop {
-            let beat: Result<i64, _> = self
-                .conn
-                .clone()
-                .hset(&nodes, &self.node, now_ms())
-                .await;
+            let beat: Result<i64, _> = self.conn.clone().hset(&nodes, &self.node, now_ms()).await;
             match beat {
                 Ok(new) => {
                     // A new field: Redis forgot us (restart) or we were reaped.
@@ -587,7 +604,8 @@ impl RedisBus {
             tracing::warn!(dead = %node, peers = entries.len(), "reaping a dead signal node");
             for entry in &entries {
                 let mut parts = entry.splitn(3, '\t');
-                let (Some(room), Some(peer), Some(session)) = (parts.next(), parts.next(), parts.next())
+                let (Some(room), Some(peer), Some(session)) =
+                    (parts.next(), parts.next(), parts.next())
                 else {
                     continue;
                 };
@@ -616,8 +634,11 @@ impl RedisBus {
 
 /// The `error` message for a peer that could not be reached.
 pub(crate) fn undeliverable(err: &SendError, to: &str) -> String {
-    floe_proto::signal::ServerMessage::error(err.code(), format!("message to {to} not delivered: {err}"))
-        .to_json()
+    floe_proto::signal::ServerMessage::error(
+        err.code(),
+        format!("message to {to} not delivered: {err}"),
+    )
+    .to_json()
 }
 
 #[async_trait]
@@ -656,8 +677,10 @@ impl Bus for RedisBus {
             .get(self.key(&["room", id]))
             .await
             .map_err(|e| self.err(e))?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| BusError(format!("corrupt room record: {e}"))))
-            .transpose()
+        json.map(|j| {
+            serde_json::from_str(&j).map_err(|e| BusError(format!("corrupt room record: {e}")))
+        })
+        .transpose()
     }
 
     async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError> {
@@ -704,7 +727,12 @@ impl Bus for RedisBus {
             .collect())
     }
 
-    async fn join(&self, room: &RoomRecord, member: &Member, _now: u64) -> Result<JoinOutcome, BusError> {
+    async fn join(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        _now: u64,
+    ) -> Result<JoinOutcome, BusError> {
         let json = serde_json::to_string(member).map_err(|e| BusError(e.to_string()))?;
         let out: Vec<String> = SCRIPTS
             .join
@@ -717,7 +745,11 @@ impl Bus for RedisBus {
             .arg(room.max_peers)
             .arg(if room.one_time { "1" } else { "0" })
             .arg(room.expires_at * 1_000)
-            .arg(Self::index_entry(&room.id, &member.peer_id, &member.session_id))
+            .arg(Self::index_entry(
+                &room.id,
+                &member.peer_id,
+                &member.session_id,
+            ))
             .arg(&self.prefix)
             .arg(&room.id)
             .invoke_async(&mut self.conn.clone())
@@ -796,7 +828,14 @@ impl Bus for RedisBus {
             return Err(SendError::StaleSession);
         }
         if target.node == self.node {
-            return match self.hub.deliver(room, Target::Peer { peer: to, session: sid }, &text) {
+            return match self.hub.deliver(
+                room,
+                Target::Peer {
+                    peer: to,
+                    session: sid,
+                },
+                &text,
+            ) {
                 Delivery::Delivered => Ok(()),
                 Delivery::NoPeer => Err(SendError::NoPeer),
                 Delivery::StaleSession => Err(SendError::StaleSession),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use floe_common::Shutdown;
@@ -36,7 +37,9 @@ impl Stack {
                 redis_prefix: "unused:".into(),
                 admin_token: ADMIN.into(),
                 internal_token: INTERNAL.into(),
-                turn_secrets: Some(TurnSecrets::parse("k1=turn-secret-0123456789").expect("secrets")),
+                turn_secrets: Some(
+                    TurnSecrets::parse("k1=turn-secret-0123456789").expect("secrets"),
+                ),
                 stun_urls: vec!["stun:127.0.0.1:3478".into()],
                 turn_urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
                 credential_ttl_secs: 60,
@@ -49,7 +52,10 @@ impl Stack {
         .expect("control plane");
         let http = reqwest::Client::new();
         for (id, plan) in [
-            ("t1", json!({"turn": true, "public_rooms": true, "max_peers_per_room": 10, "max_rooms": 20})),
+            (
+                "t1",
+                json!({"turn": true, "public_rooms": true, "max_peers_per_room": 10, "max_rooms": 20}),
+            ),
             ("private", json!({"turn": false, "public_rooms": false})),
             ("tiny", json!({"public_rooms": true, "max_rooms": 1})),
         ] {
@@ -80,13 +86,19 @@ impl Stack {
     }
 
     pub fn settings(&self) -> Settings {
-        let mut s = Settings::new("127.0.0.1:0".parse().expect("addr"), &self.cp.url(), INTERNAL);
+        let mut s = Settings::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            &self.cp.url(),
+            INTERNAL,
+        );
         s.heartbeat_secs = 5;
         s
     }
 
     pub async fn node(&self, settings: Settings) -> Signal {
-        floe_signal::start(settings, Shutdown::new()).await.expect("signal node")
+        floe_signal::start(settings, Shutdown::new())
+            .await
+            .expect("signal node")
     }
 
     /// A join token of tenant t1 for `peer`.
@@ -107,8 +119,25 @@ impl Stack {
     }
 }
 
+/// Anything with a signal API address: an in-process node or a process.
+pub trait Node {
+    fn addr(&self) -> SocketAddr;
+}
+
+impl Node for Signal {
+    fn addr(&self) -> SocketAddr {
+        Signal::addr(self)
+    }
+}
+
+impl Node for SocketAddr {
+    fn addr(&self) -> SocketAddr {
+        *self
+    }
+}
+
 /// Creates a public room of tenant t1 on `node`.
-pub async fn public_room(http: &reqwest::Client, node: &Signal, body: Value) -> Value {
+pub async fn public_room(http: &reqwest::Client, node: &impl Node, body: Value) -> Value {
     let mut body = body;
     body["tenant"] = json!("t1");
     let r = http
@@ -122,15 +151,19 @@ pub async fn public_room(http: &reqwest::Client, node: &Signal, body: Value) -> 
 }
 
 pub struct Client {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     pub welcome: Value,
 }
 
 impl Client {
     /// Connects and returns the first message (welcome or error).
-    pub async fn connect_raw(node: &Signal, room: &str, query: &str) -> (Self, Value) {
+    pub async fn connect_raw(node: &impl Node, room: &str, query: &str) -> (Self, Value) {
         let url = format!("ws://{}/v1/rooms/{room}/ws?{query}", node.addr());
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
         let mut c = Self {
             ws,
             welcome: Value::Null,
@@ -140,7 +173,7 @@ impl Client {
     }
 
     /// Connects and expects a welcome.
-    pub async fn join(node: &Signal, room: &str, query: &str) -> Self {
+    pub async fn join(node: &impl Node, room: &str, query: &str) -> Self {
         let (mut c, first) = Self::connect_raw(node, room, query).await;
         assert_eq!(first["type"], "welcome", "{first}");
         c.welcome = first;
@@ -148,11 +181,17 @@ impl Client {
     }
 
     pub fn peer_id(&self) -> String {
-        self.welcome["peer_id"].as_str().expect("peer id").to_owned()
+        self.welcome["peer_id"]
+            .as_str()
+            .expect("peer id")
+            .to_owned()
     }
 
     pub fn session_id(&self) -> String {
-        self.welcome["session_id"].as_str().expect("session id").to_owned()
+        self.welcome["session_id"]
+            .as_str()
+            .expect("session id")
+            .to_owned()
     }
 
     /// The next JSON message (5 s at most); `{"type":"closed","code":…}`
@@ -171,7 +210,9 @@ impl Client {
                     return json!({"type": "closed", "code": code, "reason": reason});
                 }
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return json!({"type": "closed", "code": 1006, "reason": e.to_string()}),
+                Some(Err(e)) => {
+                    return json!({"type": "closed", "code": 1006, "reason": e.to_string()});
+                }
                 None => return json!({"type": "closed", "code": 1006, "reason": "eof"}),
             }
         }
@@ -193,6 +234,22 @@ impl Client {
         }
     }
 
+    /// The next message of type `kind` within `wait`, skipping others.
+    pub async fn expect_within(&mut self, kind: &str, wait: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = self
+                .next_or_timeout(left)
+                .await
+                .unwrap_or_else(|| panic!("no {kind} within {wait:?}"));
+            if m["type"] == kind {
+                return m;
+            }
+            assert_ne!(m["type"], "closed", "closed while waiting for {kind}: {m}");
+        }
+    }
+
     /// The next message of type `kind`, skipping others (bounded).
     pub async fn expect(&mut self, kind: &str) -> Value {
         for _ in 0..50 {
@@ -206,7 +263,10 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, text: String) {
@@ -222,7 +282,7 @@ impl Client {
     }
 }
 
-pub async fn metrics(node: &Signal) -> String {
+pub async fn metrics(node: &impl Node) -> String {
     reqwest::get(format!("http://{}/metrics", node.addr()))
         .await
         .expect("metrics")
