@@ -295,6 +295,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The parser faces the network: any text gives a message or an
+        /// error, never a panic.
+        #[test]
+        fn parse_never_panics(text in ".{0,400}") {
+            let _ = ClientMessage::parse(&text);
+        }
+
+        /// Arbitrary JSON objects with the known keys never panic either.
+        #[test]
+        fn parse_structured_never_panics(
+            kind in proptest::sample::select(vec!["signal", "broadcast", "leave", "stats", "ping", "x"]),
+            to in proptest::option::of("[a-z]{0,8}"),
+            payload in proptest::option::of(proptest::prelude::any::<i64>()),
+            bytes in proptest::option::of(proptest::prelude::any::<u64>()),
+        ) {
+            let mut v = serde_json::json!({"type": kind});
+            if let Some(t) = to { v["to"] = t.into(); }
+            if let Some(p) = payload { v["payload"] = p.into(); }
+            if let Some(b) = bytes { v["direct_bytes"] = b.into(); }
+            let _ = ClientMessage::parse(&v.to_string());
+        }
+    }
+
     #[test]
     fn server_messages_use_kebab_case_tags() {
         let m = ServerMessage::PeerJoined {
