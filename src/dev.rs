@@ -168,16 +168,18 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("creating the default tenant")?;
 
-    let signal = floe_signal::start(
-        floe_signal::Settings::new(
-            SocketAddr::new(host, config.signal_port),
-            &control.url(),
-            &internal_token,
-        ),
-        shutdown.clone(),
-    )
-    .await
-    .context("starting signal")?;
+    let mut signal = floe_signal::Settings::new(
+        SocketAddr::new(host, config.signal_port),
+        &control.url(),
+        &internal_token,
+    );
+    // Every client of a dev node comes from this machine: per-IP limits
+    // sized for the internet would stop a local load test.
+    signal.max_connections_per_ip = 50_000;
+    signal.public_rooms_per_min = 60_000;
+    let signal = floe_signal::start(signal, shutdown.clone())
+        .await
+        .context("starting signal")?;
 
     let now = floe_proto::time::unix_now();
     let join_token = floe_proto::token::mint(

@@ -1,9 +1,12 @@
 //! floe load tester: drives a floe deployment with simulated peers and
 //! reports what it measured.
 //!
-//! Modes so far: a STUN Binding flood. Every run is bounded in count and
+//! Modes so far: signal-only (rooms of peers trading offers and answers)
+//! and a STUN Binding flood. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
+pub mod procstat;
+pub mod signal;
 pub mod stats;
 pub mod stun_flood;
 pub mod target;
@@ -36,6 +39,9 @@ pub struct Config {
 /// Load test modes.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Mode {
+    /// Signal-only: peers join rooms over WebSocket and trade
+    /// offer/answer-sized messages through signaling.
+    Signal(signal::SignalArgs),
     /// Flood a STUN server with Binding requests over UDP.
     StunBinding {
         /// STUN server address.
@@ -62,11 +68,43 @@ pub enum LoadError {
     Io(#[from] std::io::Error),
     #[error("cannot write report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("bad target URL {0}")]
+    BadUrl(String),
+}
+
+/// Checks that `url`'s host is loopback or explicitly allowed.
+fn check_url(url: &str, allowed: &[IpAddr]) -> Result<(), LoadError> {
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', '?']).next())
+        .ok_or_else(|| LoadError::BadUrl(url.to_owned()))?;
+    let addr: SocketAddr = host
+        .parse()
+        .or_else(|_| format!("{host}:80").parse())
+        .map_err(|_| LoadError::BadUrl(format!("{url} (give an IP address, not a name)")))?;
+    target::check(addr.ip(), allowed)?;
+    Ok(())
+}
+
+fn write_json(path: &Option<PathBuf>, report: &impl serde::Serialize) -> Result<(), LoadError> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)?;
+    }
+    Ok(())
 }
 
 /// Runs the configured load test and returns the human summary.
 pub async fn run(config: Config) -> Result<String, LoadError> {
     match config.mode {
+        Mode::Signal(args) => {
+            for url in &args.signal_urls {
+                check_url(url, &config.allow_targets)?;
+            }
+            let report = signal::run(args).await;
+            write_json(&config.json, &report)?;
+            Ok(signal::render(&report))
+        }
         Mode::StunBinding {
             target,
             requests,
@@ -81,9 +119,7 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
                 Duration::from_millis(timeout_ms),
             )
             .await?;
-            if let Some(path) = &config.json {
-                std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-            }
+            write_json(&config.json, &report)?;
             let lat = report
                 .latency_ms
                 .map(|s| {

@@ -399,8 +399,8 @@ async fn websocket(
     // reason as an `error` message, not as an opaque failed handshake.
     let max = app.settings.max_message_bytes;
     upgrade
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
         .max_message_size(2 * max)
         .max_frame_size(2 * max)
         .on_upgrade(move |socket| async move {

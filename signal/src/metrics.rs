@@ -7,7 +7,9 @@ pub(crate) struct Metrics {
     pub registry: Registry,
     pub connections: IntGauge,
     pub rooms: IntGauge,
-    pub messages: IntCounterVec,
+    /// Client messages by type, resolved once (the hot path skips the
+    /// label lookup).
+    messages: [IntCounter; 5],
     pub refusals: IntCounterVec,
     pub relay_latency: Histogram,
     pub redis_errors: IntCounter,
@@ -16,6 +18,18 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
+    /// The counter of client messages of `msg`'s type.
+    pub fn message(&self, msg: &floe_proto::signal::ClientMessage) -> &IntCounter {
+        use floe_proto::signal::ClientMessage as M;
+        &self.messages[match msg {
+            M::Signal { .. } => 0,
+            M::Broadcast { .. } => 1,
+            M::Leave => 2,
+            M::Stats { .. } => 3,
+            M::Ping => 4,
+        }]
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = Self {
@@ -29,14 +43,20 @@ impl Metrics {
                 "Rooms with at least one peer connected to this node",
             )
             .expect("valid metric"),
-            messages: IntCounterVec::new(
-                Opts::new(
-                    "floe_signal_messages_total",
-                    "Client messages received, by type",
-                ),
-                &["type"],
-            )
-            .expect("valid metric"),
+            messages: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "floe_signal_messages_total",
+                        "Client messages received, by type",
+                    ),
+                    &["type"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(v.clone()))
+                    .expect("registered once");
+                ["signal", "broadcast", "leave", "stats", "ping"].map(|t| v.with_label_values(&[t]))
+            },
             refusals: IntCounterVec::new(
                 Opts::new(
                     "floe_signal_refusals_total",
@@ -81,7 +101,6 @@ impl Metrics {
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.rooms.clone()),
-            Box::new(m.messages.clone()),
             Box::new(m.refusals.clone()),
             Box::new(m.relay_latency.clone()),
             Box::new(m.redis_errors.clone()),

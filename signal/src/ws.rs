@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use floe_common::ratelimit::TokenBucket;
-use floe_proto::api::IceServers;
 use floe_proto::signal::{ClientMessage, ServerMessage};
 use floe_proto::time::unix_now;
 use tokio::sync::mpsc;
@@ -148,7 +147,9 @@ fn refresh_at(expires: u64) -> Option<tokio::time::Instant> {
 
 /// Serves one WebSocket until it ends.
 pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q: JoinQuery) {
-    let joiner = match authenticate(&app, &room, &q).await {
+    // Set-up futures are boxed so that their state does not stay inside
+    // every long-lived connection task.
+    let joiner = match Box::pin(authenticate(&app, &room, &q)).await {
         Ok(j) => j,
         Err(e) => return refuse(&app, &mut socket, e).await,
     };
@@ -206,8 +207,10 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
         room_expires_at: record.expires_at,
         ice_servers: ice.clone(),
     };
-    let reason = if send_text(&mut socket, welcome.to_json().into()).await {
-        relay(&app, &mut socket, &record, &me, ice, rx).await
+    let expires = ice.expires;
+    let welcome: Utf8Bytes = welcome.to_json().into();
+    let reason = if send_text(&mut socket, welcome).await {
+        relay(&app, &mut socket, &record, &me, expires, rx).await
     } else {
         "gone"
     };
@@ -227,7 +230,7 @@ async fn relay(
     socket: &mut WebSocket,
     record: &RoomRecord,
     me: &Member,
-    ice: IceServers,
+    ice_expires: u64,
     mut rx: mpsc::Receiver<Outbound>,
 ) -> &'static str {
     let s = &app.settings;
@@ -235,7 +238,7 @@ async fn relay(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
     let mut bucket = TokenBucket::new(s.messages_per_sec, s.message_burst, Instant::now());
-    let mut refresh = refresh_at(ice.expires);
+    let mut refresh = refresh_at(ice_expires);
     loop {
         let refresh_sleep = async {
             match refresh {
@@ -259,7 +262,8 @@ async fn relay(
                 last_heard = Instant::now();
                 match msg {
                     Message::Text(text) => {
-                        if let Some(reason) = on_text(app, socket, record, me, &mut bucket, text).await {
+                        // Boxed: message handling state lives only while a message is handled.
+                        if let Some(reason) = Box::pin(on_text(app, socket, record, me, &mut bucket, text)).await {
                             return reason;
                         }
                     }
@@ -304,7 +308,7 @@ async fn relay(
                 }
             }
             _ = refresh_sleep => {
-                match app.control.ice_servers(&record.tenant, &record.id, &me.peer_id).await {
+                match Box::pin(app.control.ice_servers(&record.tenant, &record.id, &me.peer_id)).await {
                     Ok(fresh) => {
                         refresh = refresh_at(fresh.expires);
                         let msg = ServerMessage::IceServers { ice_servers: fresh };
@@ -360,14 +364,7 @@ async fn on_text(
             return (!send_text(socket, r).await).then_some("gone");
         }
     };
-    let label = match &msg {
-        ClientMessage::Signal { .. } => "signal",
-        ClientMessage::Broadcast { .. } => "broadcast",
-        ClientMessage::Leave => "leave",
-        ClientMessage::Stats { .. } => "stats",
-        ClientMessage::Ping => "ping",
-    };
-    app.metrics.messages.with_label_values(&[label]).inc();
+    app.metrics.message(&msg).inc();
     let answer: Option<Utf8Bytes> = match msg {
         ClientMessage::Signal { to, sid, payload } => {
             if to == me.peer_id {

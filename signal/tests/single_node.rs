@@ -434,6 +434,57 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
 }
 
 #[tokio::test]
+async fn origin_allowlist_refuses_other_sites() {
+    let stack = Stack::new().await;
+    let mut s = stack.settings();
+    s.allowed_origins = vec!["https://app.example.com".into()];
+    let node = stack.node(s).await;
+    let url = format!("http://{}/v1/rooms", node.addr());
+    let body = json!({"tenant": "t1"});
+    let r = stack
+        .http
+        .post(&url)
+        .header("origin", "https://evil.example")
+        .json(&body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "origin_not_allowed"
+    );
+    let r = stack
+        .http
+        .post(&url)
+        .header("origin", "https://app.example.com")
+        .json(&body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let room: Value = r.json().await.expect("json");
+    // The WebSocket handshake from another site is refused before upgrading.
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/v1/rooms/{}/ws",
+            node.addr(),
+            room["room_id"].as_str().expect("id")
+        ))
+        .expect("request");
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    let err = tokio_tungstenite::connect_async(req)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("403"), "{err}");
+}
+
+#[tokio::test]
 async fn graceful_stop_tells_peers_to_reconnect() {
     let stack = Stack::new().await;
     let node = stack.node(stack.settings()).await;

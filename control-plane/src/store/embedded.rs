@@ -355,8 +355,20 @@ impl Store for EmbeddedStore {
     async fn add_revocation(&self, revocation: &Revocation) -> Result<()> {
         let until = revocation.until;
         let json = serde_json::to_string(revocation)?;
+        let now = floe_proto::time::unix_now();
         self.write(move |txn| {
             let mut t = txn.open_table(REVOCATIONS).map_err(backend)?;
+            // Prune here, so that reads stay read-only.
+            let mut stale = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                if v.value() < now {
+                    stale.push(k.value().to_owned());
+                }
+            }
+            for k in stale {
+                t.remove(k.as_str()).map_err(backend)?;
+            }
             t.insert(json.as_str(), until).map_err(backend)?;
             Ok(())
         })
@@ -364,20 +376,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn revocations(&self, now: u64) -> Result<Vec<Revocation>> {
-        self.write(move |txn| {
-            let mut t = txn.open_table(REVOCATIONS).map_err(backend)?;
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(REVOCATIONS).map_err(backend)?;
             let mut live = Vec::new();
-            let mut stale = Vec::new();
             for entry in t.iter().map_err(backend)? {
                 let (k, v) = entry.map_err(backend)?;
-                if v.value() < now {
-                    stale.push(k.value().to_owned());
-                } else {
+                if v.value() >= now {
                     live.push(serde_json::from_str(k.value())?);
                 }
-            }
-            for k in stale {
-                t.remove(k.as_str()).map_err(backend)?;
             }
             Ok(live)
         })

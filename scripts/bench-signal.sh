@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Signal benchmark: one signal node (in-process bus) and a two-node Redis
+# setup, each driven by `floe loadtest signal` on loopback. Reports server
+# memory per connection, CPU per connection set-up and per relayed
+# message, from /proc of the signal process(es).
+#
+#   scripts/bench-signal.sh [PEERS] [ROUNDS]     (default 10000 peers, 10 rounds)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
+PEERS="${1:-10000}"
+ROUNDS="${2:-10}"
+
+cargo build --release -j2 --quiet
+floe="$CARGO_TARGET_DIR/release/floe"
+work="$(mktemp -d -t floe-bench.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up" >&2; exit 1; }
+
+ADMIN="bench-admin-token-0123456789"
+INTERNAL="bench-internal-token-0123456789"
+cp_port=$(free_port)
+"$floe" control-plane --listen "127.0.0.1:$cp_port" --store "$work/cp.redb" \
+  --admin-token "$ADMIN" --internal-token "$INTERNAL" \
+  --turn-secrets "k1=bench-turn-secret-0123456789" --stun-url "stun:127.0.0.1:3478" \
+  --turn-url "turn:127.0.0.1:3478?transport=udp" --api-rate 100000 2>"$work/cp.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$cp_port/readyz"
+export FLOE_CONTROL_URL="http://127.0.0.1:$cp_port" FLOE_ADMIN_TOKEN="$ADMIN"
+"$floe" tenant create --id bench --name bench --turn true --public-rooms true >/dev/null
+key=$("$floe" tenant --json create-key bench)
+export FLOE_KEY_ID=$(echo "$key" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+export FLOE_KEY_SECRET=$(echo "$key" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+
+signal_node() { # port [redis-url] [node-id]
+  local args=(signal --listen "127.0.0.1:$1" --control-url "http://127.0.0.1:$cp_port" \
+    --internal-token "$INTERNAL" --max-connections-per-ip 100000 --messages-per-sec 1000)
+  [ -n "${2:-}" ] && args+=(--redis-url "$2" --redis-prefix "bench:" --node-id "$3")
+  FLOE_LOG=warn "$floe" "${args[@]}" 2>>"$work/signal.log" &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$1/readyz"
+}
+
+echo "== one node, in-process bus: $PEERS peers, $ROUNDS offer/answer rounds per pair"
+s1=$(free_port)
+signal_node "$s1"
+spid=${pids[-1]}
+"$floe" loadtest --json "$work/single.json" signal --signal-url "http://127.0.0.1:$s1" \
+  --peers "$PEERS" --rounds "$ROUNDS" --join-rate 2000 --hold-secs 3 --server-pid "$spid"
+kill "$spid"; wait "$spid" 2>/dev/null || true
+
+if command -v redis-server >/dev/null; then
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/dev/null &
+  pids+=($!)
+  for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  redis="redis://127.0.0.1:$rport"
+  half=$(( PEERS / 5 ))
+  echo "== one node on the Redis bus: $half peers (baseline for the cross-node cost)"
+  r0=$(free_port); signal_node "$r0" "$redis" rb0; rb0=${pids[-1]}
+  "$floe" loadtest --json "$work/redis1.json" signal --signal-url "http://127.0.0.1:$r0" \
+    --peers "$half" --rounds "$ROUNDS" --join-rate 2000 --hold-secs 1 --server-pid "$rb0"
+  echo "== two nodes on the Redis bus, every pair split across them: $half peers"
+  r1=$(free_port); signal_node "$r1" "$redis" rb1; rb1=${pids[-1]}
+  "$floe" loadtest --json "$work/redis2.json" signal --signal-url "http://127.0.0.1:$r0" \
+    --signal-url "http://127.0.0.1:$r1" --peers "$half" --rounds "$ROUNDS" --join-rate 2000 \
+    --hold-secs 1 --server-pid "$rb0" --server-pid "$rb1"
+  python3 - "$work" <<'PY'
+import json, sys
+w = sys.argv[1]
+single = json.load(open(f"{w}/single.json"))
+one = json.load(open(f"{w}/redis1.json"))
+two = json.load(open(f"{w}/redis2.json"))
+def s(r, k): return (r.get("server") or {}).get(k, float("nan"))
+print("\nsummary")
+print(f"  in-process bus : {s(single,'memory_per_connection_bytes')/1024:.2f} KiB/conn, "
+      f"{s(single,'cpu_per_connection_us'):.1f} us CPU/conn set-up, {s(single,'cpu_per_message_us'):.1f} us CPU/msg, "
+      f"lost {single['messages_lost']}")
+print(f"  Redis, 1 node  : {s(one,'cpu_per_message_us'):.1f} us CPU/msg, p50 RTT {one['offer_answer_ms']['p50']:.2f} ms")
+# With two nodes each message crosses nodes; node 0 sends half and receives half.
+print(f"  Redis, 2 nodes : {s(two,'cpu_per_message_us'):.1f} us CPU/msg over both nodes (every message crosses), "
+      f"p50 RTT {two['offer_answer_ms']['p50']:.2f} ms, lost {two['messages_lost']}")
+base = s(single, 'cpu_per_message_us')
+print(f"  cross-node / in-process CPU per message: {s(two,'cpu_per_message_us')/base:.2f}x")
+PY
+else
+  echo "(redis-server not installed: skipping the Redis bus; scripts/test.sh installs it)"
+fi
