@@ -89,6 +89,18 @@ fn persistent_secret(
     Ok(value)
 }
 
+/// A port free for both UDP and TCP on `host`.
+fn free_udp_tcp_port(host: IpAddr) -> anyhow::Result<u16> {
+    for _ in 0..20 {
+        let udp = std::net::UdpSocket::bind((host, 0))?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind((host, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free for both UDP and TCP on {host}")
+}
+
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
@@ -115,19 +127,15 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         persistent_secret(dir, "turn-secrets", || format!("k1={}", random_token(24)))?;
     let host = config.host;
 
-    // TURN first: the control plane advertises its address.
-    let turn = floe_turn::start(
-        floe_turn::Config {
-            listen: SocketAddr::new(host, config.turn_port),
-            http_listen: SocketAddr::new(host, config.turn_http_port),
-            udp_sockets: 0,
-            max_tcp_connections: 10_000,
+    // The control plane advertises TURN's address and TURN reports to the
+    // control plane: fix TURN's port first.
+    let turn_addr = SocketAddr::new(
+        host,
+        match config.turn_port {
+            0 => free_udp_tcp_port(host)?,
+            p => p,
         },
-        shutdown.clone(),
-    )
-    .await
-    .context("starting TURN")?;
-    let turn_addr = turn.listen_addr();
+    );
     let turn_host = match turn_addr {
         SocketAddr::V4(a) => a.to_string(),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
@@ -141,7 +149,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         admin_token_file: None,
         internal_token: Some(internal_token.clone()),
         internal_token_file: None,
-        turn_secrets: Some(turn_secrets),
+        turn_secrets: Some(turn_secrets.clone()),
         turn_secrets_file: None,
         stun_urls: vec![format!("stun:{turn_host}")],
         turn_urls: vec![
@@ -152,7 +160,9 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         max_token_ttl_secs: 86_400,
         api_rate: 200.0,
     };
-    let control = floe_control::start(control.resolve()?, shutdown.clone())
+    // The control plane stops last: TURN reports its final usage to it.
+    let control_stop = Shutdown::new();
+    let control = floe_control::start(control.resolve()?, control_stop.clone())
         .await
         .context("starting the control plane")?;
     let (tenant, key) = control
@@ -167,6 +177,20 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         )
         .await
         .context("creating the default tenant")?;
+
+    let mut turn =
+        floe_turn::Settings::new(turn_addr, SocketAddr::new(host, config.turn_http_port));
+    turn.secrets = Some(floe_proto::credential::TurnSecrets::parse(&turn_secrets)?);
+    turn.control_url = Some(control.url());
+    turn.internal_token = Some(internal_token.clone());
+    turn.data_dir = Some(dir.join("turn"));
+    turn.server_id = "dev-turn".into();
+    // Local peers are the point of a dev setup.
+    turn.allow_peers = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
+    turn.drain = std::time::Duration::from_secs(2);
+    let turn = floe_turn::start(turn, shutdown.clone())
+        .await
+        .context("starting TURN")?;
 
     let mut signal = floe_signal::Settings::new(
         SocketAddr::new(host, config.signal_port),
@@ -214,6 +238,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     signal.wait().await;
     turn.wait().await;
+    control_stop.cancel();
     control.wait().await;
     Ok(())
 }

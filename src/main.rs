@@ -97,7 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Turn(config) => {
             if check {
-                config.validate().context("TURN configuration")?;
+                config.resolve().context("TURN configuration")?;
                 return ok();
             }
             floe_turn::run(config, floe_common::shutdown::on_signals())

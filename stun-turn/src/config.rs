@@ -1,7 +1,12 @@
 //! Configuration of `floe turn`: flags, each also read from a `FLOE_…`
-//! environment variable.
+//! environment variable, resolved into validated [`Settings`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use floe_proto::credential::{CredentialError, TurnSecrets};
+use ipnet::IpNet;
 
 /// Flags of `floe turn`.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,6 +26,114 @@ pub struct Config {
     /// Most concurrent TCP connections.
     #[arg(long, env = "FLOE_MAX_TCP_CONNECTIONS", default_value_t = 10_000)]
     pub max_tcp_connections: usize,
+
+    /// Realm of the long-term credentials.
+    #[arg(long, env = "FLOE_REALM", default_value = "floe")]
+    pub realm: String,
+
+    /// TURN secrets as `kid=secret` entries separated by commas (shared
+    /// with the control plane). Without secrets the server does STUN only.
+    #[arg(long, env = "FLOE_TURN_SECRETS", hide_env_values = true)]
+    pub turn_secrets: Option<String>,
+
+    /// File holding TURN secrets, one `kid=secret` per line.
+    #[arg(long, env = "FLOE_TURN_SECRETS_FILE")]
+    pub turn_secrets_file: Option<PathBuf>,
+
+    /// Base URL of the control plane (usage reports and enforcement).
+    #[arg(long, env = "FLOE_CONTROL_URL")]
+    pub control_url: Option<String>,
+
+    /// Bearer token for the control plane's internal API.
+    #[arg(long, env = "FLOE_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+
+    /// File holding the internal token.
+    #[arg(long, env = "FLOE_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
+
+    /// IP addresses relay sockets bind to (one IPv4 and/or one IPv6);
+    /// default: the listen address, or 127.0.0.1 when that is unspecified.
+    #[arg(long = "relay-ip", env = "FLOE_RELAY_IPS", value_delimiter = ',')]
+    pub relay_ips: Vec<IpAddr>,
+
+    /// Address advertised in XOR-RELAYED-ADDRESS instead of the relay IP
+    /// (the public IP behind a 1:1 NAT or load balancer).
+    #[arg(long, env = "FLOE_EXTERNAL_IP")]
+    pub external_ip: Option<IpAddr>,
+
+    /// Lowest relay port.
+    #[arg(long, env = "FLOE_RELAY_PORT_MIN", default_value_t = 49_152)]
+    pub relay_port_min: u16,
+
+    /// Highest relay port.
+    #[arg(long, env = "FLOE_RELAY_PORT_MAX", default_value_t = 65_535)]
+    pub relay_port_max: u16,
+
+    /// Peer range to allow although it is loopback/private/link-local
+    /// (e.g. 127.0.0.0/8 in tests); repeatable.
+    #[arg(long = "allow-peer", env = "FLOE_ALLOW_PEERS", value_delimiter = ',')]
+    pub allow_peers: Vec<IpNet>,
+
+    /// Most allocations on this server at once (508 beyond).
+    #[arg(long, env = "FLOE_MAX_ALLOCATIONS", default_value_t = 50_000)]
+    pub max_allocations: usize,
+
+    /// Longest allocation lifetime a client may ask for, seconds.
+    #[arg(long, env = "FLOE_MAX_LIFETIME_SECS", default_value_t = 3_600)]
+    pub max_lifetime_secs: u64,
+
+    /// How long a nonce stays valid, seconds (438 Stale Nonce after).
+    #[arg(long, env = "FLOE_NONCE_SECS", default_value_t = 600)]
+    pub nonce_secs: u64,
+
+    /// Failed authentications per source IP per minute before the server
+    /// stops answering it for a while.
+    #[arg(long, env = "FLOE_AUTH_FAILURES_PER_MIN", default_value_t = 30)]
+    pub auth_failures_per_min: u32,
+
+    /// Seconds between usage reports to the control plane.
+    #[arg(long, env = "FLOE_USAGE_INTERVAL_SECS", default_value_t = 2)]
+    pub usage_interval_secs: u64,
+
+    /// This server's id in usage batches (default: host name).
+    #[arg(long, env = "FLOE_SERVER_ID")]
+    pub server_id: Option<String>,
+
+    /// Folder where unacknowledged usage batches and the batch sequence
+    /// survive restarts (recommended: a persistent volume).
+    #[arg(long, env = "FLOE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// On SIGTERM, keep relaying existing allocations for at most this
+    /// many seconds while refusing new ones.
+    #[arg(long, env = "FLOE_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub udp_sockets: usize,
+    pub max_tcp_connections: usize,
+    pub realm: String,
+    pub secrets: Option<TurnSecrets>,
+    pub control_url: Option<String>,
+    pub internal_token: Option<String>,
+    pub relay_ips: Vec<IpAddr>,
+    pub external_ip: Option<IpAddr>,
+    pub relay_ports: (u16, u16),
+    pub allow_peers: Vec<IpNet>,
+    pub max_allocations: usize,
+    pub max_lifetime: Duration,
+    pub nonce_lifetime: Duration,
+    pub auth_failures_per_min: u32,
+    pub usage_interval: Duration,
+    pub server_id: String,
+    pub data_dir: Option<PathBuf>,
+    pub drain: Duration,
 }
 
 /// A configuration `floe turn` cannot start with.
@@ -29,28 +142,172 @@ pub enum ConfigError {
     #[error("{what} must be between {min} and {max}")]
     OutOfRange {
         what: &'static str,
-        min: usize,
-        max: usize,
+        min: u64,
+        max: u64,
     },
+    #[error(transparent)]
+    Secret(#[from] floe_common::secret::SecretError),
+    #[error("TURN secrets: {0}")]
+    TurnSecrets(#[from] CredentialError),
+    #[error("the relay port range {0}-{1} is empty or inverted")]
+    PortRange(u16, u16),
+    #[error("--control-url and an internal token go together")]
+    ControlWithoutToken,
+    #[error("--relay-ip takes at most one IPv4 and one IPv6 address")]
+    RelayIps,
+    #[error("--server-id: {0}")]
+    ServerId(#[from] floe_proto::id::IdError),
+    #[error("--control-url must be an http(s) URL")]
+    ControlUrl,
+}
+
+fn range(what: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { what, min, max })
+    }
 }
 
 impl Config {
-    /// Checks every value.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.udp_sockets > 64 {
-            return Err(ConfigError::OutOfRange {
-                what: "--udp-sockets",
-                min: 0,
-                max: 64,
-            });
+    /// Loads secrets and checks every value.
+    pub fn resolve(&self) -> Result<Settings, ConfigError> {
+        range("--udp-sockets", self.udp_sockets as u64, 0, 64)?;
+        range(
+            "--max-tcp-connections",
+            self.max_tcp_connections as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "--max-allocations",
+            self.max_allocations as u64,
+            1,
+            1_000_000,
+        )?;
+        range("--max-lifetime-secs", self.max_lifetime_secs, 60, 86_400)?;
+        range("--nonce-secs", self.nonce_secs, 10, 86_400)?;
+        range("--usage-interval-secs", self.usage_interval_secs, 1, 300)?;
+        range("--drain-secs", self.drain_secs, 0, 86_400)?;
+        if self.relay_port_min > self.relay_port_max || self.relay_port_min == 0 {
+            return Err(ConfigError::PortRange(
+                self.relay_port_min,
+                self.relay_port_max,
+            ));
         }
-        if self.max_tcp_connections == 0 {
-            return Err(ConfigError::OutOfRange {
-                what: "--max-tcp-connections",
-                min: 1,
-                max: usize::MAX,
-            });
+        let secrets = floe_common::secret::load(
+            "TURN secrets",
+            self.turn_secrets.as_deref(),
+            self.turn_secrets_file.as_deref(),
+        )?
+        .map(|s| TurnSecrets::parse(&s))
+        .transpose()?;
+        let internal_token = floe_common::secret::load(
+            "internal token",
+            self.internal_token.as_deref(),
+            self.internal_token_file.as_deref(),
+        )?;
+        if self.control_url.is_some() != internal_token.is_some() {
+            return Err(ConfigError::ControlWithoutToken);
         }
-        Ok(())
+        if let Some(u) = &self.control_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(ConfigError::ControlUrl);
+        }
+        let v4 = self.relay_ips.iter().filter(|i| i.is_ipv4()).count();
+        let v6 = self.relay_ips.len() - v4;
+        if v4 > 1 || v6 > 1 {
+            return Err(ConfigError::RelayIps);
+        }
+        let relay_ips = if self.relay_ips.is_empty() {
+            let ip = self.listen.ip();
+            vec![if ip.is_unspecified() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                ip
+            }]
+        } else {
+            self.relay_ips.clone()
+        };
+        let server_id = match &self.server_id {
+            Some(id) => {
+                floe_proto::id::validate("server id", id)?;
+                id.clone()
+            }
+            None => host_name(),
+        };
+        Ok(Settings {
+            listen: self.listen,
+            http_listen: self.http_listen,
+            udp_sockets: self.udp_sockets,
+            max_tcp_connections: self.max_tcp_connections,
+            realm: self.realm.clone(),
+            secrets,
+            control_url: self
+                .control_url
+                .as_ref()
+                .map(|u| u.trim_end_matches('/').to_owned()),
+            internal_token,
+            relay_ips,
+            external_ip: self.external_ip,
+            relay_ports: (self.relay_port_min, self.relay_port_max),
+            allow_peers: self.allow_peers.clone(),
+            max_allocations: self.max_allocations,
+            max_lifetime: Duration::from_secs(self.max_lifetime_secs),
+            nonce_lifetime: Duration::from_secs(self.nonce_secs),
+            auth_failures_per_min: self.auth_failures_per_min,
+            usage_interval: Duration::from_secs(self.usage_interval_secs),
+            server_id,
+            data_dir: self.data_dir.clone(),
+            drain: Duration::from_secs(self.drain_secs),
+        })
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                .take(60)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "turn".into())
+}
+
+impl Settings {
+    /// Defaults for a server on `listen` (used by `floe dev` and tests).
+    pub fn new(listen: SocketAddr, http_listen: SocketAddr) -> Self {
+        let relay = if listen.ip().is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            listen.ip()
+        };
+        Self {
+            listen,
+            http_listen,
+            udp_sockets: 0,
+            max_tcp_connections: 10_000,
+            realm: "floe".into(),
+            secrets: None,
+            control_url: None,
+            internal_token: None,
+            relay_ips: vec![relay],
+            external_ip: None,
+            relay_ports: (49_152, 65_535),
+            allow_peers: Vec::new(),
+            max_allocations: 50_000,
+            max_lifetime: Duration::from_secs(3_600),
+            nonce_lifetime: Duration::from_secs(600),
+            auth_failures_per_min: 30,
+            usage_interval: Duration::from_secs(2),
+            server_id: host_name(),
+            data_dir: None,
+            drain: Duration::from_secs(30),
+        }
     }
 }

@@ -1,41 +1,59 @@
-//! floe STUN/TURN server.
+//! floe STUN/TURN server: STUN Binding for everyone, TURN relay (RFC 8656)
+//! for tenants whose plan allows it, metered per tenant and room.
 //!
-//! Protocol logic is plain code fed with bytes and addresses
-//! ([`binding`], [`framing`]); the drivers in [`server`] own the sockets.
-//! The public API: [`Config`], [`start`] / [`run`] and the running [`Turn`]
-//! handle.
+//! Protocol pieces are plain code fed with bytes ([`binding`],
+//! [`framing`], `auth`, `allocation`, `policy`, `meter`); `turn` ties them
+//! together; `server` and `report` are the socket and HTTP edges. The
+//! public API: [`Config`] / [`Settings`], [`start`] / [`run`] and the
+//! running [`TurnServer`] handle.
 
+mod allocation;
+mod auth;
 pub mod binding;
 mod config;
 pub mod framing;
+mod meter;
 mod metrics;
+mod policy;
+mod report;
 mod server;
+mod turn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use floe_common::{Health, Shutdown};
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Settings};
+pub use meter::SpoolError;
+
+/// Longest wait for unacknowledged usage at shutdown.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
 /// Why the TURN server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
-/// A running TURN server. Dropping it shuts it down.
-pub struct Turn {
+/// A running TURN server. Dropping it starts a graceful stop.
+pub struct TurnServer {
     listen: SocketAddr,
     http: SocketAddr,
+    server_id: String,
     shutdown: Shutdown,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Turn {
+impl TurnServer {
     /// Address of the STUN/TURN listener (UDP and TCP).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
@@ -46,44 +64,160 @@ impl Turn {
         self.http
     }
 
-    /// Waits until every task has stopped (after shutdown fired).
+    /// The id this server's usage batches carry.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Drains (refuses new allocations, keeps relaying until they end or
+    /// the drain deadline), flushes usage and stops.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the server has stopped (after shutdown fired).
     pub async fn wait(mut self) {
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
         }
     }
 }
 
-impl Drop for Turn {
+impl Drop for TurnServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
 }
 
 /// Starts serving; returns once every listener is bound.
-pub async fn start(config: Config, shutdown: Shutdown) -> Result<Turn, StartError> {
-    config.validate()?;
+pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer, StartError> {
     let shutdown = shutdown.child_token();
     let metrics = Arc::new(metrics::Metrics::new());
+    let meter = Arc::new(meter::Meter::open(
+        &settings.server_id,
+        settings.data_dir.as_deref(),
+    )?);
+    let server_id = meter.server_id();
     let health = Health::new();
-    let (listen, mut tasks) = server::bind_and_serve(&config, metrics.clone(), shutdown.clone())?;
-    let http = floe_common::http::bind("TURN ops HTTP", config.http_listen).await?;
+    let serving = health.check("serving", true);
+    let control = match (&settings.control_url, &settings.internal_token) {
+        (Some(url), Some(token)) => Some(report::Control::new(url, token)?),
+        _ => None,
+    };
+    let control_ok = health.check("control_plane", control.is_none());
+    let (udp, tcp) = server::bind_all(settings.listen, settings.udp_sockets).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind STUN/TURN on {}: {e}", settings.listen),
+        )
+    })?;
+    let listen = tcp.local_addr()?;
+    let http = floe_common::http::bind("TURN ops HTTP", settings.http_listen).await?;
     let http_addr = http.local_addr()?;
+    let drain = settings.drain;
+    let turn = Arc::new(turn::Turn::new(settings, metrics.clone(), meter));
+    if let Some(c) = &control {
+        // Know who is cut off before the first allocation is served.
+        report::prime(&turn, c, &control_ok).await;
+    }
+
+    // Sockets and HTTP stop on `stop`, after the drain; the drain starts
+    // on `shutdown`.
+    let stop = Shutdown::new();
+    let sockets = server::serve(turn.clone(), udp, tcp, stop.clone());
     let router = floe_common::http::ops_router(metrics.registry.clone(), health)
         .fallback(floe_common::http::not_found);
-    tasks.push(floe_common::http::serve(http, router, shutdown.clone()));
-    tracing::info!(%listen, http = %http_addr, "TURN server listening (UDP, TCP)");
-    Ok(Turn {
+    let http_task = floe_common::http::serve(http, router, stop.clone());
+    let reporter_stop = Shutdown::new();
+    let reporter = tokio::spawn(report::run(
+        turn.clone(),
+        control,
+        control_ok,
+        reporter_stop.clone(),
+    ));
+    tracing::info!(%listen, http = %http_addr, server = %server_id, turn = turn.settings.secrets.is_some(), "STUN/TURN server listening (UDP, TCP)");
+
+    let task = tokio::spawn({
+        let (shutdown, turn) = (shutdown.clone(), turn.clone());
+        async move {
+            shutdown.cancelled().await;
+            serving.set(false);
+            turn.start_draining();
+            let deadline = Instant::now() + drain;
+            tracing::info!(
+                allocations = turn.allocation_count(),
+                ?drain,
+                "draining: new allocations refused"
+            );
+            while turn.allocation_count() > 0 && Instant::now() < deadline {
+                turn.sweep(Instant::now());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for a in turn.allocations() {
+                turn.metrics
+                    .allocations_closed
+                    .with_label_values(&["shutdown"])
+                    .inc();
+                turn.close(&a, "server shutting down");
+            }
+            reporter_stop.cancel();
+            let _ = reporter.await;
+            report::collect(&turn);
+            final_flush(&turn).await;
+            stop.cancel();
+            for t in sockets {
+                let _ = t.await;
+            }
+            let _ = http_task.await;
+        }
+    });
+    Ok(TurnServer {
         listen,
         http: http_addr,
+        server_id,
         shutdown,
-        tasks,
+        task: Some(task),
     })
 }
 
-/// Runs until `shutdown` fires.
+/// Tries to deliver queued usage before exiting; what is left stays in
+/// the spool (with a data folder) for the next start.
+async fn final_flush(turn: &turn::Turn) {
+    let (Some(url), Some(token)) = (&turn.settings.control_url, &turn.settings.internal_token)
+    else {
+        return;
+    };
+    let Ok(control) = report::Control::new(url, token) else {
+        return;
+    };
+    let deadline = Instant::now() + FINAL_FLUSH;
+    while turn.meter.pending() > 0 && Instant::now() < deadline {
+        if report::flush(turn, &control).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let left = turn.meter.pending();
+    if left > 0 {
+        if turn.settings.data_dir.is_some() {
+            tracing::warn!(
+                batches = left,
+                "usage not acknowledged; kept in the spool for the next start"
+            );
+        } else {
+            tracing::error!(
+                batches = left,
+                "usage not acknowledged and no --data-dir: it is lost"
+            );
+        }
+    }
+}
+
+/// Runs until `shutdown` fires, then drains and stops.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
-    start(config, shutdown).await?.wait().await;
+    start(config.resolve()?, shutdown).await?.wait().await;
     tracing::info!("TURN server stopped");
     Ok(())
 }

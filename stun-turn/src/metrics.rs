@@ -1,47 +1,131 @@
 //! The TURN server's Prometheus metrics, built once and shared by `Arc`.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::core::Collector;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric of the TURN server.
 pub(crate) struct Metrics {
     pub registry: Registry,
     pub stun_requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
     pub discarded: IntCounterVec,
     pub tcp_connections: IntGauge,
+    pub allocations: IntGaugeVec,
+    pub allocations_created: IntCounter,
+    pub allocations_refused: IntCounterVec,
+    pub allocations_closed: IntCounterVec,
+    pub relayed_bytes: IntCounterVec,
+    pub relayed_packets: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub denied_peers: IntCounter,
+    pub usage_batches: IntCounterVec,
+    pub usage_pending: IntGauge,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
         let m = Self {
-            stun_requests: IntCounterVec::new(
-                Opts::new(
-                    "floe_turn_stun_requests_total",
-                    "STUN requests answered, by method, transport and result",
-                ),
+            registry: Registry::new(),
+            stun_requests: counter_vec(
+                "floe_turn_stun_requests_total",
+                "STUN/TURN requests answered, by method, transport and result",
                 &["method", "transport", "result"],
+            ),
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "floe_turn_request_seconds",
+                    "Time to answer TURN requests, by method",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+                ]),
+                &["method"],
             )
             .expect("valid metric"),
-            discarded: IntCounterVec::new(
-                Opts::new(
-                    "floe_turn_discarded_total",
-                    "Datagrams or stream frames discarded, by reason",
-                ),
+            discarded: counter_vec(
+                "floe_turn_discarded_total",
+                "Datagrams or frames not relayed or answered, by reason",
                 &["reason"],
-            )
-            .expect("valid metric"),
+            ),
             tcp_connections: IntGauge::new(
                 "floe_turn_tcp_connections",
                 "Open client TCP connections",
             )
             .expect("valid metric"),
-            registry,
+            allocations: IntGaugeVec::new(
+                Opts::new("floe_turn_allocations", "Live allocations, by tenant"),
+                &["tenant"],
+            )
+            .expect("valid metric"),
+            allocations_created: IntCounter::new(
+                "floe_turn_allocations_created_total",
+                "Allocations created",
+            )
+            .expect("valid metric"),
+            allocations_refused: counter_vec(
+                "floe_turn_allocations_refused_total",
+                "Allocate requests refused, by reason",
+                &["reason"],
+            ),
+            allocations_closed: counter_vec(
+                "floe_turn_allocations_closed_total",
+                "Allocations ended, by reason (client, expired, policy, connection, shutdown)",
+                &["reason"],
+            ),
+            relayed_bytes: counter_vec(
+                "floe_turn_relayed_bytes_total",
+                "Relayed payload bytes, by tenant and direction (out: client to peer, in: peer to client)",
+                &["tenant", "direction"],
+            ),
+            relayed_packets: counter_vec(
+                "floe_turn_relayed_packets_total",
+                "Relayed datagrams, by tenant and direction",
+                &["tenant", "direction"],
+            ),
+            auth_failures: counter_vec(
+                "floe_turn_auth_failures_total",
+                "Failed authentications, by reason",
+                &["reason"],
+            ),
+            denied_peers: IntCounter::new(
+                "floe_turn_denied_peers_total",
+                "Permissions refused because the peer address is not allowed",
+            )
+            .expect("valid metric"),
+            usage_batches: counter_vec(
+                "floe_turn_usage_batches_total",
+                "Usage batches, by result (sent, acked, failed)",
+                &["result"],
+            ),
+            usage_pending: IntGauge::new(
+                "floe_turn_usage_batches_pending",
+                "Usage batches waiting for the control plane's acknowledgement",
+            )
+            .expect("valid metric"),
         };
-        for c in [
-            Box::new(m.stun_requests.clone()) as Box<dyn prometheus::core::Collector>,
+        let all: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.stun_requests.clone()),
+            Box::new(m.request_seconds.clone()),
             Box::new(m.discarded.clone()),
             Box::new(m.tcp_connections.clone()),
-        ] {
+            Box::new(m.allocations.clone()),
+            Box::new(m.allocations_created.clone()),
+            Box::new(m.allocations_refused.clone()),
+            Box::new(m.allocations_closed.clone()),
+            Box::new(m.relayed_bytes.clone()),
+            Box::new(m.relayed_packets.clone()),
+            Box::new(m.auth_failures.clone()),
+            Box::new(m.denied_peers.clone()),
+            Box::new(m.usage_batches.clone()),
+            Box::new(m.usage_pending.clone()),
+        ];
+        for c in all {
             m.registry.register(c).expect("each metric registered once");
         }
         m

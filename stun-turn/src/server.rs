@@ -1,82 +1,31 @@
 //! Socket drivers: UDP sockets (several on one port with SO_REUSEPORT, so
-//! the kernel spreads clients over cores) and a TCP acceptor with one task
-//! per connection. They read bytes, hand them to the protocol code and
-//! write back what it answers.
+//! the kernel spreads clients over cores) and a TCP acceptor with a reader
+//! and a writer task per connection. They read bytes, frame them, and hand
+//! them to [`Turn`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use floe_common::Shutdown;
 use socket2::{Domain, Protocol, Socket, Type};
-use stun::message::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::Config;
-use crate::binding::{self, Outcome};
+use crate::allocation::{ClientSink, Transport};
 use crate::framing::{self, Frame, MAX_FRAME};
-use crate::metrics::Metrics;
+use crate::turn::Turn;
 
 /// How long a TCP connection may stay silent before it is closed.
 const TCP_IDLE: Duration = Duration::from_secs(300);
 /// Attempts at finding a port free for both UDP and TCP when asked for 0.
 const PORT_ATTEMPTS: usize = 20;
-
-/// Scratch messages reused for every request a task handles.
-struct Scratch {
-    req: Message,
-    out: Message,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        Self {
-            req: Message::new(),
-            out: Message::new(),
-        }
-    }
-
-    /// Handles one STUN message; returns the bytes to send back, if any.
-    fn stun(
-        &mut self,
-        bytes: &[u8],
-        from: SocketAddr,
-        transport: &str,
-        metrics: &Metrics,
-    ) -> Option<&[u8]> {
-        if !binding::looks_like_stun(bytes) {
-            metrics.discarded.with_label_values(&["not_stun"]).inc();
-            return None;
-        }
-        self.req.raw.clear();
-        self.req.raw.extend_from_slice(bytes);
-        if self.req.decode().is_err() {
-            metrics.discarded.with_label_values(&["malformed"]).inc();
-            return None;
-        }
-        match binding::handle(&self.req, from, &mut self.out) {
-            Outcome::Respond => {
-                let result = if self.out.typ.class == stun::message::CLASS_SUCCESS_RESPONSE {
-                    "success"
-                } else {
-                    "error"
-                };
-                metrics
-                    .stun_requests
-                    .with_label_values(&["binding", transport, result])
-                    .inc();
-                Some(&self.out.raw)
-            }
-            Outcome::Discard => {
-                metrics.discarded.with_label_values(&["unhandled"]).inc();
-                None
-            }
-        }
-    }
-}
+/// Frames queued towards one TCP client before it counts as too slow.
+const TCP_QUEUE: usize = 1_024;
 
 fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -98,20 +47,22 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Binds UDP and TCP on one port (`config.listen`; a free one when its
-/// port is 0).
-fn bind_all(config: &Config) -> std::io::Result<(Vec<UdpSocket>, TcpListener)> {
-    let sockets = match config.udp_sockets {
+/// Binds UDP and TCP on one port (a free one when `listen`'s port is 0).
+pub(crate) fn bind_all(
+    listen: SocketAddr,
+    sockets: usize,
+) -> std::io::Result<(Vec<UdpSocket>, TcpListener)> {
+    let sockets = match sockets {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let mut last_err = None;
     for _ in 0..PORT_ATTEMPTS {
-        let first = udp_socket(config.listen)?;
+        let first = udp_socket(listen)?;
         let addr = first.local_addr()?;
         let tcp = match tcp_listener(addr) {
             Ok(l) => l,
-            Err(e) if config.listen.port() == 0 => {
+            Err(e) if listen.port() == 0 => {
                 last_err = Some(e);
                 continue;
             }
@@ -126,35 +77,23 @@ fn bind_all(config: &Config) -> std::io::Result<(Vec<UdpSocket>, TcpListener)> {
     Err(last_err.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-/// Binds the listeners and spawns their tasks.
-pub(crate) fn bind_and_serve(
-    config: &Config,
-    metrics: Arc<Metrics>,
+/// Spawns the socket tasks.
+pub(crate) fn serve(
+    turn: Arc<Turn>,
+    udp: Vec<UdpSocket>,
+    tcp: TcpListener,
     shutdown: Shutdown,
-) -> std::io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
-    let (udp, tcp) = bind_all(config).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot bind STUN/TURN on {}: {e}", config.listen),
-        )
-    })?;
-    let addr = tcp.local_addr()?;
+) -> Vec<JoinHandle<()>> {
     let mut tasks: Vec<JoinHandle<()>> = udp
         .into_iter()
-        .map(|s| tokio::spawn(udp_loop(s, metrics.clone(), shutdown.clone())))
+        .map(|s| tokio::spawn(udp_loop(turn.clone(), Arc::new(s), shutdown.clone())))
         .collect();
-    tasks.push(tokio::spawn(tcp_accept(
-        tcp,
-        config.max_tcp_connections,
-        metrics,
-        shutdown,
-    )));
-    Ok((addr, tasks))
+    tasks.push(tokio::spawn(tcp_accept(turn, tcp, shutdown)));
+    tasks
 }
 
-async fn udp_loop(socket: UdpSocket, metrics: Arc<Metrics>, shutdown: Shutdown) {
+async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
     let mut buf = vec![0u8; MAX_FRAME];
-    let mut scratch = Scratch::new();
     loop {
         let (n, from) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -167,21 +106,34 @@ async fn udp_loop(socket: UdpSocket, metrics: Arc<Metrics>, shutdown: Shutdown) 
                 }
             },
         };
-        if let Some(resp) = scratch.stun(&buf[..n], from, "udp", &metrics)
-            && let Err(e) = socket.send_to(resp, from).await
-        {
-            tracing::debug!(error = %e, %from, "UDP send failed");
+        match framing::next_frame(&buf[..n], false) {
+            Ok(Some(Frame::ChannelData { channel, data, .. })) => {
+                turn.on_channel_data(from, Transport::Udp, channel, &buf[4..4 + data]);
+            }
+            Ok(Some(Frame::Stun { len })) if len == n => {
+                let sink = ClientSink::Udp {
+                    socket: socket.clone(),
+                    addr: from,
+                };
+                if let Some(resp) = turn.on_stun(&buf[..n], from, Transport::Udp, &sink).await
+                    && let Err(e) = socket.send_to(&resp, from).await
+                {
+                    tracing::debug!(error = %e, %from, "UDP send failed");
+                }
+            }
+            _ => {
+                turn.metrics
+                    .discarded
+                    .with_label_values(&["bad_datagram"])
+                    .inc();
+            }
         }
     }
 }
 
-async fn tcp_accept(
-    listener: TcpListener,
-    max_connections: usize,
-    metrics: Arc<Metrics>,
-    shutdown: Shutdown,
-) {
+async fn tcp_accept(turn: Arc<Turn>, listener: TcpListener, shutdown: Shutdown) {
     let open = Arc::new(AtomicUsize::new(0));
+    let max = turn.settings.max_tcp_connections;
     loop {
         let (stream, from) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -194,9 +146,9 @@ async fn tcp_accept(
                 }
             },
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= max_connections {
+        if open.fetch_add(1, Ordering::AcqRel) >= max {
             open.fetch_sub(1, Ordering::AcqRel);
-            metrics
+            turn.metrics
                 .discarded
                 .with_label_values(&["tcp_connection_limit"])
                 .inc();
@@ -204,65 +156,99 @@ async fn tcp_accept(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let (metrics, shutdown, open) = (metrics.clone(), shutdown.clone(), open.clone());
+        let (turn, shutdown, open) = (turn.clone(), shutdown.clone(), open.clone());
         tokio::spawn(async move {
-            metrics.tcp_connections.inc();
-            if let Err(e) = tcp_connection(stream, from, &metrics, &shutdown).await {
+            turn.metrics.tcp_connections.inc();
+            if let Err(e) = tcp_connection(&turn, stream, from, &shutdown).await {
                 tracing::debug!(error = %e, %from, "TCP connection closed");
             }
-            metrics.tcp_connections.dec();
+            // A TCP allocation lives as long as its connection (RFC 8656 §3.1).
+            if let Some(a) = turn
+                .allocations()
+                .into_iter()
+                .find(|a| a.client == from && a.transport == Transport::Tcp)
+            {
+                turn.metrics
+                    .allocations_closed
+                    .with_label_values(&["connection"])
+                    .inc();
+                turn.close(&a, "connection closed");
+            }
+            turn.metrics.tcp_connections.dec();
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
 async fn tcp_connection(
-    mut stream: TcpStream,
+    turn: &Arc<Turn>,
+    stream: TcpStream,
     from: SocketAddr,
-    metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> std::io::Result<()> {
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
+    let write_task = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if writer.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    });
+    let sink = ClientSink::Stream(tx.clone());
     let mut buf = vec![0u8; 2 * MAX_FRAME];
     let mut filled = 0;
-    let mut scratch = Scratch::new();
-    loop {
+    let result = loop {
         let n = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = tokio::time::timeout(TCP_IDLE, stream.read(&mut buf[filled..])) => match r {
-                Ok(r) => r?,
-                Err(_) => return Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
+            r = tokio::time::timeout(TCP_IDLE, reader.read(&mut buf[filled..])) => match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => break Err(e),
+                Err(_) => break Ok(()),
             },
         };
         if n == 0 {
-            return Ok(());
+            break Ok(());
         }
         filled += n;
         let mut start = 0;
-        loop {
+        let framing_error = loop {
             match framing::next_frame(&buf[start..filled], true) {
                 Ok(Some(Frame::Stun { len })) => {
-                    if let Some(resp) = scratch.stun(&buf[start..start + len], from, "tcp", metrics)
+                    if let Some(resp) = turn
+                        .on_stun(&buf[start..start + len], from, Transport::Tcp, &sink)
+                        .await
+                        && tx.send(Bytes::from(resp)).await.is_err()
                     {
-                        stream.write_all(resp).await?;
+                        break None;
                     }
                     start += len;
                 }
-                Ok(Some(Frame::ChannelData { len, .. })) => {
-                    // No allocation on this connection, so no channel.
-                    metrics
-                        .discarded
-                        .with_label_values(&["no_allocation"])
-                        .inc();
+                Ok(Some(Frame::ChannelData { channel, data, len })) => {
+                    turn.on_channel_data(
+                        from,
+                        Transport::Tcp,
+                        channel,
+                        &buf[start + 4..start + 4 + data],
+                    );
                     start += len;
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    metrics.discarded.with_label_values(&["bad_framing"]).inc();
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
             }
+        };
+        if let Some(e) = framing_error {
+            turn.metrics
+                .discarded
+                .with_label_values(&["bad_framing"])
+                .inc();
+            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
         }
         buf.copy_within(start..filled, 0);
         filled -= start;
-    }
+    };
+    drop(sink);
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+    result
 }

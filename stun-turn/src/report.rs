@@ -1,0 +1,167 @@
+//! The conversation with the control plane: every interval, gather the
+//! allocations' traffic into a usage batch, send queued batches oldest
+//! first, and apply the enforcement state each acknowledgement carries
+//! (polled when there is nothing to send). Failures back off and retry;
+//! batches stay queued until acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use floe_common::{Check, Shutdown};
+use floe_proto::time::unix_now;
+use floe_proto::usage::{Enforcement, UsageAck};
+
+use crate::policy::Policy;
+use crate::turn::Turn;
+
+/// Longest pause after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Client of the control plane's internal API.
+pub(crate) struct Control {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Control {
+    pub fn new(base: &str, token: &str) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            base: base.to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    async fn enforcement(&self) -> Result<Enforcement, String> {
+        let r = self
+            .http
+            .get(format!("{}/internal/v1/enforcement", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("enforcement: answered {}", r.status()));
+        }
+        r.json().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Gathers traffic of every allocation into the meter and cuts a batch.
+pub(crate) fn collect(turn: &Turn) {
+    for a in turn.allocations() {
+        turn.account(&a);
+    }
+    if let Err(e) = turn.meter.cut(unix_now()) {
+        tracing::error!(error = %e, "cannot persist usage");
+    }
+    turn.metrics.usage_pending.set(turn.meter.pending() as i64);
+}
+
+/// Sends queued batches oldest first until the queue is empty or a send
+/// fails. Returns `Ok(true)` if anything was acknowledged.
+pub(crate) async fn flush(turn: &Turn, control: &Control) -> Result<bool, String> {
+    let mut any = false;
+    while let Some(batch) = turn.meter.oldest() {
+        turn.metrics
+            .usage_batches
+            .with_label_values(&["sent"])
+            .inc();
+        let resp = control
+            .http
+            .post(format!("{}/internal/v1/usage", control.base))
+            .bearer_auth(&control.token)
+            .json(&batch)
+            .send()
+            .await;
+        let ack: UsageAck = match resp {
+            Ok(r) if r.status().is_success() => r.json().await.map_err(|e| e.to_string())?,
+            Ok(r) if r.status().is_client_error() => {
+                // The control plane will never take this batch; keeping it
+                // would block every later one. Loudly drop it.
+                turn.metrics
+                    .usage_batches
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::error!(seq = batch.seq, status = %r.status(), "usage batch rejected by the control plane; dropped");
+                turn.meter.acked(batch.seq).map_err(|e| e.to_string())?;
+                continue;
+            }
+            Ok(r) => return Err(format!("usage: answered {}", r.status())),
+            Err(e) => return Err(e.to_string()),
+        };
+        turn.meter.acked(ack.seq).map_err(|e| e.to_string())?;
+        turn.metrics
+            .usage_batches
+            .with_label_values(&["acked"])
+            .inc();
+        turn.metrics.usage_pending.set(turn.meter.pending() as i64);
+        turn.apply_policy(Policy::from_enforcement(ack.enforcement));
+        any = true;
+    }
+    Ok(any)
+}
+
+/// Fetches the enforcement state once (at start), briefly.
+pub(crate) async fn prime(turn: &Turn, control: &Control, ok: &Check) {
+    match tokio::time::timeout(Duration::from_secs(3), control.enforcement()).await {
+        Ok(Ok(e)) => {
+            turn.apply_policy(Policy::from_enforcement(e));
+            ok.set(true);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "control plane unreachable at start; retrying in the background")
+        }
+        Err(_) => {
+            tracing::warn!("control plane did not answer at start; retrying in the background")
+        }
+    }
+}
+
+/// Runs until `stop` fires.
+pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, stop: Shutdown) {
+    let interval = turn.settings.usage_interval;
+    let mut backoff = Duration::ZERO;
+    loop {
+        let pause = interval.max(backoff);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        turn.sweep(std::time::Instant::now());
+        collect(&turn);
+        let Some(control) = &control else { continue };
+        let result = match flush(&turn, control).await {
+            Ok(true) => Ok(()),
+            // Nothing to send: poll, so revocations arrive without traffic.
+            Ok(false) => control
+                .enforcement()
+                .await
+                .map(|e| turn.apply_policy(Policy::from_enforcement(e))),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if !ok.get() {
+                    tracing::info!("control plane reachable again");
+                }
+                ok.set(true);
+                backoff = Duration::ZERO;
+            }
+            Err(e) => {
+                turn.metrics
+                    .usage_batches
+                    .with_label_values(&["failed"])
+                    .inc();
+                if ok.get() {
+                    tracing::warn!(error = %e, pending = turn.meter.pending(), "control plane unreachable; usage kept for retry");
+                }
+                ok.set(false);
+                backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+            }
+        }
+    }
+}

@@ -1,0 +1,1014 @@
+//! The TURN server proper (RFC 8656 over RFC 8489): request handling with
+//! long-term credentials, the allocation table, the relay data path in
+//! both directions, policy enforcement and metering hooks. Socket loops
+//! live in [`crate::server`]; they call [`Turn::on_stun`] and
+//! [`Turn::on_channel_data`] with what they read.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use floe_common::ratelimit::RateLimiter;
+use floe_proto::time::unix_now;
+use stun::attributes::*;
+use stun::error_code::*;
+use stun::fingerprint::FINGERPRINT;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+
+use crate::allocation::{Allocation, BindError, ClientSink, Transport};
+use crate::auth::{AuthError, Authenticator};
+use crate::binding;
+use crate::config::Settings;
+use crate::meter::Meter;
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy, Refused};
+
+/// Default allocation lifetime (RFC 8656 §3.2).
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
+/// Attempts at finding a free relay port.
+const PORT_ATTEMPTS: usize = 50;
+/// Largest datagram relayed.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// A STUN error to answer with.
+struct Failure {
+    code: ErrorCode,
+    reason: &'static str,
+    /// Attach REALM and NONCE (401, 438).
+    challenge: bool,
+}
+
+fn fail(code: ErrorCode, reason: &'static str) -> Failure {
+    Failure {
+        code,
+        reason,
+        challenge: false,
+    }
+}
+
+/// Decodes every XOR-PEER-ADDRESS of `msg` (CreatePermission may carry
+/// several).
+fn peer_addresses(msg: &Message) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for a in msg
+        .attributes
+        .0
+        .iter()
+        .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
+    {
+        let mut one = Message::new();
+        one.transaction_id = msg.transaction_id;
+        one.attributes.0.push(a.clone());
+        let mut x = XorMappedAddress::default();
+        if x.get_from_as(&one, ATTR_XOR_PEER_ADDRESS).is_ok() {
+            out.push(SocketAddr::new(x.ip, x.port));
+        }
+    }
+    out
+}
+
+/// Comprehension-required attributes this server understands in TURN
+/// requests; anything else below 0x8000 earns 420 (RFC 8489 §14).
+fn understood(t: AttrType) -> bool {
+    t.0 >= 0x8000
+        || matches!(
+            t,
+            ATTR_USERNAME
+                | ATTR_MESSAGE_INTEGRITY
+                | ATTR_MESSAGE_INTEGRITY_SHA256
+                | ATTR_REALM
+                | ATTR_NONCE
+                | ATTR_CHANNEL_NUMBER
+                | ATTR_LIFETIME
+                | ATTR_XOR_PEER_ADDRESS
+                | ATTR_DATA
+                | ATTR_REQUESTED_TRANSPORT
+                | ATTR_DONT_FRAGMENT
+                | ATTR_REQUESTED_ADDRESS_FAMILY
+                | ATTR_EVEN_PORT
+                | ATTR_RESERVATION_TOKEN
+                | ATTR_USER_HASH
+                | ATTR_PADDING
+        )
+}
+
+/// The allocation table with per-tenant counts.
+#[derive(Default)]
+struct Table {
+    by_client: HashMap<(SocketAddr, Transport), Arc<Allocation>>,
+    per_tenant: HashMap<String, u32>,
+}
+
+/// The running TURN logic, shared by every socket task.
+pub(crate) struct Turn {
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub meter: Arc<Meter>,
+    auth: Authenticator,
+    table: RwLock<Table>,
+    policy: RwLock<Policy>,
+    failures: Mutex<RateLimiter<IpAddr>>,
+    draining: AtomicBool,
+    next_port: AtomicUsize,
+}
+
+impl Turn {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, meter: Arc<Meter>) -> Self {
+        let per_min = settings.auth_failures_per_min.max(1);
+        Self {
+            auth: Authenticator::new(&settings.realm, settings.nonce_lifetime.as_secs()),
+            failures: Mutex::new(RateLimiter::new(
+                f64::from(per_min) / 60.0,
+                per_min,
+                100_000,
+            )),
+            next_port: AtomicUsize::new(rand::random::<u16>() as usize),
+            settings,
+            metrics,
+            meter,
+            table: RwLock::default(),
+            policy: RwLock::default(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses new allocations from now on (existing ones keep relaying).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_client
+            .len()
+    }
+
+    fn lookup(&self, client: SocketAddr, transport: Transport) -> Option<Arc<Allocation>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_client
+            .get(&(client, transport))
+            .cloned()
+    }
+
+    /// Every allocation (for metering, expiry and enforcement sweeps).
+    pub fn allocations(&self) -> Vec<Arc<Allocation>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_client
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Removes an allocation, stops its relay task and meters what it had
+    /// not reported yet.
+    pub fn close(&self, a: &Allocation, reason: &str) {
+        let removed = {
+            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let removed = t.by_client.remove(&(a.client, a.transport)).is_some();
+            if removed && let Some(n) = t.per_tenant.get_mut(&a.user.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    t.per_tenant.remove(&a.user.tenant);
+                }
+            }
+            removed
+        };
+        if !removed {
+            return;
+        }
+        a.closed.cancel();
+        self.account(a);
+        self.metrics
+            .allocations
+            .with_label_values(&[a.user.tenant.as_str()])
+            .dec();
+        tracing::debug!(client = %a.client, tenant = %a.user.tenant, room = %a.user.room, reason, "allocation closed");
+    }
+
+    /// Moves an allocation's unreported traffic into the next usage batch
+    /// and the relayed-traffic metrics.
+    pub fn account(&self, a: &Allocation) {
+        let d = a.take_unreported();
+        if d.is_zero() {
+            return;
+        }
+        let tenant = a.user.tenant.as_str();
+        let m = &self.metrics;
+        m.relayed_bytes
+            .with_label_values(&[tenant, "out"])
+            .inc_by(d.bytes_out);
+        m.relayed_bytes
+            .with_label_values(&[tenant, "in"])
+            .inc_by(d.bytes_in);
+        m.relayed_packets
+            .with_label_values(&[tenant, "out"])
+            .inc_by(d.packets_out);
+        m.relayed_packets
+            .with_label_values(&[tenant, "in"])
+            .inc_by(d.packets_in);
+        self.meter.add(tenant, &a.user.room, d);
+    }
+
+    /// Applies new enforcement state: closes allocations it no longer allows.
+    pub fn apply_policy(&self, policy: Policy) {
+        let doomed: Vec<_> = self
+            .allocations()
+            .into_iter()
+            .filter(|a| policy.check(&a.user).is_err())
+            .collect();
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+        for a in doomed {
+            self.metrics
+                .allocations_closed
+                .with_label_values(&["policy"])
+                .inc();
+            self.close(&a, "refused by the control plane");
+        }
+    }
+
+    /// Closes expired allocations and prunes permissions.
+    pub fn sweep(&self, now: Instant) {
+        for a in self.allocations() {
+            if a.expired(now) {
+                self.metrics
+                    .allocations_closed
+                    .with_label_values(&["expired"])
+                    .inc();
+                self.close(&a, "expired");
+            } else {
+                a.prune(now);
+            }
+        }
+    }
+
+    /// Handles one STUN message from a client; returns the response.
+    pub async fn on_stun(
+        self: &Arc<Self>,
+        raw: &[u8],
+        from: SocketAddr,
+        transport: Transport,
+        sink: &ClientSink,
+    ) -> Option<Vec<u8>> {
+        if !binding::looks_like_stun(raw) {
+            self.metrics
+                .discarded
+                .with_label_values(&["not_stun"])
+                .inc();
+            return None;
+        }
+        let mut req = Message::new();
+        req.raw.clear();
+        req.raw.extend_from_slice(raw);
+        if req.decode().is_err() {
+            self.metrics
+                .discarded
+                .with_label_values(&["malformed"])
+                .inc();
+            return None;
+        }
+        let method = req.typ.method;
+        if method == METHOD_BINDING {
+            let mut out = Message::new();
+            let r = binding::handle(&req, from, &mut out);
+            self.metrics
+                .stun_requests
+                .with_label_values(&["binding", transport.as_str(), "success"])
+                .inc();
+            return (r == binding::Outcome::Respond).then_some(out.raw);
+        }
+        if req.typ.class == CLASS_INDICATION {
+            if method == METHOD_SEND {
+                self.on_send_indication(&req, from, transport);
+            }
+            return None;
+        }
+        if req.typ.class != CLASS_REQUEST {
+            return None;
+        }
+        let started = Instant::now();
+        let name = match method {
+            METHOD_ALLOCATE => "allocate",
+            METHOD_REFRESH => "refresh",
+            METHOD_CREATE_PERMISSION => "create_permission",
+            METHOD_CHANNEL_BIND => "channel_bind",
+            _ => "other",
+        };
+        let out = self.on_request(&mut req, from, transport, sink).await;
+        self.metrics
+            .request_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    async fn on_request(
+        self: &Arc<Self>,
+        req: &mut Message,
+        from: SocketAddr,
+        transport: Transport,
+        sink: &ClientSink,
+    ) -> Option<Vec<u8>> {
+        let method = req.typ.method;
+        let unknown: Vec<AttrType> = req
+            .attributes
+            .0
+            .iter()
+            .map(|a| a.typ)
+            .filter(|t| !understood(*t))
+            .collect();
+        if !unknown.is_empty() {
+            return self.error(
+                req,
+                from,
+                None,
+                fail(CODE_UNKNOWN_ATTRIBUTE, "Unknown Attribute"),
+                Some(unknown),
+            );
+        }
+        let Some(secrets) = &self.settings.secrets else {
+            return self.error(
+                req,
+                from,
+                None,
+                fail(CODE_FORBIDDEN, "TURN not enabled"),
+                None,
+            );
+        };
+        let now_unix = unix_now();
+        let authed = match self.auth.check(req, from.ip(), secrets, now_unix) {
+            Ok(a) => a,
+            Err(e) => return self.auth_failure(req, from, e),
+        };
+        let integrity = &authed.integrity;
+        let result = match method {
+            METHOD_ALLOCATE => self.allocate(req, from, transport, sink, authed.user).await,
+            METHOD_REFRESH => self.refresh(req, from, transport, &authed.user),
+            METHOD_CREATE_PERMISSION => self.create_permission(req, from, transport, &authed.user),
+            METHOD_CHANNEL_BIND => self.channel_bind(req, from, transport, &authed.user),
+            _ => Err(fail(CODE_BAD_REQUEST, "Unsupported Method")),
+        };
+        let label = match method {
+            METHOD_ALLOCATE => "allocate",
+            METHOD_REFRESH => "refresh",
+            METHOD_CREATE_PERMISSION => "create_permission",
+            METHOD_CHANNEL_BIND => "channel_bind",
+            _ => "other",
+        };
+        match result {
+            Ok(attrs) => {
+                self.metrics
+                    .stun_requests
+                    .with_label_values(&[label, transport.as_str(), "success"])
+                    .inc();
+                let mut setters: Vec<Box<dyn Setter>> = vec![
+                    Box::new(MessageType::new(method, CLASS_SUCCESS_RESPONSE)),
+                    Box::new(stun::agent::TransactionId(req.transaction_id.0)),
+                ];
+                setters.extend(attrs);
+                setters.push(Box::new(TextAttribute::new(
+                    ATTR_SOFTWARE,
+                    binding::SOFTWARE.into(),
+                )));
+                setters.push(Box::new(MessageIntegrity(integrity.0.clone())));
+                setters.push(Box::new(FINGERPRINT));
+                build(&setters)
+            }
+            Err(f) => {
+                self.metrics
+                    .stun_requests
+                    .with_label_values(&[label, transport.as_str(), "error"])
+                    .inc();
+                self.error(req, from, Some(integrity), f, None)
+            }
+        }
+    }
+
+    fn auth_failure(&self, req: &Message, from: SocketAddr, e: AuthError) -> Option<Vec<u8>> {
+        let reason = e.reason();
+        let f = match e {
+            AuthError::Challenge => Failure {
+                code: CODE_UNAUTHORIZED,
+                reason: "Unauthorized",
+                challenge: true,
+            },
+            AuthError::StaleNonce => Failure {
+                code: CODE_STALE_NONCE,
+                reason: "Stale Nonce",
+                challenge: true,
+            },
+            AuthError::BadRequest => fail(CODE_BAD_REQUEST, "Bad Request"),
+            AuthError::Unauthorized(_) | AuthError::Expired => Failure {
+                code: CODE_UNAUTHORIZED,
+                reason: "Unauthorized",
+                challenge: true,
+            },
+        };
+        if !matches!(e, AuthError::Challenge | AuthError::StaleNonce) {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[reason])
+                .inc();
+            let allowed = self
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow(&from.ip(), Instant::now());
+            if !allowed {
+                // Past the limit a guesser learns nothing more, not even a 401.
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&["rate_limited"])
+                    .inc();
+                return None;
+            }
+        }
+        self.error(req, from, None, f, None)
+    }
+
+    fn error(
+        &self,
+        req: &Message,
+        from: SocketAddr,
+        integrity: Option<&MessageIntegrity>,
+        f: Failure,
+        unknown: Option<Vec<AttrType>>,
+    ) -> Option<Vec<u8>> {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(MessageType::new(req.typ.method, CLASS_ERROR_RESPONSE)),
+            Box::new(stun::agent::TransactionId(req.transaction_id.0)),
+            Box::new(ErrorCodeAttribute {
+                code: f.code,
+                reason: f.reason.as_bytes().to_vec(),
+            }),
+        ];
+        if let Some(list) = unknown {
+            setters.push(Box::new(stun::uattrs::UnknownAttributes(list)));
+        }
+        if f.challenge {
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_REALM,
+                self.auth.realm().to_owned(),
+            )));
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_NONCE,
+                self.auth.nonce(from.ip(), unix_now()),
+            )));
+        }
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_SOFTWARE,
+            binding::SOFTWARE.into(),
+        )));
+        if let Some(i) = integrity {
+            setters.push(Box::new(MessageIntegrity(i.0.clone())));
+        }
+        setters.push(Box::new(FINGERPRINT));
+        build(&setters)
+    }
+
+    fn refuse_allocation(&self, reason: &str, f: Failure) -> Result<Vec<Box<dyn Setter>>, Failure> {
+        self.metrics
+            .allocations_refused
+            .with_label_values(&[reason])
+            .inc();
+        Err(f)
+    }
+
+    async fn allocate(
+        self: &Arc<Self>,
+        req: &Message,
+        from: SocketAddr,
+        transport: Transport,
+        sink: &ClientSink,
+        user: floe_proto::credential::TurnUsername,
+    ) -> Result<Vec<Box<dyn Setter>>, Failure> {
+        if let Some(existing) = self.lookup(from, transport) {
+            // A retransmitted Allocate gets the same answer (RFC 8656 §7.2).
+            if existing.created_by == req.transaction_id.0 {
+                let left = existing.remaining(Instant::now());
+                return Ok(self.allocation_attrs(&existing, from, left, false));
+            }
+            return self
+                .refuse_allocation("mismatch", fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"));
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            return self.refuse_allocation(
+                "draining",
+                fail(CODE_INSUFFICIENT_CAPACITY, "Server Draining"),
+            );
+        }
+        let proto = req.get(ATTR_REQUESTED_TRANSPORT).ok();
+        match proto.as_deref() {
+            Some([17, ..]) => {}
+            Some(_) => {
+                return self.refuse_allocation(
+                    "transport",
+                    fail(
+                        CODE_UNSUPPORTED_TRANS_PROTO,
+                        "Unsupported Transport Protocol",
+                    ),
+                );
+            }
+            None => {
+                return self.refuse_allocation(
+                    "bad_request",
+                    fail(CODE_BAD_REQUEST, "Missing REQUESTED-TRANSPORT"),
+                );
+            }
+        }
+        if req.contains(ATTR_RESERVATION_TOKEN) || req.contains(ATTR_EVEN_PORT) {
+            // Port reservations are not offered; refuse rather than ignore.
+            return self.refuse_allocation(
+                "even_port",
+                fail(CODE_INSUFFICIENT_CAPACITY, "Port Reservation Not Supported"),
+            );
+        }
+        let family = match req.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok().as_deref() {
+            None | Some([0x01, ..]) => 4,
+            Some([0x02, ..]) => 6,
+            Some(_) => {
+                return self
+                    .refuse_allocation("bad_request", fail(CODE_BAD_REQUEST, "Bad Address Family"));
+            }
+        };
+        let additional = req.get(ATTR_ADDITIONAL_ADDRESS_FAMILY).ok();
+        if additional.is_some() && req.contains(ATTR_REQUESTED_ADDRESS_FAMILY) {
+            return self.refuse_allocation(
+                "bad_request",
+                fail(CODE_BAD_REQUEST, "Conflicting Address Families"),
+            );
+        }
+        // Dual allocation (RFC 8656 §7.2): the IPv4 relay is granted; the
+        // additional IPv6 one is declined with ADDRESS-ERROR-CODE.
+        let decline_v6 = matches!(additional.as_deref(), Some([0x02, ..]));
+        if additional.is_some() && !decline_v6 {
+            return self.refuse_allocation(
+                "bad_request",
+                fail(CODE_BAD_REQUEST, "Bad Additional Address Family"),
+            );
+        }
+        let Some(relay_ip) = self
+            .settings
+            .relay_ips
+            .iter()
+            .find(|ip| {
+                if family == 4 {
+                    ip.is_ipv4()
+                } else {
+                    ip.is_ipv6()
+                }
+            })
+            .copied()
+        else {
+            return self.refuse_allocation(
+                "family",
+                fail(
+                    CODE_ADDR_FAMILY_NOT_SUPPORTED,
+                    "Address Family not Supported",
+                ),
+            );
+        };
+        let policy_limits = {
+            let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+            if let Err(r) = policy.check(&user) {
+                let reason = match r {
+                    Refused::CutOff(c) => c.as_str(),
+                    Refused::Revoked => "revoked",
+                };
+                self.metrics
+                    .allocations_refused
+                    .with_label_values(&[reason])
+                    .inc();
+                return Err(fail(CODE_FORBIDDEN, "Forbidden"));
+            }
+            policy.limits(&user.tenant)
+        };
+        let lifetime = requested_lifetime(req, self.settings.max_lifetime);
+        if lifetime.is_zero() {
+            return self.refuse_allocation("bad_request", fail(CODE_BAD_REQUEST, "Zero Lifetime"));
+        }
+        // Reserve the slot before the await, so concurrent Allocates
+        // cannot overshoot the caps.
+        {
+            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            if t.by_client.len() >= self.settings.max_allocations {
+                drop(t);
+                return self.refuse_allocation(
+                    "capacity",
+                    fail(CODE_INSUFFICIENT_CAPACITY, "Insufficient Capacity"),
+                );
+            }
+            let n = t.per_tenant.entry(user.tenant.clone()).or_insert(0);
+            if policy_limits.0.is_some_and(|max| *n >= max) {
+                drop(t);
+                return self.refuse_allocation(
+                    "quota",
+                    fail(CODE_ALLOC_QUOTA_REACHED, "Allocation Quota Reached"),
+                );
+            }
+            *n += 1;
+        }
+        let release = |this: &Self| {
+            let mut t = this.table.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = t.per_tenant.get_mut(&user.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    t.per_tenant.remove(&user.tenant);
+                }
+            }
+        };
+        let relay = match self.bind_relay(relay_ip).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                release(self);
+                tracing::warn!(error = %e, "no relay port available");
+                return self.refuse_allocation(
+                    "ports",
+                    fail(CODE_INSUFFICIENT_CAPACITY, "Insufficient Capacity"),
+                );
+            }
+        };
+        let local = match relay.local_addr() {
+            Ok(a) => a,
+            Err(_) => {
+                release(self);
+                return self.refuse_allocation(
+                    "ports",
+                    fail(CODE_INSUFFICIENT_CAPACITY, "Insufficient Capacity"),
+                );
+            }
+        };
+        let advertised = SocketAddr::new(
+            self.settings
+                .external_ip
+                .filter(|ip| ip.is_ipv4() == local.is_ipv4())
+                .unwrap_or(local.ip()),
+            local.port(),
+        );
+        let allocation = Arc::new(Allocation::new(
+            from,
+            transport,
+            user,
+            relay,
+            advertised,
+            sink.clone(),
+            req.transaction_id.0,
+            lifetime,
+            policy_limits.1,
+            Instant::now(),
+        ));
+        {
+            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            t.by_client.insert((from, transport), allocation.clone());
+        }
+        self.metrics
+            .allocations
+            .with_label_values(&[allocation.user.tenant.as_str()])
+            .inc();
+        self.metrics.allocations_created.inc();
+        tokio::spawn(relay_task(self.clone(), allocation.clone()));
+        tracing::debug!(client = %from, relay = %advertised, tenant = %allocation.user.tenant, room = %allocation.user.room, "allocation created");
+        Ok(self.allocation_attrs(&allocation, from, lifetime, decline_v6))
+    }
+
+    fn allocation_attrs(
+        &self,
+        a: &Allocation,
+        from: SocketAddr,
+        lifetime: Duration,
+        decline_v6: bool,
+    ) -> Vec<Box<dyn Setter>> {
+        let mut attrs: Vec<Box<dyn Setter>> = vec![
+            Box::new(turn::proto::relayaddr::RelayedAddress {
+                ip: a.relayed.ip(),
+                port: a.relayed.port(),
+            }),
+            Box::new(turn::proto::lifetime::Lifetime(lifetime)),
+            Box::new(XorMappedAddress {
+                ip: from.ip(),
+                port: from.port(),
+            }),
+        ];
+        if decline_v6 {
+            attrs.push(Box::new(AddressErrorCode {
+                family: 0x02,
+                code: 440,
+                reason: "Address Family not Supported",
+            }));
+        }
+        attrs
+    }
+
+    async fn bind_relay(&self, ip: IpAddr) -> std::io::Result<UdpSocket> {
+        let (lo, hi) = self.settings.relay_ports;
+        let span = usize::from(hi - lo) + 1;
+        let mut last = None;
+        for _ in 0..PORT_ATTEMPTS.min(span) {
+            let port = lo + (self.next_port.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            match UdpSocket::bind(SocketAddr::new(ip, port)).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("empty port range")))
+    }
+
+    fn refresh(
+        &self,
+        req: &Message,
+        from: SocketAddr,
+        transport: Transport,
+        user: &floe_proto::credential::TurnUsername,
+    ) -> Result<Vec<Box<dyn Setter>>, Failure> {
+        let a = self
+            .lookup(from, transport)
+            .filter(|a| same_user(&a.user, user))
+            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let lifetime = requested_lifetime(req, self.settings.max_lifetime);
+        if lifetime.is_zero() {
+            self.metrics
+                .allocations_closed
+                .with_label_values(&["client"])
+                .inc();
+            self.close(&a, "deleted by the client");
+        } else {
+            a.refresh(lifetime, Instant::now());
+        }
+        Ok(vec![Box::new(turn::proto::lifetime::Lifetime(lifetime))])
+    }
+
+    fn create_permission(
+        &self,
+        req: &Message,
+        from: SocketAddr,
+        transport: Transport,
+        user: &floe_proto::credential::TurnUsername,
+    ) -> Result<Vec<Box<dyn Setter>>, Failure> {
+        let a = self
+            .lookup(from, transport)
+            .filter(|a| same_user(&a.user, user))
+            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let peers = peer_addresses(req);
+        if peers.is_empty() {
+            return Err(fail(CODE_BAD_REQUEST, "Missing XOR-PEER-ADDRESS"));
+        }
+        for p in &peers {
+            if p.is_ipv4() != a.relayed.is_ipv4() {
+                return Err(fail(
+                    CODE_PEER_ADDR_FAMILY_MISMATCH,
+                    "Peer Address Family Mismatch",
+                ));
+            }
+            if policy::peer_denied(p.ip(), &self.settings.allow_peers) {
+                self.metrics.denied_peers.inc();
+                return Err(fail(CODE_FORBIDDEN, "Forbidden Peer Address"));
+            }
+        }
+        let now = Instant::now();
+        for p in peers {
+            a.permit(p.ip(), now);
+        }
+        Ok(Vec::new())
+    }
+
+    fn channel_bind(
+        &self,
+        req: &Message,
+        from: SocketAddr,
+        transport: Transport,
+        user: &floe_proto::credential::TurnUsername,
+    ) -> Result<Vec<Box<dyn Setter>>, Failure> {
+        let a = self
+            .lookup(from, transport)
+            .filter(|a| same_user(&a.user, user))
+            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let number = match req.get(ATTR_CHANNEL_NUMBER).ok().as_deref() {
+            Some([hi, lo, ..]) => u16::from_be_bytes([*hi, *lo]),
+            _ => return Err(fail(CODE_BAD_REQUEST, "Missing CHANNEL-NUMBER")),
+        };
+        let peer = *peer_addresses(req)
+            .first()
+            .ok_or_else(|| fail(CODE_BAD_REQUEST, "Missing XOR-PEER-ADDRESS"))?;
+        if peer.is_ipv4() != a.relayed.is_ipv4() {
+            return Err(fail(
+                CODE_PEER_ADDR_FAMILY_MISMATCH,
+                "Peer Address Family Mismatch",
+            ));
+        }
+        if policy::peer_denied(peer.ip(), &self.settings.allow_peers) {
+            self.metrics.denied_peers.inc();
+            return Err(fail(CODE_FORBIDDEN, "Forbidden Peer Address"));
+        }
+        a.bind(number, peer, Instant::now()).map_err(|e| match e {
+            BindError::OutOfRange => fail(CODE_BAD_REQUEST, "Bad Channel Number"),
+            BindError::NumberTaken | BindError::PeerTaken => {
+                fail(CODE_BAD_REQUEST, "Channel Already Bound")
+            }
+        })?;
+        Ok(Vec::new())
+    }
+
+    /// Relays a Send indication's DATA to its peer (silently dropped when
+    /// not permitted, RFC 8656 §11.2).
+    fn on_send_indication(&self, req: &Message, from: SocketAddr, transport: Transport) {
+        let Some(a) = self.lookup(from, transport) else {
+            self.metrics
+                .discarded
+                .with_label_values(&["no_allocation"])
+                .inc();
+            return;
+        };
+        let (Some(peer), Ok(data)) = (peer_addresses(req).first().copied(), req.get(ATTR_DATA))
+        else {
+            self.metrics
+                .discarded
+                .with_label_values(&["malformed"])
+                .inc();
+            return;
+        };
+        self.to_peer(&a, peer, &data);
+    }
+
+    /// Relays a ChannelData message's data from a client to the bound peer.
+    pub fn on_channel_data(
+        &self,
+        from: SocketAddr,
+        transport: Transport,
+        channel: u16,
+        data: &[u8],
+    ) {
+        let Some(a) = self.lookup(from, transport) else {
+            self.metrics
+                .discarded
+                .with_label_values(&["no_allocation"])
+                .inc();
+            return;
+        };
+        match a.channel_peer(channel, Instant::now()) {
+            Some(peer) => self.to_peer(&a, peer, data),
+            None => {
+                self.metrics
+                    .discarded
+                    .with_label_values(&["no_channel"])
+                    .inc();
+            }
+        }
+    }
+
+    fn to_peer(&self, a: &Allocation, peer: SocketAddr, data: &[u8]) {
+        let now = Instant::now();
+        if !a.permitted(peer.ip(), now) {
+            self.metrics
+                .discarded
+                .with_label_values(&["no_permission"])
+                .inc();
+            return;
+        }
+        if !a.within_rate(data.len(), now) {
+            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            return;
+        }
+        match a.relay.try_send_to(data, peer) {
+            Ok(_) => a.record_out(data.len()),
+            Err(_) => {
+                a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .discarded
+                    .with_label_values(&["send_failed"])
+                    .inc();
+            }
+        }
+    }
+}
+
+fn same_user(
+    a: &floe_proto::credential::TurnUsername,
+    b: &floe_proto::credential::TurnUsername,
+) -> bool {
+    a.tenant == b.tenant && a.room == b.room && a.peer == b.peer
+}
+
+/// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11).
+const ATTR_ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
+
+/// ADDRESS-ERROR-CODE (RFC 8656 §18.13): why one family of a dual
+/// allocation was not granted.
+struct AddressErrorCode {
+    family: u8,
+    code: u16,
+    reason: &'static str,
+}
+
+impl Setter for AddressErrorCode {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        let mut v = vec![
+            self.family,
+            0,
+            (self.code / 100) as u8 & 0x07,
+            (self.code % 100) as u8,
+        ];
+        v.extend_from_slice(self.reason.as_bytes());
+        m.add(AttrType(0x8001), &v);
+        Ok(())
+    }
+}
+
+/// LIFETIME from the request, capped; the default when absent.
+fn requested_lifetime(req: &Message, max: Duration) -> Duration {
+    match req.get(ATTR_LIFETIME).ok().as_deref() {
+        Some([a, b, c, d, ..]) => {
+            Duration::from_secs(u64::from(u32::from_be_bytes([*a, *b, *c, *d]))).min(max)
+        }
+        _ => DEFAULT_LIFETIME.min(max),
+    }
+}
+
+fn build(setters: &[Box<dyn Setter>]) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    match m.build(setters) {
+        Ok(()) => Some(m.raw),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build a STUN response");
+            None
+        }
+    }
+}
+
+/// Reads an allocation's relay socket and forwards permitted datagrams to
+/// the client: as ChannelData when a channel is bound, else as a Data
+/// indication.
+async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
+    // ChannelData header (4) + data + padding room.
+    let mut buf = vec![0u8; 4 + MAX_DATAGRAM + 4];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = a.closed.cancelled() => return,
+            r = a.relay.recv_from(&mut buf[4..4 + MAX_DATAGRAM]) => match r {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+        };
+        let now = Instant::now();
+        let (permitted, channel) = a.route_from_peer(peer, now);
+        if !permitted {
+            turn.metrics
+                .discarded
+                .with_label_values(&["no_permission"])
+                .inc();
+            continue;
+        }
+        if !a.within_rate(n, now) {
+            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            turn.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            continue;
+        }
+        let sent = match channel {
+            Some(ch) => {
+                buf[0..2].copy_from_slice(&ch.to_be_bytes());
+                buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                let mut len = 4 + n;
+                if a.transport == Transport::Tcp {
+                    // Streams pad ChannelData to four bytes (RFC 8656 §12.5).
+                    let padded = (len + 3) & !3;
+                    buf[len..padded].fill(0);
+                    len = padded;
+                }
+                a.sink.send(&buf[..len])
+            }
+            None => {
+                let mut m = Message::new();
+                let built = m.build(&[
+                    Box::new(MessageType::new(METHOD_DATA, CLASS_INDICATION)),
+                    Box::new(stun::agent::TransactionId::new()),
+                    Box::new(turn::proto::peeraddr::PeerAddress {
+                        ip: peer.ip(),
+                        port: peer.port(),
+                    }),
+                    Box::new(turn::proto::data::Data(buf[4..4 + n].to_vec())),
+                ]);
+                built.is_ok() && a.sink.send(&m.raw)
+            }
+        };
+        if sent {
+            a.record_in(n);
+        } else {
+            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            turn.metrics
+                .discarded
+                .with_label_values(&["client_send_failed"])
+                .inc();
+        }
+    }
+}

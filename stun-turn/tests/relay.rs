@@ -1,0 +1,571 @@
+//! `floe turn` with a real control plane, a real TURN client (webrtc-rs
+//! `turn`) and raw STUN requests, over loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use floe_common::Shutdown;
+use floe_control::{ControlPlane, Settings as CpSettings, StoreLocation};
+use floe_proto::api::IceServers;
+use floe_proto::credential::TurnSecrets;
+use floe_turn::{Settings, TurnServer};
+use serde_json::{Value, json};
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use tokio::net::UdpSocket;
+use webrtc_util::Conn;
+
+const ADMIN: &str = "admin-token-for-tests-0123";
+const INTERNAL: &str = "internal-token-for-tests-0123";
+const SECRETS: &str = "k1=turn-secret-for-tests-0123";
+
+struct Stack {
+    cp: Option<ControlPlane>,
+    cp_dir: tempfile::TempDir,
+    cp_addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+fn cp_settings(dir: &std::path::Path, listen: SocketAddr) -> CpSettings {
+    CpSettings {
+        listen,
+        store: StoreLocation::Embedded(dir.join("cp.redb")),
+        redis_prefix: "unused:".into(),
+        admin_token: ADMIN.into(),
+        internal_token: INTERNAL.into(),
+        turn_secrets: Some(TurnSecrets::parse(SECRETS).expect("secrets")),
+        stun_urls: vec!["stun:127.0.0.1:3478".into()],
+        turn_urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+        credential_ttl_secs: 600,
+        max_token_ttl_secs: 86_400,
+        api_rate: 10_000.0,
+    }
+}
+
+impl Stack {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp = floe_control::start(
+            cp_settings(dir.path(), "127.0.0.1:0".parse().expect("addr")),
+            Shutdown::new(),
+        )
+        .await
+        .expect("control plane");
+        let s = Self {
+            cp_addr: cp.addr(),
+            cp: Some(cp),
+            cp_dir: dir,
+            http: reqwest::Client::new(),
+        };
+        for (id, plan) in [
+            ("paid", json!({"turn": true})),
+            ("free", json!({"turn": false})),
+            ("one", json!({"turn": true, "max_allocations": 1})),
+        ] {
+            let r = s
+                .http
+                .post(format!("{}/v1/tenants", s.url()))
+                .bearer_auth(ADMIN)
+                .json(&json!({"id": id, "name": id, "plan": plan}))
+                .send()
+                .await
+                .expect("tenant");
+            assert_eq!(r.status(), 201);
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.cp_addr)
+    }
+
+    async fn stop_control_plane(&mut self) {
+        if let Some(cp) = self.cp.take() {
+            drop(cp);
+        }
+        // The store file is released once the server task ends.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    async fn start_control_plane(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match floe_control::start(
+                cp_settings(self.cp_dir.path(), self.cp_addr),
+                Shutdown::new(),
+            )
+            .await
+            {
+                Ok(cp) => {
+                    self.cp = Some(cp);
+                    return;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "control plane restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn turn_settings(&self, data_dir: Option<&std::path::Path>) -> Settings {
+        let mut s = Settings::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        s.secrets = Some(TurnSecrets::parse(SECRETS).expect("secrets"));
+        s.control_url = Some(self.url());
+        s.internal_token = Some(INTERNAL.into());
+        s.allow_peers = vec!["127.0.0.0/8".parse().expect("net")];
+        s.usage_interval = Duration::from_millis(500);
+        s.drain = Duration::from_millis(200);
+        s.server_id = "turn-test".into();
+        s.data_dir = data_dir.map(|d| d.to_owned());
+        s.udp_sockets = 1;
+        s
+    }
+
+    async fn turn(&self, data_dir: Option<&std::path::Path>) -> TurnServer {
+        floe_turn::start(self.turn_settings(data_dir), Shutdown::new())
+            .await
+            .expect("turn")
+    }
+
+    /// Credentials as signal would get them.
+    async fn credentials(&self, tenant: &str, room: &str, peer: &str) -> (String, String) {
+        let ice: IceServers = self
+            .http
+            .post(format!("{}/internal/v1/ice-servers", self.url()))
+            .bearer_auth(INTERNAL)
+            .json(&json!({"tenant": tenant, "room": room, "peer": peer}))
+            .send()
+            .await
+            .expect("ice servers")
+            .json()
+            .await
+            .expect("json");
+        let turn = ice
+            .ice_servers
+            .iter()
+            .find(|s| s.username.is_some())
+            .unwrap_or_else(|| panic!("no TURN credentials for {tenant}: {:?}", ice.turn_refused));
+        (
+            turn.username.clone().expect("username"),
+            turn.credential.clone().expect("password"),
+        )
+    }
+
+    async fn usage(&self, tenant: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/tenants/{tenant}/usage", self.url()))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Waits until the ledger shows `out`/`in` bytes for the tenant.
+    async fn await_usage(&self, tenant: &str, out: u64, inb: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let u = self.usage(tenant).await;
+            if u["total"]["bytes_out"] == out && u["total"]["bytes_in"] == inb {
+                return u;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ledger {u} never reached out={out} in={inb}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A webrtc-rs TURN client with an allocation on `server`.
+async fn client(
+    server: SocketAddr,
+    username: &str,
+    password: &str,
+) -> (turn::client::Client, impl Conn) {
+    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.to_owned(),
+        password: password.to_owned(),
+        realm: "floe".into(),
+        software: "test".into(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .expect("client");
+    c.listen().await.expect("listen");
+    let relay = c.allocate().await.expect("allocate");
+    (c, relay)
+}
+
+/// Relays `n` messages of `size` bytes each way between a TURN client
+/// and a plain UDP peer; returns the payload bytes each way.
+async fn exchange(relay: &impl Conn, peer: &UdpSocket, n: usize, size: usize) -> u64 {
+    let relayed = relay.local_addr().expect("relayed address");
+    let peer_addr = peer.local_addr().expect("peer address");
+    let mut buf = vec![0u8; 2_048];
+    for i in 0..n {
+        let msg = vec![(i % 251) as u8; size];
+        relay
+            .send_to(&msg, peer_addr)
+            .await
+            .expect("send via relay");
+        let (len, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf))
+            .await
+            .expect("peer receives")
+            .expect("recv");
+        assert_eq!((len, from), (size, relayed));
+        assert_eq!(&buf[..len], &msg[..], "payload {i} intact");
+        peer.send_to(&msg, relayed).await.expect("peer replies");
+        let (len, from) = tokio::time::timeout(Duration::from_secs(5), relay.recv_from(&mut buf))
+            .await
+            .expect("client receives")
+            .expect("recv");
+        assert_eq!((len, from), (size, peer_addr));
+    }
+    (n * size) as u64
+}
+
+#[tokio::test]
+async fn relays_both_ways_and_the_ledger_matches_exactly() {
+    let stack = Stack::new().await;
+    let turn = stack.turn(None).await;
+    let (user, pass) = stack.credentials("paid", "room1", "alice").await;
+    let (c, relay) = client(turn.listen_addr(), &user, &pass).await;
+    assert!(relay.local_addr().expect("addr").ip().is_loopback());
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    let bytes = exchange(&relay, &peer, 200, 1_000).await;
+    // Channel data and Send indications were both exercised by the client.
+    let usage = stack.await_usage("paid", bytes, bytes).await;
+    assert_eq!(usage["rooms"]["room1"]["bytes_out"], bytes);
+    assert_eq!(usage["total"]["packets_out"], 200);
+    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(&format!(
+            "floe_turn_relayed_bytes_total{{direction=\"out\",tenant=\"paid\"}} {bytes}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("floe_turn_allocations{tenant=\"paid\"} 1"));
+    c.close().await.expect("close");
+    turn.stop().await;
+}
+
+/// Sends a request and returns the decoded answer.
+async fn roundtrip(sock: &UdpSocket, server: SocketAddr, setters: Vec<Box<dyn Setter>>) -> Message {
+    let mut m = Message::new();
+    m.build(&setters).expect("build");
+    sock.send_to(&m.raw, server).await.expect("send");
+    let mut buf = vec![0u8; 1_500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("recv");
+    let mut r = Message::new();
+    r.raw = buf[..n].to_vec();
+    r.decode().expect("decode");
+    r
+}
+
+fn code(m: &Message) -> u16 {
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).expect("ERROR-CODE");
+    e.code.0
+}
+
+fn text(m: &Message, t: AttrType) -> String {
+    String::from_utf8(m.get(t).expect("attribute")).expect("utf8")
+}
+
+/// A raw client that authenticates its requests.
+struct Raw {
+    sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    pass: String,
+    nonce: String,
+}
+
+impl Raw {
+    async fn new(server: SocketAddr, user: &str, pass: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // First leg: 401 with realm and nonce.
+        let r = roundtrip(
+            &sock,
+            server,
+            vec![
+                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+                Box::new(stun::agent::TransactionId::new()),
+                Box::new(turn::proto::reqtrans::RequestedTransport {
+                    protocol: turn::proto::PROTO_UDP,
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(code(&r), 401);
+        assert_eq!(text(&r, ATTR_REALM), "floe");
+        let nonce = text(&r, ATTR_NONCE);
+        Self {
+            sock,
+            server,
+            user: user.into(),
+            pass: pass.into(),
+            nonce,
+        }
+    }
+
+    async fn request(&self, method: Method, mut attrs: Vec<Box<dyn Setter>>) -> Message {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+            Box::new(stun::agent::TransactionId::new()),
+        ];
+        setters.append(&mut attrs);
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_USERNAME,
+            self.user.clone(),
+        )));
+        setters.push(Box::new(TextAttribute::new(ATTR_REALM, "floe".into())));
+        setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
+        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+            self.user.clone(),
+            "floe".into(),
+            self.pass.clone(),
+        )));
+        roundtrip(&self.sock, self.server, setters).await
+    }
+
+    async fn allocate(&self, protocol: u8) -> Message {
+        self.request(
+            METHOD_ALLOCATE,
+            vec![Box::new(turn::proto::reqtrans::RequestedTransport {
+                protocol: turn::proto::Protocol(protocol),
+            })],
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_stun_error() {
+    let stack = Stack::new().await;
+    let turn = stack.turn(None).await;
+    let server = turn.listen_addr();
+    let (user, pass) = stack.credentials("paid", "r", "p").await;
+
+    // Wrong password.
+    let raw = Raw::new(server, &user, "wrong").await;
+    assert_eq!(code(&raw.allocate(17).await), 401);
+    // Expired credential (correct HMAC).
+    let secrets = TurnSecrets::parse(SECRETS).expect("secrets");
+    let (old, old_pass) = secrets.issue(floe_proto::time::unix_now() - 10, "paid", "r", "p");
+    let raw = Raw::new(server, &old.to_string(), &old_pass).await;
+    assert_eq!(code(&raw.allocate(17).await), 401);
+    // Unknown kid.
+    let unknown = format!("{}:k9:paid:r:p", floe_proto::time::unix_now() + 60);
+    let raw = Raw::new(server, &unknown, "x").await;
+    assert_eq!(code(&raw.allocate(17).await), 401);
+    // Stale (forged) nonce.
+    let mut raw = Raw::new(server, &user, &pass).await;
+    raw.nonce = "12345678-forged".into();
+    let r = raw.allocate(17).await;
+    assert_eq!(code(&r), 438);
+    assert!(
+        !text(&r, ATTR_NONCE).is_empty(),
+        "438 carries a fresh nonce"
+    );
+    // Tenant without TURN (credentials forged with the secret).
+    let (free, free_pass) = secrets.issue(floe_proto::time::unix_now() + 60, "free", "r", "p");
+    let raw = Raw::new(server, &free.to_string(), &free_pass).await;
+    assert_eq!(code(&raw.allocate(17).await), 403);
+    // Unsupported transport, then a good allocation, then a mismatch.
+    let raw = Raw::new(server, &user, &pass).await;
+    assert_eq!(code(&raw.allocate(6).await), 442);
+    let ok = raw.allocate(17).await;
+    assert_eq!(
+        ok.typ,
+        MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)
+    );
+    assert_eq!(code(&raw.allocate(17).await), 437);
+    // Denied peer address.
+    let denied = raw
+        .request(
+            METHOD_CREATE_PERMISSION,
+            vec![Box::new(turn::proto::peeraddr::PeerAddress {
+                ip: "10.0.0.1".parse().expect("ip"),
+                port: 9,
+            })],
+        )
+        .await;
+    assert_eq!(code(&denied), 403);
+    let allowed = raw
+        .request(
+            METHOD_CREATE_PERMISSION,
+            vec![Box::new(turn::proto::peeraddr::PeerAddress {
+                ip: "127.0.0.1".parse().expect("ip"),
+                port: 9,
+            })],
+        )
+        .await;
+    assert_eq!(allowed.typ.class, CLASS_SUCCESS_RESPONSE);
+    let bad_channel = raw
+        .request(
+            METHOD_CHANNEL_BIND,
+            vec![
+                Box::new(turn::proto::channum::ChannelNumber(0x3000)),
+                Box::new(turn::proto::peeraddr::PeerAddress {
+                    ip: "127.0.0.1".parse().expect("ip"),
+                    port: 9,
+                }),
+            ],
+        )
+        .await;
+    assert_eq!(code(&bad_channel), 400);
+    // Refresh with lifetime 0 deletes; a second one finds nothing.
+    let del = raw
+        .request(
+            METHOD_REFRESH,
+            vec![Box::new(turn::proto::lifetime::Lifetime(Duration::ZERO))],
+        )
+        .await;
+    assert_eq!(del.typ.class, CLASS_SUCCESS_RESPONSE);
+    let again = raw
+        .request(
+            METHOD_REFRESH,
+            vec![Box::new(turn::proto::lifetime::Lifetime(
+                Duration::from_secs(60),
+            ))],
+        )
+        .await;
+    assert_eq!(code(&again), 437);
+
+    // Allocation quota: tenant "one" may hold one allocation.
+    let (u1, p1) = stack.credentials("one", "r", "a").await;
+    let a = Raw::new(server, &u1, &p1).await;
+    assert_eq!(a.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
+    let (u2, p2) = stack.credentials("one", "r", "b").await;
+    let b = Raw::new(server, &u2, &p2).await;
+    assert_eq!(code(&b.allocate(17).await), 486);
+
+    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "floe_turn_auth_failures_total{reason=\"bad_password\"} 1",
+        "floe_turn_auth_failures_total{reason=\"expired\"} 1",
+        "floe_turn_auth_failures_total{reason=\"unknown_kid\"} 1",
+        "floe_turn_allocations_refused_total{reason=\"quota\"} 1",
+        "floe_turn_allocations_refused_total{reason=\"turn_disabled\"} 1",
+        "floe_turn_allocations_refused_total{reason=\"mismatch\"} 1",
+        "floe_turn_denied_peers_total 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn revocation_closes_live_allocations_within_five_seconds() {
+    let stack = Stack::new().await;
+    let turn = stack.turn(None).await;
+    let (user, pass) = stack.credentials("paid", "room9", "mallory").await;
+    let (_c, relay) = client(turn.listen_addr(), &user, &pass).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    exchange(&relay, &peer, 3, 100).await;
+    let revoked_at = Instant::now();
+    let r = stack
+        .http
+        .post(format!("{}/v1/revocations", stack.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"tenant": "paid", "room": "room9", "peer": "mallory"}))
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 201);
+    let metrics_url = format!("http://{}/metrics", turn.http_addr());
+    loop {
+        let m = reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if m.contains("floe_turn_allocations{tenant=\"paid\"} 0") {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "allocation still open: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Data from the peer no longer reaches the client.
+    peer.send_to(b"after", relay.local_addr().expect("addr"))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), relay.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+    // New allocations with the revoked scope are refused.
+    let raw = Raw::new(turn.listen_addr(), &user, &pass).await;
+    assert_eq!(code(&raw.allocate(17).await), 403);
+}
+
+#[tokio::test]
+async fn usage_survives_a_control_plane_outage_and_a_turn_restart() {
+    let mut stack = Stack::new().await;
+    let spool = tempfile::tempdir().expect("spool dir");
+    let turn = stack.turn(Some(spool.path())).await;
+    let (user, pass) = stack.credentials("paid", "r", "a").await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+
+    // Control plane down while bytes flow.
+    stack.stop_control_plane().await;
+    let (c, relay) = client(turn.listen_addr(), &user, &pass).await;
+    let first = exchange(&relay, &peer, 50, 500).await;
+    c.close().await.expect("close");
+    // TURN stops gracefully while the control plane is still down: the
+    // batches stay in the spool.
+    turn.stop().await;
+
+    stack.start_control_plane().await;
+    let turn = stack.turn(Some(spool.path())).await;
+    assert_eq!(turn.server_id(), "turn-test");
+    // The restarted server re-sends the spooled batches.
+    stack.await_usage("paid", first, first).await;
+
+    // More traffic after the restart adds up exactly, never twice.
+    let (user2, pass2) = stack.credentials("paid", "r", "b").await;
+    let (_c2, relay2) = client(turn.listen_addr(), &user2, &pass2).await;
+    let second = exchange(&relay2, &peer, 20, 300).await;
+    stack
+        .await_usage("paid", first + second, first + second)
+        .await;
+    turn.stop().await;
+    let u = stack.usage("paid").await;
+    assert_eq!(u["total"]["bytes_out"], first + second);
+}
