@@ -538,8 +538,10 @@ impl Turn {
             None | Some([0x01, ..]) => 4,
             Some([0x02, ..]) => 6,
             Some(_) => {
-                return self
-                    .refuse_allocation("bad_request", fail(CODE_BAD_REQUEST, "Bad Address Family"));
+                return self.refuse_allocation(
+                    "bad_request",
+                    fail(CODE_BAD_REQUEST, "Bad Address Family"),
+                );
             }
         };
         let additional = req.get(ATTR_ADDITIONAL_ADDRESS_FAMILY).ok();
