@@ -24,6 +24,11 @@ pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 /// Channel binding lifetime (RFC 8656 §12).
 pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 
+/// Channel numbers accepted. RFC 8656 §12 allows 0x4000–0x4FFF; RFC 5766
+/// allowed up to 0x7FFE, and clients still use it (coturn's tools do),
+/// so the older range is accepted for interoperability.
+pub(crate) const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
+
 /// Client transport of a 5-tuple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Transport {
@@ -195,7 +200,7 @@ impl Allocation {
     /// Binds `channel` to `peer` (or refreshes the binding), installing a
     /// permission for the peer's IP (RFC 8656 §12.2).
     pub fn bind(&self, channel: u16, peer: SocketAddr, now: Instant) -> Result<(), BindError> {
-        if !(0x4000..=0x4FFF).contains(&channel) {
+        if !CHANNELS.contains(&channel) {
             return Err(BindError::OutOfRange);
         }
         let mut s = self.state();

@@ -527,10 +527,21 @@ impl Turn {
                 );
             }
         }
-        if req.contains(ATTR_RESERVATION_TOKEN) || req.contains(ATTR_EVEN_PORT) {
-            // Port reservations are not offered; refuse rather than ignore.
+        // EVEN-PORT (RFC 8656 §18.8): an even relay port is granted; the
+        // R bit (reserve the next port too) and RESERVATION-TOKEN are not.
+        let even = match req.get(ATTR_EVEN_PORT).ok().as_deref() {
+            None => false,
+            Some([flags, ..]) if flags & 0x80 == 0 => true,
+            Some(_) => {
+                return self.refuse_allocation(
+                    "reservation",
+                    fail(CODE_INSUFFICIENT_CAPACITY, "Port Reservation Not Supported"),
+                );
+            }
+        };
+        if req.contains(ATTR_RESERVATION_TOKEN) {
             return self.refuse_allocation(
-                "even_port",
+                "reservation",
                 fail(CODE_INSUFFICIENT_CAPACITY, "Port Reservation Not Supported"),
             );
         }
@@ -630,7 +641,7 @@ impl Turn {
                 }
             }
         };
-        let relay = match self.bind_relay(relay_ip).await {
+        let relay = match self.bind_relay(relay_ip, even).await {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 release(self);
@@ -712,12 +723,18 @@ impl Turn {
         attrs
     }
 
-    async fn bind_relay(&self, ip: IpAddr) -> std::io::Result<UdpSocket> {
+    async fn bind_relay(&self, ip: IpAddr, even: bool) -> std::io::Result<UdpSocket> {
         let (lo, hi) = self.settings.relay_ports;
         let span = usize::from(hi - lo) + 1;
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS.min(span) {
-            let port = lo + (self.next_port.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            let mut port = lo + (self.next_port.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            if even && port % 2 == 1 {
+                if port == hi {
+                    continue;
+                }
+                port += 1;
+            }
             match UdpSocket::bind(SocketAddr::new(ip, port)).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
