@@ -1031,3 +1031,62 @@ async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn server() -> Arc<Turn> {
+        let mut s = Settings::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        s.secrets = Some(
+            floe_proto::credential::TurnSecrets::parse("k1=0123456789abcdef0").expect("secrets"),
+        );
+        let meter = Arc::new(Meter::open("fuzz", None).expect("meter"));
+        Arc::new(Turn::new(s, Arc::new(Metrics::new()), meter))
+    }
+
+    /// A well-formed STUN header around arbitrary attribute bytes.
+    fn stun_shaped(method: u16, class: u16, body: &[u8]) -> Vec<u8> {
+        let body = &body[..body.len() / 4 * 4];
+        let t = (method & 0x000F)
+            | ((method & 0x0070) << 1)
+            | ((method & 0x0F80) << 2)
+            | ((class & 1) << 4)
+            | ((class & 2) << 7);
+        let mut v = t.to_be_bytes().to_vec();
+        v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        v.extend_from_slice(&stun::message::MAGIC_COOKIE.to_be_bytes());
+        v.extend_from_slice(&[7; 12]);
+        v.extend_from_slice(body);
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a client sends, the server answers or drops it: no panic.
+        #[test]
+        fn arbitrary_requests_never_panic(
+            method in prop_oneof![Just(1u16), Just(3), Just(4), Just(6), Just(8), Just(9), any::<u16>()],
+            class in 0u16..4,
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+            raw in proptest::collection::vec(any::<u8>(), 0..120),
+            channel in any::<u16>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let turn = server();
+                let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+                let from: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+                let sink = ClientSink::Udp { socket, addr: from };
+                let _ = turn.on_stun(&stun_shaped(method, class, &body), from, Transport::Udp, &sink).await;
+                let _ = turn.on_stun(&raw, from, Transport::Tcp, &sink).await;
+                turn.on_channel_data(from, Transport::Udp, channel, &raw);
+            });
+        }
+    }
+}

@@ -569,3 +569,26 @@ async fn usage_survives_a_control_plane_outage_and_a_turn_restart() {
     let u = stack.usage("paid").await;
     assert_eq!(u["total"]["bytes_out"], first + second);
 }
+
+#[tokio::test]
+async fn rotated_secrets_keep_earlier_credentials_valid() {
+    let stack = Stack::new().await;
+    let mut s = stack.turn_settings(None);
+    // k2 is the new active secret; k1 (the control plane's) is still live.
+    let rotated = format!("k2=rotated-secret-0123456789,{SECRETS}");
+    s.secrets = Some(TurnSecrets::parse(&rotated).expect("secrets"));
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let (old_user, old_pass) = stack.credentials("paid", "r", "before").await;
+    assert!(old_user.contains(":k1:"));
+    let raw = Raw::new(turn.listen_addr(), &old_user, &old_pass).await;
+    assert_eq!(raw.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
+    let (new_user, new_pass) = TurnSecrets::parse(&rotated).expect("secrets").issue(
+        floe_proto::time::unix_now() + 600,
+        "paid",
+        "r",
+        "after",
+    );
+    assert!(new_user.to_string().contains(":k2:"));
+    let raw = Raw::new(turn.listen_addr(), &new_user.to_string(), &new_pass).await;
+    assert_eq!(raw.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
+}
