@@ -123,6 +123,7 @@ async fn tenant_token_and_usage_commands() {
                     "--room",
                     "r1",
                     "--create",
+                    "--join",
                 ],
             )
         })
