@@ -1,8 +1,8 @@
 //! floe load tester: drives a floe deployment with simulated peers and
 //! reports what it measured.
 //!
-//! Modes so far: signal-only (rooms of peers trading offers and answers)
-//! and a STUN Binding flood. Every run is bounded in count and
+//! Modes so far: signal-only (rooms of peers trading offers and answers),
+//! a TURN allocation storm and a STUN Binding flood. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
 pub mod procstat;
@@ -10,6 +10,7 @@ pub mod signal;
 pub mod stats;
 pub mod stun_flood;
 pub mod target;
+pub mod turn_storm;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ pub enum Mode {
     /// Signal-only: peers join rooms over WebSocket and trade
     /// offer/answer-sized messages through signaling.
     Signal(signal::SignalArgs),
+    /// Authenticated TURN Allocates, many at once, each a new 5-tuple.
+    TurnAllocate(turn_storm::StormArgs),
     /// Flood a STUN server with Binding requests over UDP.
     StunBinding {
         /// STUN server address.
@@ -104,6 +107,29 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let report = signal::run(args).await;
             write_json(&config.json, &report)?;
             Ok(signal::render(&report))
+        }
+        Mode::TurnAllocate(args) => {
+            target::check(args.target.ip(), &config.allow_targets)?;
+            let target = args.target;
+            let report = turn_storm::run(args).await;
+            write_json(&config.json, &report)?;
+            let lat = report.latency_ms.map_or_else(
+                || "-".to_owned(),
+                |s| {
+                    format!(
+                        "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2} ms",
+                        s.p50, s.p95, s.p99, s.max
+                    )
+                },
+            );
+            let mut out = format!(
+                "TURN allocation storm against {target}\n  allocated {} in {:.2} s: {:.0} allocations/s\n  latency {lat}\n",
+                report.allocated, report.seconds, report.allocations_per_sec
+            );
+            for (why, n) in &report.failed {
+                out.push_str(&format!("  failed ({why}): {n}\n"));
+            }
+            Ok(out)
         }
         Mode::StunBinding {
             target,

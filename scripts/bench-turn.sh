@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# TURN benchmark: coturn and `floe turn` on loopback with equivalent
+# settings, driven by the same load. Per scenario each server is started
+# fresh; the figures that tell servers apart are server CPU time per
+# relayed message (user + system, /proc/PID/stat), loss and peak RSS
+# (VmHWM). Also an allocation storm and a STUN Binding flood (floe's load
+# tester for both). Prints a table per scenario and floe/coturn ratios.
+#
+#   scripts/bench-turn.sh            (all scenarios)
+#   SCENARIOS="a p" scripts/bench-turn.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
+SCENARIOS="${SCENARIOS:-a b p storm bind}"
+
+command -v turnserver >/dev/null || { echo "coturn is not installed (apt-get install coturn)" >&2; exit 1; }
+cargo build --release -j2 --quiet
+floe="$CARGO_TARGET_DIR/release/floe"
+work="$(mktemp -d -t floe-bench-turn.XXXXXX)"
+server_pid=""
+stop_server() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  server_pid=""
+}
+cleanup() { stop_server; rm -rf "$work"; }
+trap cleanup EXIT
+
+SECRET="bench-turn-secret-0123456789"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+start_server() { # kind port
+  case "$1" in
+    coturn)
+      turnserver -n --no-cli --no-tls --no-dtls --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 \
+        --listening-port "$2" --min-port 20000 --max-port 29999 --use-auth-secret \
+        --static-auth-secret "$SECRET" --realm floe --allow-loopback-peers --no-multicast-peers \
+        --total-quota 0 --user-quota 0 --log-file "$work/coturn.log" --simple-log \
+        --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
+      ;;
+    floe)
+      FLOE_LOG=warn "$floe" turn --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
+        --turn-secrets "k1=$SECRET" --allow-peer 127.0.0.0/8 --relay-ip 127.0.0.1 \
+        --relay-port-min 30000 --relay-port-max 39999 --max-allocations 100000 \
+        --auth-failures-per-min 100000 2>>"$work/floe.log" &
+      ;;
+  esac
+  server_pid=$!
+  for _ in $(seq 100); do
+    "$floe" loadtest stun-binding --target "127.0.0.1:$2" --requests 1 --timeout-ms 100 >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "$1 did not start" >&2; exit 1
+}
+
+results="$work/results.tsv"
+: >"$results"
+
+uclient_run() { # scenario kind clients messages size interval
+  local port; port=$(free_port)
+  start_server "$2" "$port"
+  local before; before=$(cpu_ticks "$server_pid")
+  local out="$work/$1-$2.txt"
+  timeout 300 turnutils_uclient -y -c -m "$3" -n "$4" -l "$5" -z "$6" -W "$SECRET" \
+    -u "k1:bench:room:peer" -p "$port" 127.0.0.1 >"$out" 2>&1 || true
+  local after; after=$(cpu_ticks "$server_pid")
+  local peak; peak=$(peak_kib "$server_pid")
+  stop_server
+  python3 - "$out" "$1" "$2" "$before" "$after" "$peak" >>"$results" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+scenario, kind, before, after, peak = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def last(pattern):
+    m = re.findall(pattern, text)
+    return m[-1] if m else None
+sent = int(last(r"tot_send_msgs=(\d+)") or 0)
+recv = int(last(r"tot_recv_msgs=(\d+)") or 0)
+lost = last(r"Total lost packets (\d+) \(([\d.]+)%\)")
+loss_pct = float(lost[1]) if lost else (100.0 * (sent - recv) / sent if sent else 100.0)
+cpu_us = (after - before) * 10_000  # 100 ticks per second
+per_msg = cpu_us / sent if sent else float("nan")
+print(f"{scenario}\t{kind}\tcpu_per_msg_us\t{per_msg:.2f}")
+print(f"{scenario}\t{kind}\tloss_pct\t{loss_pct:.3f}")
+print(f"{scenario}\t{kind}\tpeak_rss_mib\t{peak/1024:.1f}")
+print(f"{scenario}\t{kind}\tmessages\t{sent}")
+PY
+}
+
+loadtest_run() { # scenario kind args...
+  local scenario="$1" kind="$2"; shift 2
+  local port; port=$(free_port)
+  start_server "$kind" "$port"
+  local before; before=$(cpu_ticks "$server_pid")
+  "$floe" loadtest --json "$work/$scenario-$kind.json" "$@" --target "127.0.0.1:$port" >/dev/null
+  local after; after=$(cpu_ticks "$server_pid")
+  local peak; peak=$(peak_kib "$server_pid")
+  stop_server
+  python3 - "$work/$scenario-$kind.json" "$scenario" "$kind" "$before" "$after" "$peak" >>"$results" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+scenario, kind, before, after, peak = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+rate = r.get("allocations_per_sec", r.get("bindings_per_sec"))
+done = r.get("allocated", r.get("answered"))
+print(f"{scenario}\t{kind}\trate_per_sec\t{rate:.0f}")
+print(f"{scenario}\t{kind}\tcpu_per_op_us\t{(after - before) * 10_000 / max(done, 1):.2f}")
+print(f"{scenario}\t{kind}\tpeak_rss_mib\t{peak/1024:.1f}")
+lat = r.get("latency_ms") or {}
+print(f"{scenario}\t{kind}\tp99_ms\t{lat.get('p99', float('nan')):.2f}")
+PY
+}
+
+for s in $SCENARIOS; do
+  for kind in coturn floe; do
+    case "$s" in
+      a) echo "== (a) $kind: 50 clients x 1000 x 120 B, unpaced"; uclient_run a "$kind" 50 1000 120 0 ;;
+      b) echo "== (b) $kind: 200 clients x 500 x 1000 B, unpaced (burst)"; uclient_run b "$kind" 200 500 1000 0 ;;
+      p) echo "== (p) $kind: 200 clients x 500 x 160 B every 20 ms"; uclient_run p "$kind" 200 500 160 20 ;;
+      storm) echo "== allocation storm $kind: 3000 Allocates, 100 in flight"
+        loadtest_run storm "$kind" turn-allocate --secret "$SECRET" --user k1:bench:storm:peer --count 3000 --in-flight 100 ;;
+      bind) echo "== STUN Binding flood $kind: 100000 requests, 100 in flight"
+        loadtest_run bind "$kind" stun-binding --requests 100000 --in-flight 100 ;;
+    esac
+  done
+done
+
+python3 - "$results" <<'PY'
+import sys, collections
+rows = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    s, kind, metric, value = line.rstrip("\n").split("\t")
+    rows[(s, metric)][kind] = float(value)
+names = {"a": "(a) 50x1000x120B", "b": "(b) 200x500x1000B burst", "p": "(p) 200x500x160B/20ms",
+         "storm": "allocation storm", "bind": "binding flood"}
+print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12}")
+for (s, metric), v in sorted(rows.items(), key=lambda kv: (list(names).index(kv[0][0]), kv[0][1])):
+    c, f = v.get("coturn", float("nan")), v.get("floe", float("nan"))
+    ratio = f / c if c else float("nan")
+    print(f"{names[s]:<26} {metric:<16} {c:>10.2f} {f:>10.2f} {ratio:>12.2f}")
+print("\ntargets: cpu_per_msg_us ratio <= 0.70, loss 0 where coturn has 0, rate_per_sec ratio >= 1.50")
+PY
