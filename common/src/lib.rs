@@ -11,4 +11,21 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use health::{Check, Health};
+
+/// This machine's host name, reduced to letters, digits, '-' and '.' (at
+/// most 40 characters); `fallback` when it cannot be read. Used in node
+/// and server ids.
+pub fn host_name(fallback: &str) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_owned())
+}
 pub use shutdown::Shutdown;

@@ -134,18 +134,11 @@ impl Settings {
 
 /// Host name (or "signal") and a random suffix.
 fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| {
-            h.trim()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(40)
-                .collect::<String>()
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "signal".into());
-    format!("{host}-{}", floe_common::secret::random_token(3))
+    format!(
+        "{}-{}",
+        floe_common::host_name("signal"),
+        floe_common::secret::random_token(3)
+    )
 }
 
 /// A configuration `floe signal` cannot start with.

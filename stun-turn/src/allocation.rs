@@ -32,8 +32,8 @@ pub(crate) const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
 /// Client transport of a 5-tuple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Transport {
-    Udp,
-    Tcp,
+    Udp = 0,
+    Tcp = 1,
 }
 
 impl Transport {

@@ -33,6 +33,85 @@ pub fn looks_like_stun(buf: &[u8]) -> bool {
         && buf[3] & 0x03 == 0
 }
 
+/// CRC-32 of FINGERPRINT, with its table built at compile time.
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+/// FINGERPRINT's XOR constant (RFC 8489 §14.7).
+const FINGERPRINT_XOR: u32 = 0x5354_554e;
+/// Room for the largest fast response: header, IPv6 XOR-MAPPED-ADDRESS,
+/// SOFTWARE and FINGERPRINT.
+pub const FAST_MAX: usize = 20 + 24 + 4 + 64 + 8;
+
+/// Answers a plain Binding request straight from its bytes, writing the
+/// success response (XOR-MAPPED-ADDRESS, SOFTWARE, FINGERPRINT) into
+/// `out`. Returns `None` when the request needs the general path: not a
+/// Binding request, a comprehension-required attribute to look at, or a
+/// FINGERPRINT to reject (the general path discards it).
+pub fn fast_response(req: &[u8], from: SocketAddr, out: &mut [u8; FAST_MAX]) -> Option<usize> {
+    if !looks_like_stun(req) || req[0..2] != [0x00, 0x01] {
+        return None;
+    }
+    let mut at = 20;
+    while at < req.len() {
+        let typ = u16::from_be_bytes([*req.get(at)?, *req.get(at + 1)?]);
+        let len = usize::from(u16::from_be_bytes([*req.get(at + 2)?, *req.get(at + 3)?]));
+        let next = at + 4 + len.div_ceil(4) * 4;
+        if next > req.len() {
+            return None;
+        }
+        if typ == ATTR_FINGERPRINT.0 {
+            let value = req.get(at + 4..at + 8)?;
+            let stated = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+            if len != 4
+                || next != req.len()
+                || stated != CRC32.checksum(&req[..at]) ^ FINGERPRINT_XOR
+            {
+                return None;
+            }
+        } else if typ < 0x8000 {
+            return None;
+        }
+        at = next;
+    }
+    let cookie = stun::message::MAGIC_COOKIE.to_be_bytes();
+    out[0..2].copy_from_slice(&[0x01, 0x01]);
+    out[4..8].copy_from_slice(&cookie);
+    out[8..20].copy_from_slice(&req[8..20]);
+    let mut n = 20;
+    let port = from.port() ^ 0x2112;
+    let (octets, ip_len) = match from.ip() {
+        std::net::IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, 4)
+        }
+        std::net::IpAddr::V6(v6) => (v6.octets(), 16),
+    };
+    let ip = &octets[..ip_len];
+    out[n..n + 2].copy_from_slice(&0x0020u16.to_be_bytes());
+    out[n + 2..n + 4].copy_from_slice(&((4 + ip.len()) as u16).to_be_bytes());
+    out[n + 4] = 0;
+    out[n + 5] = if ip.len() == 4 { 0x01 } else { 0x02 };
+    out[n + 6..n + 8].copy_from_slice(&port.to_be_bytes());
+    for (i, b) in ip.iter().enumerate() {
+        // XOR with the cookie, then the transaction id (RFC 8489 §14.2).
+        let key = if i < 4 { cookie[i] } else { req[8 + i - 4] };
+        out[n + 8 + i] = b ^ key;
+    }
+    n += 8 + ip.len();
+    let software = SOFTWARE.as_bytes();
+    out[n..n + 2].copy_from_slice(&ATTR_SOFTWARE.0.to_be_bytes());
+    out[n + 2..n + 4].copy_from_slice(&(software.len() as u16).to_be_bytes());
+    out[n + 4..n + 4 + software.len()].copy_from_slice(software);
+    let padded = software.len().div_ceil(4) * 4;
+    out[n + 4 + software.len()..n + 4 + padded].fill(0);
+    n += 4 + padded;
+    out[2..4].copy_from_slice(&((n + 8 - 20) as u16).to_be_bytes());
+    let crc = CRC32.checksum(&out[..n]) ^ FINGERPRINT_XOR;
+    out[n..n + 4].copy_from_slice(&[0x80, 0x28, 0x00, 0x04]);
+    out[n + 4..n + 8].copy_from_slice(&crc.to_be_bytes());
+    Some(n + 8)
+}
+
 /// Comprehension-required attributes (0x0000–0x7FFF) that a Binding request
 /// may carry and that this server understands.
 fn understood_in_binding(t: AttrType) -> bool {
@@ -160,6 +239,63 @@ mod tests {
             .get_from(&decode(&out.raw))
             .expect("XOR-MAPPED-ADDRESS");
         assert_eq!(SocketAddr::new(mapped.ip, mapped.port), v6);
+    }
+
+    #[test]
+    fn fast_path_answers_like_the_general_path() {
+        for from in ["203.0.113.7:40000", "[2001:db8::1]:5000"] {
+            let from: SocketAddr = from.parse().expect("addr");
+            for raw in [request(vec![]), request(vec![Box::new(FINGERPRINT)])] {
+                let mut out = [0u8; FAST_MAX];
+                let n =
+                    fast_response(&raw, from, &mut out).expect("plain Binding takes the fast path");
+                let resp = decode(&out[..n]);
+                assert_eq!(resp.typ, BINDING_SUCCESS);
+                assert_eq!(resp.transaction_id, decode(&raw).transaction_id);
+                let mut mapped = XorMappedAddress::default();
+                mapped.get_from(&resp).expect("XOR-MAPPED-ADDRESS");
+                assert_eq!(SocketAddr::new(mapped.ip, mapped.port), from);
+                FINGERPRINT.check(&resp).expect("valid FINGERPRINT");
+                assert_eq!(
+                    resp.get(ATTR_SOFTWARE).expect("SOFTWARE"),
+                    SOFTWARE.as_bytes()
+                );
+            }
+        }
+        // Anything else goes the general way.
+        let from: SocketAddr = "192.0.2.1:1".parse().expect("addr");
+        let mut out = [0u8; FAST_MAX];
+        let mut bad_fp = request(vec![Box::new(FINGERPRINT)]);
+        let n = bad_fp.len();
+        bad_fp[n - 1] ^= 1;
+        assert_eq!(fast_response(&bad_fp, from, &mut out), None);
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST),
+            Box::new(stun::agent::TransactionId::new()),
+        ])
+        .expect("build");
+        m.add(stun::attributes::ATTR_PRIORITY, &[0, 0, 0, 1]);
+        m.write_length();
+        assert_eq!(fast_response(&m.raw, from, &mut out), None);
+        assert_eq!(
+            fast_response(b"not stun at all, clearly", from, &mut out),
+            None
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_path_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let body = &body[..body.len() / 4 * 4];
+            let mut raw = vec![0x00, 0x01];
+            raw.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            raw.extend_from_slice(&stun::message::MAGIC_COOKIE.to_be_bytes());
+            raw.extend_from_slice(&[9; 12]);
+            raw.extend_from_slice(body);
+            let mut out = [0u8; FAST_MAX];
+            let _ = fast_response(&raw, "192.0.2.1:9".parse().expect("addr"), &mut out);
+        }
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl Config {
                 floe_proto::id::validate("server id", id)?;
                 id.clone()
             }
-            None => host_name(),
+            None => floe_common::host_name("turn"),
         };
         Ok(Settings {
             listen: self.listen,
@@ -265,20 +265,6 @@ impl Config {
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| {
-            h.trim()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-                .take(60)
-                .collect::<String>()
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "turn".into())
-}
-
 impl Settings {
     /// Defaults for a server on `listen` (used by `floe dev` and tests).
     pub fn new(listen: SocketAddr, http_listen: SocketAddr) -> Self {
@@ -305,7 +291,7 @@ impl Settings {
             nonce_lifetime: Duration::from_secs(600),
             auth_failures_per_min: 30,
             usage_interval: Duration::from_secs(2),
-            server_id: host_name(),
+            server_id: floe_common::host_name("turn"),
             data_dir: None,
             drain: Duration::from_secs(30),
         }

@@ -116,12 +116,20 @@ pub(crate) struct Turn {
     failures: Mutex<RateLimiter<IpAddr>>,
     draining: AtomicBool,
     next_port: AtomicUsize,
+    /// Binding answers by transport, resolved once (hot path).
+    binding_answered: [prometheus::IntCounter; 2],
 }
 
 impl Turn {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, meter: Arc<Meter>) -> Self {
         let per_min = settings.auth_failures_per_min.max(1);
+        let binding_answered = [Transport::Udp, Transport::Tcp].map(|t| {
+            metrics
+                .stun_requests
+                .with_label_values(&["binding", t.as_str(), "success"])
+        });
         Self {
+            binding_answered,
             auth: Authenticator::new(&settings.realm, settings.nonce_lifetime.as_secs()),
             failures: Mutex::new(RateLimiter::new(
                 f64::from(per_min) / 60.0,
@@ -261,6 +269,11 @@ impl Turn {
         transport: Transport,
         sink: &ClientSink,
     ) -> Option<Vec<u8>> {
+        let mut fast = [0u8; binding::FAST_MAX];
+        if let Some(n) = binding::fast_response(raw, from, &mut fast) {
+            self.binding_answered[transport as usize].inc();
+            return Some(fast[..n].to_vec());
+        }
         if !binding::looks_like_stun(raw) {
             self.metrics
                 .discarded
@@ -282,10 +295,9 @@ impl Turn {
         if method == METHOD_BINDING {
             let mut out = Message::new();
             let r = binding::handle(&req, from, &mut out);
-            self.metrics
-                .stun_requests
-                .with_label_values(&["binding", transport.as_str(), "success"])
-                .inc();
+            if r == binding::Outcome::Respond {
+                self.binding_answered[transport as usize].inc();
+            }
             return (r == binding::Outcome::Respond).then_some(out.raw);
         }
         if req.typ.class == CLASS_INDICATION {
@@ -743,6 +755,18 @@ impl Turn {
         Err(last.unwrap_or_else(|| std::io::Error::other("empty port range")))
     }
 
+    /// The allocation of this 5-tuple, if it belongs to `user` (437 otherwise).
+    fn own_allocation(
+        &self,
+        from: SocketAddr,
+        transport: Transport,
+        user: &floe_proto::credential::TurnUsername,
+    ) -> Result<Arc<Allocation>, Failure> {
+        self.lookup(from, transport)
+            .filter(|a| same_user(&a.user, user))
+            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))
+    }
+
     fn refresh(
         &self,
         req: &Message,
@@ -750,10 +774,7 @@ impl Turn {
         transport: Transport,
         user: &floe_proto::credential::TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
-        let a = self
-            .lookup(from, transport)
-            .filter(|a| same_user(&a.user, user))
-            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let a = self.own_allocation(from, transport, user)?;
         let lifetime = requested_lifetime(req, self.settings.max_lifetime);
         if lifetime.is_zero() {
             self.metrics
@@ -774,10 +795,7 @@ impl Turn {
         transport: Transport,
         user: &floe_proto::credential::TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
-        let a = self
-            .lookup(from, transport)
-            .filter(|a| same_user(&a.user, user))
-            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let a = self.own_allocation(from, transport, user)?;
         let peers = peer_addresses(req);
         if peers.is_empty() {
             return Err(fail(CODE_BAD_REQUEST, "Missing XOR-PEER-ADDRESS"));
@@ -808,10 +826,7 @@ impl Turn {
         transport: Transport,
         user: &floe_proto::credential::TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
-        let a = self
-            .lookup(from, transport)
-            .filter(|a| same_user(&a.user, user))
-            .ok_or_else(|| fail(CODE_ALLOC_MISMATCH, "Allocation Mismatch"))?;
+        let a = self.own_allocation(from, transport, user)?;
         let number = match req.get(ATTR_CHANNEL_NUMBER).ok().as_deref() {
             Some([hi, lo, ..]) => u16::from_be_bytes([*hi, *lo]),
             _ => return Err(fail(CODE_BAD_REQUEST, "Missing CHANNEL-NUMBER")),

@@ -114,6 +114,26 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Inserts `json` under `id` unless the id is taken (`Conflict`).
+    async fn insert_new(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static str>,
+        what: &'static str,
+        id: &str,
+        json: String,
+    ) -> Result<()> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(table).map_err(backend)?;
+            if t.get(id.as_str()).map_err(backend)?.is_some() {
+                return Err(StoreError::Conflict(format!("{what} {id}")));
+            }
+            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
         &self,
         table: TableDefinition<'static, &'static str, &'static str>,
@@ -152,15 +172,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
-        let (id, json) = (tenant.id.clone(), serde_json::to_string(tenant)?);
-        self.write(move |txn| {
-            let mut t = txn.open_table(TENANTS).map_err(backend)?;
-            if t.get(id.as_str()).map_err(backend)?.is_some() {
-                return Err(StoreError::Conflict(format!("tenant {id}")));
-            }
-            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
-            Ok(())
-        })
+        self.insert_new(
+            TENANTS,
+            "tenant",
+            &tenant.id,
+            serde_json::to_string(tenant)?,
+        )
         .await
     }
 
@@ -220,16 +237,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_key(&self, key: &KeyRecord) -> Result<()> {
-        let (id, json) = (key.id.clone(), serde_json::to_string(key)?);
-        self.write(move |txn| {
-            let mut t = txn.open_table(KEYS).map_err(backend)?;
-            if t.get(id.as_str()).map_err(backend)?.is_some() {
-                return Err(StoreError::Conflict(format!("key {id}")));
-            }
-            t.insert(id.as_str(), json.as_str()).map_err(backend)?;
-            Ok(())
-        })
-        .await
+        self.insert_new(KEYS, "key", &key.id, serde_json::to_string(key)?)
+            .await
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {

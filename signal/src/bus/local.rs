@@ -11,7 +11,7 @@ use super::{
     Bus, BusError, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined, peer_left,
     room_closed,
 };
-use crate::hub::{Delivery, Hub, Target, close};
+use crate::hub::{Hub, Target, close};
 use crate::room::{self, Admission, Member, RoomRecord};
 
 struct Room {
@@ -168,19 +168,14 @@ impl Bus for LocalBus {
         sid: Option<&str>,
         text: Utf8Bytes,
     ) -> Result<(), SendError> {
-        match self.hub.deliver(
+        SendError::from_delivery(self.hub.deliver(
             room,
             Target::Peer {
                 peer: to,
                 session: sid,
             },
             &text,
-        ) {
-            Delivery::Delivered => Ok(()),
-            Delivery::NoPeer => Err(SendError::NoPeer),
-            Delivery::StaleSession => Err(SendError::StaleSession),
-            Delivery::Dropped => Err(SendError::Unreachable),
-        }
+        ))
     }
 
     async fn broadcast(&self, room: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError> {

@@ -47,6 +47,17 @@ pub(crate) enum SendError {
 }
 
 impl SendError {
+    /// The outcome of a local delivery as a send result.
+    pub fn from_delivery(d: crate::hub::Delivery) -> Result<(), Self> {
+        use crate::hub::Delivery;
+        match d {
+            Delivery::Delivered => Ok(()),
+            Delivery::NoPeer => Err(Self::NoPeer),
+            Delivery::StaleSession => Err(Self::StaleSession),
+            Delivery::Dropped => Err(Self::Unreachable),
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             Self::NoPeer => "peer_not_found",

@@ -29,7 +29,7 @@ use super::{
     Bus, BusError, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined, peer_left,
     room_closed,
 };
-use crate::hub::{Delivery, Hub, Target, close};
+use crate::hub::{Hub, Target, close};
 use crate::metrics::Metrics;
 use crate::room::{Admission, Member, Refusal, RoomRecord};
 
@@ -364,12 +364,9 @@ impl RedisBus {
                     },
                     &body,
                 );
-                if outcome != Delivery::Delivered && !env.origin_peer.is_empty() {
-                    let err = match outcome {
-                        Delivery::StaleSession => SendError::StaleSession,
-                        Delivery::NoPeer => SendError::NoPeer,
-                        _ => SendError::Unreachable,
-                    };
+                if let Err(err) = SendError::from_delivery(outcome)
+                    && !env.origin_peer.is_empty()
+                {
                     let text = undeliverable(&err, env.peer);
                     let bounce = Envelope {
                         kind: Kind::Bounce,
@@ -828,19 +825,14 @@ impl Bus for RedisBus {
             return Err(SendError::StaleSession);
         }
         if target.node == self.node {
-            return match self.hub.deliver(
+            return SendError::from_delivery(self.hub.deliver(
                 room,
                 Target::Peer {
                     peer: to,
                     session: sid,
                 },
                 &text,
-            ) {
-                Delivery::Delivered => Ok(()),
-                Delivery::NoPeer => Err(SendError::NoPeer),
-                Delivery::StaleSession => Err(SendError::StaleSession),
-                Delivery::Dropped => Err(SendError::Unreachable),
-            };
+            ));
         }
         let env = Envelope {
             kind: Kind::Msg,
