@@ -34,6 +34,7 @@ pub(crate) const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
 pub(crate) enum Transport {
     Udp = 0,
     Tcp = 1,
+    Tls = 2,
 }
 
 impl Transport {
@@ -41,6 +42,7 @@ impl Transport {
         match self {
             Self::Udp => "udp",
             Self::Tcp => "tcp",
+            Self::Tls => "tls",
         }
     }
 }

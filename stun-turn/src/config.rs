@@ -109,6 +109,26 @@ pub struct Config {
     /// many seconds while refusing new ones.
     #[arg(long, env = "FLOE_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
+
+    /// Address for STUN/TURN over TLS (served when a certificate is given).
+    #[arg(long, env = "FLOE_TLS_LISTEN", default_value = "0.0.0.0:5349")]
+    pub tls_listen: SocketAddr,
+
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "FLOE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for TLS.
+    #[arg(long, env = "FLOE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// Where and with what certificate TLS is served.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// A validated configuration.
@@ -134,6 +154,7 @@ pub struct Settings {
     pub server_id: String,
     pub data_dir: Option<PathBuf>,
     pub drain: Duration,
+    pub tls: Option<TlsSettings>,
 }
 
 /// A configuration `floe turn` cannot start with.
@@ -159,6 +180,10 @@ pub enum ConfigError {
     ServerId(#[from] floe_proto::id::IdError),
     #[error("--control-url must be an http(s) URL")]
     ControlUrl,
+    #[error("--tls-cert-file and --tls-key-file go together")]
+    TlsHalf,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 fn range(what: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -237,7 +262,22 @@ impl Config {
             }
             None => floe_common::host_name("turn"),
         };
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let tls = TlsSettings {
+                    listen: self.tls_listen,
+                    cert_file: cert.clone(),
+                    key_file: key.clone(),
+                };
+                // Fail now, not at start, on unreadable or bad PEM files.
+                crate::tls::acceptor(&tls)?;
+                Some(tls)
+            }
+            (None, None) => None,
+            _ => return Err(ConfigError::TlsHalf),
+        };
         Ok(Settings {
+            tls,
             listen: self.listen,
             http_listen: self.http_listen,
             udp_sockets: self.udp_sockets,
@@ -294,6 +334,7 @@ impl Settings {
             server_id: floe_common::host_name("turn"),
             data_dir: None,
             drain: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

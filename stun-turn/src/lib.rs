@@ -17,6 +17,7 @@ mod metrics;
 mod policy;
 mod report;
 mod server;
+mod tls;
 mod turn;
 
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use floe_common::{Health, Shutdown};
 
-pub use config::{Config, ConfigError, Settings};
+pub use config::{Config, ConfigError, Settings, TlsSettings};
 pub use meter::SpoolError;
 
 /// Longest wait for unacknowledged usage at shutdown.
@@ -47,6 +48,7 @@ pub enum StartError {
 /// A running TURN server. Dropping it starts a graceful stop.
 pub struct TurnServer {
     listen: SocketAddr,
+    tls: Option<SocketAddr>,
     http: SocketAddr,
     server_id: String,
     shutdown: Shutdown,
@@ -57,6 +59,11 @@ impl TurnServer {
     /// Address of the STUN/TURN listener (UDP and TCP).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// Address of the TLS listener, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
     }
 
     /// Address of the ops HTTP endpoints.
@@ -115,6 +122,15 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
         )
     })?;
     let listen = tcp.local_addr()?;
+    let tls = match &settings.tls {
+        Some(t) => {
+            let acceptor = tls::acceptor(t)?;
+            let listener = floe_common::http::bind("STUN/TURN over TLS", t.listen).await?;
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
+    let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let http = floe_common::http::bind("TURN ops HTTP", settings.http_listen).await?;
     let http_addr = http.local_addr()?;
     let drain = settings.drain;
@@ -127,7 +143,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     // Sockets and HTTP stop on `stop`, after the drain; the drain starts
     // on `shutdown`.
     let stop = Shutdown::new();
-    let sockets = server::serve(turn.clone(), udp, tcp, stop.clone());
+    let sockets = server::serve(turn.clone(), udp, tcp, tls, stop.clone());
     let router = floe_common::http::ops_router(metrics.registry.clone(), health)
         .fallback(floe_common::http::not_found);
     let http_task = floe_common::http::serve(http, router, stop.clone());
@@ -138,7 +154,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
         control_ok,
         reporter_stop.clone(),
     ));
-    tracing::info!(%listen, http = %http_addr, server = %server_id, turn = turn.settings.secrets.is_some(), "STUN/TURN server listening (UDP, TCP)");
+    tracing::info!(%listen, tls = ?tls_addr, http = %http_addr, server = %server_id, turn = turn.settings.secrets.is_some(), "STUN/TURN server listening");
 
     let task = tokio::spawn({
         let (shutdown, turn) = (shutdown.clone(), turn.clone());
@@ -176,6 +192,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     });
     Ok(TurnServer {
         listen,
+        tls: tls_addr,
         http: http_addr,
         server_id,
         shutdown,

@@ -1,6 +1,6 @@
 //! Socket drivers: UDP sockets (several on one port with SO_REUSEPORT, so
-//! the kernel spreads clients over cores) and a TCP acceptor with a reader
-//! and a writer task per connection. They read bytes, frame them, and hand
+//! the kernel spreads clients over cores) and TCP and TLS acceptors with a
+//! reader and a writer task per connection. They read bytes, frame them, and hand
 //! them to [`Turn`].
 
 use std::net::SocketAddr;
@@ -11,10 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use floe_common::Shutdown;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::allocation::{ClientSink, Transport};
 use crate::framing::{self, Frame, MAX_FRAME};
@@ -24,6 +25,8 @@ use crate::turn::Turn;
 const TCP_IDLE: Duration = Duration::from_secs(300);
 /// Attempts at finding a port free for both UDP and TCP when asked for 0.
 const PORT_ATTEMPTS: usize = 20;
+/// Longest TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Frames queued towards one TCP client before it counts as too slow.
 const TCP_QUEUE: usize = 1_024;
 
@@ -82,13 +85,24 @@ pub(crate) fn serve(
     turn: Arc<Turn>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
+    tls: Option<(TcpListener, TlsAcceptor)>,
     shutdown: Shutdown,
 ) -> Vec<JoinHandle<()>> {
     let mut tasks: Vec<JoinHandle<()>> = udp
         .into_iter()
         .map(|s| tokio::spawn(udp_loop(turn.clone(), Arc::new(s), shutdown.clone())))
         .collect();
-    tasks.push(tokio::spawn(tcp_accept(turn, tcp, shutdown)));
+    let open = Arc::new(AtomicUsize::new(0));
+    if let Some((listener, acceptor)) = tls {
+        tasks.push(tokio::spawn(stream_accept(
+            turn.clone(),
+            listener,
+            Some(acceptor),
+            open.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(stream_accept(turn, tcp, None, open, shutdown)));
     tasks
 }
 
@@ -131,9 +145,21 @@ async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
     }
 }
 
-async fn tcp_accept(turn: Arc<Turn>, listener: TcpListener, shutdown: Shutdown) {
-    let open = Arc::new(AtomicUsize::new(0));
+/// Accepts TCP (or, with an acceptor, TLS) clients; connections count
+/// together against `--max-tcp-connections`.
+async fn stream_accept(
+    turn: Arc<Turn>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    open: Arc<AtomicUsize>,
+    shutdown: Shutdown,
+) {
     let max = turn.settings.max_tcp_connections;
+    let transport = if tls.is_some() {
+        Transport::Tls
+    } else {
+        Transport::Tcp
+    };
     loop {
         let (stream, from) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -156,17 +182,31 @@ async fn tcp_accept(turn: Arc<Turn>, listener: TcpListener, shutdown: Shutdown) 
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let (turn, shutdown, open) = (turn.clone(), shutdown.clone(), open.clone());
+        let (turn, shutdown, open, tls) =
+            (turn.clone(), shutdown.clone(), open.clone(), tls.clone());
         tokio::spawn(async move {
             turn.metrics.tcp_connections.inc();
-            if let Err(e) = tcp_connection(&turn, stream, from, &shutdown).await {
-                tracing::debug!(error = %e, %from, "TCP connection closed");
+            let result = match tls {
+                None => stream_connection(&turn, stream, from, transport, &shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => stream_connection(&turn, s, from, transport, &shutdown).await,
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, %from, "stream connection closed");
             }
-            // A TCP allocation lives as long as its connection (RFC 8656 §3.1).
+            // A stream allocation lives as long as its connection (RFC 8656 §3.1).
             if let Some(a) = turn
                 .allocations()
                 .into_iter()
-                .find(|a| a.client == from && a.transport == Transport::Tcp)
+                .find(|a| a.client == from && a.transport == transport)
             {
                 turn.metrics
                     .allocations_closed
@@ -180,13 +220,17 @@ async fn tcp_accept(turn: Arc<Turn>, listener: TcpListener, shutdown: Shutdown) 
     }
 }
 
-async fn tcp_connection(
+async fn stream_connection<S>(
     turn: &Arc<Turn>,
-    stream: TcpStream,
+    stream: S,
     from: SocketAddr,
+    transport: Transport,
     shutdown: &Shutdown,
-) -> std::io::Result<()> {
-    let (mut reader, mut writer) = stream.into_split();
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
     let write_task = tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
@@ -216,7 +260,7 @@ async fn tcp_connection(
             match framing::next_frame(&buf[start..filled], true) {
                 Ok(Some(Frame::Stun { len })) => {
                     if let Some(resp) = turn
-                        .on_stun(&buf[start..start + len], from, Transport::Tcp, &sink)
+                        .on_stun(&buf[start..start + len], from, transport, &sink)
                         .await
                         && tx.send(Bytes::from(resp)).await.is_err()
                     {
@@ -227,7 +271,7 @@ async fn tcp_connection(
                 Ok(Some(Frame::ChannelData { channel, data, len })) => {
                     turn.on_channel_data(
                         from,
-                        Transport::Tcp,
+                        transport,
                         channel,
                         &buf[start + 4..start + 4 + data],
                     );

@@ -117,13 +117,13 @@ pub(crate) struct Turn {
     draining: AtomicBool,
     next_port: AtomicUsize,
     /// Binding answers by transport, resolved once (hot path).
-    binding_answered: [prometheus::IntCounter; 2],
+    binding_answered: [prometheus::IntCounter; 3],
 }
 
 impl Turn {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, meter: Arc<Meter>) -> Self {
         let per_min = settings.auth_failures_per_min.max(1);
-        let binding_answered = [Transport::Udp, Transport::Tcp].map(|t| {
+        let binding_answered = [Transport::Udp, Transport::Tcp, Transport::Tls].map(|t| {
             metrics
                 .stun_requests
                 .with_label_values(&["binding", t.as_str(), "success"])
@@ -1013,7 +1013,7 @@ async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
                 buf[0..2].copy_from_slice(&ch.to_be_bytes());
                 buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
                 let mut len = 4 + n;
-                if a.transport == Transport::Tcp {
+                if a.transport != Transport::Udp {
                     // Streams pad ChannelData to four bytes (RFC 8656 §12.5).
                     let padded = (len + 3) & !3;
                     buf[len..padded].fill(0);

@@ -592,3 +592,122 @@ async fn rotated_secrets_keep_earlier_credentials_valid() {
     let raw = Raw::new(turn.listen_addr(), &new_user.to_string(), &new_pass).await;
     assert_eq!(raw.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
 }
+
+/// Sends one STUN message over a stream and reads one back.
+async fn stream_roundtrip<S>(stream: &mut S, setters: Vec<Box<dyn Setter>>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut m = Message::new();
+    m.build(&setters).expect("build");
+    stream.write_all(&m.raw).await.expect("write");
+    let mut header = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut header))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.expect("read body");
+    let mut r = Message::new();
+    r.raw = [header.to_vec(), body].concat();
+    r.decode().expect("decode");
+    r
+}
+
+#[tokio::test]
+async fn stun_and_turn_over_tls() {
+    use tokio_rustls::rustls;
+    let stack = Stack::new().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_file, generated.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, generated.signing_key.serialize_pem()).expect("write key");
+    let mut s = stack.turn_settings(None);
+    s.tls = Some(floe_turn::TlsSettings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        cert_file,
+        key_file,
+    });
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let tls_addr = turn.tls_addr().expect("TLS listener");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(generated.cert.der().clone())
+        .expect("trust anchor");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(tls_addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+
+    // STUN Binding over TLS.
+    let resp = stream_roundtrip(
+        &mut tls,
+        vec![
+            Box::new(BINDING_REQUEST),
+            Box::new(stun::agent::TransactionId::new()),
+        ],
+    )
+    .await;
+    assert_eq!(resp.typ, BINDING_SUCCESS);
+
+    // TURN Allocate over TLS: challenge, then authenticated.
+    let (user, pass) = stack.credentials("paid", "r", "tls").await;
+    let transport = || {
+        Box::new(turn::proto::reqtrans::RequestedTransport {
+            protocol: turn::proto::PROTO_UDP,
+        })
+    };
+    let challenge = stream_roundtrip(
+        &mut tls,
+        vec![
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(stun::agent::TransactionId::new()),
+            transport(),
+        ],
+    )
+    .await;
+    assert_eq!(code(&challenge), 401);
+    let nonce = text(&challenge, ATTR_NONCE);
+    let ok = stream_roundtrip(
+        &mut tls,
+        vec![
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(stun::agent::TransactionId::new()),
+            transport(),
+            Box::new(TextAttribute::new(ATTR_USERNAME, user.clone())),
+            Box::new(TextAttribute::new(ATTR_REALM, "floe".into())),
+            Box::new(TextAttribute::new(ATTR_NONCE, nonce)),
+            Box::new(MessageIntegrity::new_long_term_integrity(
+                user,
+                "floe".into(),
+                pass,
+            )),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ok.typ,
+        MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)
+    );
+    assert!(ok.contains(ATTR_XOR_RELAYED_ADDRESS));
+    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("floe_turn_stun_requests_total{method=\"binding\",result=\"success\",transport=\"tls\"} 1"), "{metrics}");
+}
