@@ -22,7 +22,7 @@ use floe_proto::time::unix_now;
 use floe_proto::token::{self, JoinClaims};
 use serde::Deserialize;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Created};
 use crate::config::Settings;
 use crate::control::Control;
 use crate::error::SignalError;
@@ -276,12 +276,14 @@ async fn create(
         owner: Salted::new(&owner_key),
         creator,
     };
-    if !app
+    match app
         .bus
         .create_room(&record, tenant.plan.max_rooms, now)
         .await?
     {
-        return Err(SignalError::RoomLimit);
+        Created::Created => {}
+        Created::TenantFull => return Err(SignalError::RoomLimit),
+        Created::Exists => return Err(SignalError::RoomExists),
     }
     app.metrics
         .rooms_created

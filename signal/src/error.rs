@@ -31,6 +31,8 @@ pub(crate) enum SignalError {
     RoomSealed,
     #[error("the tenant has reached its room limit")]
     RoomLimit,
+    #[error("a room with this id exists already")]
+    RoomExists,
     #[error("too many requests; retry later")]
     RateLimited,
     #[error("too many connections from this address")]
@@ -53,6 +55,7 @@ impl SignalError {
             Self::RoomFull => (StatusCode::CONFLICT, "room_full"),
             Self::RoomSealed => (StatusCode::CONFLICT, "room_sealed"),
             Self::RoomLimit => (StatusCode::FORBIDDEN, "room_limit_reached"),
+            Self::RoomExists => (StatusCode::CONFLICT, "room_exists"),
             Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::TooManyConnections => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),

@@ -309,6 +309,21 @@ async fn join_tokens_create_join_and_are_checked() {
     let room: Value = r.json().await.expect("json");
     assert_eq!(room["room_id"], "standup-42");
 
+    // The same name again is a conflict, not a silent replacement.
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .bearer_auth(&creator)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "room_exists"
+    );
+
     let join = stack.token("carol", Some("standup-42"), false, 600);
     let c = Client::join(&node, "standup-42", &format!("token={join}")).await;
     assert_eq!(c.peer_id(), "carol");

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
 use super::{
-    Bus, BusError, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined, peer_left,
-    room_closed,
+    Bus, BusError, Created, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
+    peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
 use crate::room::{self, Admission, Member, RoomRecord};
@@ -46,16 +46,19 @@ impl Bus for LocalBus {
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Created, BusError> {
         let mut rooms = self.rooms();
         rooms.retain(|_, r| r.record.expires_at > now);
+        if rooms.contains_key(&room.id) {
+            return Ok(Created::Exists);
+        }
         if let Some(max) = max_rooms {
             let live = rooms
                 .values()
                 .filter(|r| r.record.tenant == room.tenant)
                 .count();
             if live >= max as usize {
-                return Ok(false);
+                return Ok(Created::TenantFull);
             }
         }
         rooms.insert(
@@ -66,7 +69,7 @@ impl Bus for LocalBus {
                 members: Vec::new(),
             },
         );
-        Ok(true)
+        Ok(Created::Created)
     }
 
     async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError> {

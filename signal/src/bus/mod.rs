@@ -68,17 +68,27 @@ impl SendError {
     }
 }
 
+/// How a room creation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Created {
+    Created,
+    /// The tenant already has its maximum of live rooms.
+    TenantFull,
+    /// A live room has this id already.
+    Exists,
+}
+
 /// Rooms, membership and routing.
 #[async_trait]
 pub(crate) trait Bus: Send + Sync + 'static {
-    /// Stores a new room; `Ok(false)` when the tenant already has
-    /// `max_rooms` live rooms.
+    /// Stores a new room unless the tenant has `max_rooms` live rooms or
+    /// the id is taken.
     async fn create_room(
         &self,
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<bool, BusError>;
+    ) -> Result<Created, BusError>;
     async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError>;
     /// Deletes a room and closes it for every member, wherever connected.
     async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError>;

@@ -26,8 +26,8 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
-    Bus, BusError, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined, peer_left,
-    room_closed,
+    Bus, BusError, Created, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
+    peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
 use crate::metrics::Metrics;
@@ -645,7 +645,7 @@ impl Bus for RedisBus {
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Created, BusError> {
         let json = serde_json::to_string(room).map_err(|e| BusError(e.to_string()))?;
         let created: i32 = SCRIPTS
             .create
@@ -661,9 +661,9 @@ impl Bus for RedisBus {
             .await
             .map_err(|e| self.err(e))?;
         match created {
-            1 => Ok(true),
-            0 => Ok(false),
-            _ => Err(BusError(format!("room id {} collided", room.id))),
+            1 => Ok(Created::Created),
+            0 => Ok(Created::TenantFull),
+            _ => Ok(Created::Exists),
         }
     }
 
