@@ -22,7 +22,7 @@ use floe_proto::time::unix_now;
 use floe_proto::token::{self, JoinClaims};
 use serde::Deserialize;
 
-use crate::bus::{Bus, Created};
+use crate::bus::{Bus, Creation};
 use crate::config::Settings;
 use crate::control::Control;
 use crate::error::SignalError;
@@ -281,9 +281,9 @@ async fn create(
         .create_room(&record, tenant.plan.max_rooms, now)
         .await?
     {
-        Created::Created => {}
-        Created::TenantFull => return Err(SignalError::RoomLimit),
-        Created::Exists => return Err(SignalError::RoomExists),
+        Creation::Done => {}
+        Creation::TenantFull => return Err(SignalError::RoomLimit),
+        Creation::Exists => return Err(SignalError::RoomExists),
     }
     app.metrics
         .rooms_created

@@ -46,11 +46,11 @@ impl Bus for LocalBus {
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<Created, BusError> {
+    ) -> Result<Creation, BusError> {
         let mut rooms = self.rooms();
         rooms.retain(|_, r| r.record.expires_at > now);
         if rooms.contains_key(&room.id) {
-            return Ok(Created::Exists);
+            return Ok(Creation::Exists);
         }
         if let Some(max) = max_rooms {
             let live = rooms
@@ -58,7 +58,7 @@ impl Bus for LocalBus {
                 .filter(|r| r.record.tenant == room.tenant)
                 .count();
             if live >= max as usize {
-                return Ok(Created::TenantFull);
+                return Ok(Creation::TenantFull);
             }
         }
         rooms.insert(
@@ -69,7 +69,7 @@ impl Bus for LocalBus {
                 members: Vec::new(),
             },
         );
-        Ok(Created::Created)
+        Ok(Creation::Done)
     }
 
     async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError> {

@@ -70,8 +70,8 @@ impl SendError {
 
 /// How a room creation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Created {
-    Created,
+pub(crate) enum Creation {
+    Done,
     /// The tenant already has its maximum of live rooms.
     TenantFull,
     /// A live room has this id already.
@@ -88,7 +88,7 @@ pub(crate) trait Bus: Send + Sync + 'static {
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<Created, BusError>;
+    ) -> Result<Creation, BusError>;
     async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError>;
     /// Deletes a room and closes it for every member, wherever connected.
     async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError>;

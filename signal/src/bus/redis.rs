@@ -645,7 +645,7 @@ impl Bus for RedisBus {
         room: &RoomRecord,
         max_rooms: Option<u32>,
         now: u64,
-    ) -> Result<Created, BusError> {
+    ) -> Result<Creation, BusError> {
         let json = serde_json::to_string(room).map_err(|e| BusError(e.to_string()))?;
         let created: i32 = SCRIPTS
             .create
@@ -661,9 +661,9 @@ impl Bus for RedisBus {
             .await
             .map_err(|e| self.err(e))?;
         match created {
-            1 => Ok(Created::Created),
-            0 => Ok(Created::TenantFull),
-            _ => Ok(Created::Exists),
+            1 => Ok(Creation::Done),
+            0 => Ok(Creation::TenantFull),
+            _ => Ok(Creation::Exists),
         }
     }
 
