@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
 use super::{
-    Bus, BusError, Created, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
+    Bus, BusError, Creation, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
     peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};

@@ -26,7 +26,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
-    Bus, BusError, Created, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
+    Bus, BusError, Creation, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
     peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
