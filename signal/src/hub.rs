@@ -1,9 +1,10 @@
 //! The WebSocket connections this node holds, by room and peer, and
 //! delivery of ready-made message text to them.
 //!
-//! Every connection task owns a bounded queue; delivery never waits on a
-//! socket. A peer whose queue is full is too slow to keep: it is closed,
-//! and the sender hears that the message could not be delivered.
+//! Every connection task owns a [`Mailbox`]: a bounded queue that
+//! delivery fills without ever waiting on a socket. A peer whose mailbox
+//! is full is too slow to keep: it is closed, and the sender hears that
+//! the message could not be delivered.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -12,7 +13,10 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use crate::room::RoomRecord;
 
@@ -43,9 +47,87 @@ pub(crate) mod close {
     pub const TRY_AGAIN: u16 = 1013;
 }
 
+/// Messages queued per connection before it counts as too slow.
+pub(crate) const QUEUE: usize = 256;
+
+/// A connection's outgoing queue: texts up to [`QUEUE`], then the close.
+/// It allocates only while messages wait (an idle connection's mailbox
+/// is a few dozen bytes; a channel would hold a block of slots).
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    state: Mutex<MailboxState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    queue: VecDeque<Utf8Bytes>,
+    close: Option<(u16, String)>,
+}
+
+impl Mailbox {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Queues a text; `false` when full or closing.
+    pub fn push(&self, text: Utf8Bytes) -> bool {
+        let mut s = lock(&self.state);
+        if s.close.is_some() || s.queue.len() >= QUEUE {
+            return false;
+        }
+        s.queue.push_back(text);
+        drop(s);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Closes after the queued texts are sent.
+    pub fn close(&self, code: u16, reason: &str) {
+        lock(&self.state)
+            .close
+            .get_or_insert_with(|| (code, reason.to_owned()));
+        self.ready.notify_one();
+    }
+
+    /// Drops what is queued and closes at once.
+    pub fn abort(&self, code: u16, reason: &str) {
+        let mut s = lock(&self.state);
+        s.queue = VecDeque::new();
+        s.close.get_or_insert_with(|| (code, reason.to_owned()));
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// The next thing to send, if any: queued texts first, then the close.
+    pub fn try_next(&self) -> Option<Outbound> {
+        let mut s = lock(&self.state);
+        if let Some(t) = s.queue.pop_front() {
+            if s.queue.is_empty() && s.queue.capacity() > 16 {
+                // A burst is over: give its memory back.
+                s.queue = VecDeque::new();
+            }
+            return Some(Outbound::Text(t));
+        }
+        s.close
+            .clone()
+            .map(|(code, reason)| Outbound::Close { code, reason })
+    }
+
+    /// Waits for the next thing to send.
+    pub async fn next(&self) -> Outbound {
+        loop {
+            if let Some(o) = self.try_next() {
+                return o;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 struct LocalPeer {
     session: String,
-    tx: mpsc::Sender<Outbound>,
+    mailbox: Arc<Mailbox>,
 }
 
 struct LocalRoom {
@@ -128,8 +210,8 @@ impl Hub {
         record: &RoomRecord,
         peer: &str,
         session: &str,
-        tx: mpsc::Sender<Outbound>,
-    ) -> Option<mpsc::Sender<Outbound>> {
+        mailbox: Arc<Mailbox>,
+    ) -> Option<Arc<Mailbox>> {
         let mut shard = lock(self.shard(&record.id));
         let room = shard.entry(record.id.clone()).or_insert_with(|| LocalRoom {
             record: record.clone(),
@@ -140,10 +222,10 @@ impl Hub {
                 peer.to_owned(),
                 LocalPeer {
                     session: session.to_owned(),
-                    tx,
+                    mailbox,
                 },
             )
-            .map(|old| old.tx)
+            .map(|old| old.mailbox)
     }
 
     /// Removes a connection if `session` is still the peer's current one.
@@ -176,13 +258,10 @@ impl Hub {
                 if session.is_some_and(|s| s != p.session) {
                     return Delivery::StaleSession;
                 }
-                if p.tx.try_send(Outbound::Text(text.clone())).is_ok() {
+                if p.mailbox.push(text.clone()) {
                     Delivery::Delivered
                 } else {
-                    let _ = p.tx.try_send(Outbound::Close {
-                        code: close::SLOW,
-                        reason: "too slow to read messages".into(),
-                    });
+                    p.mailbox.abort(close::SLOW, "too slow to read messages");
                     r.peers.remove(peer);
                     Delivery::Dropped
                 }
@@ -193,16 +272,13 @@ impl Hub {
                     if Some(id.as_str()) == except {
                         continue;
                     }
-                    if p.tx.try_send(Outbound::Text(text.clone())).is_err() {
+                    if !p.mailbox.push(text.clone()) {
                         slow.push(id.clone());
                     }
                 }
                 for id in slow {
                     if let Some(p) = r.peers.remove(&id) {
-                        let _ = p.tx.try_send(Outbound::Close {
-                            code: close::SLOW,
-                            reason: "too slow to read messages".into(),
-                        });
+                        p.mailbox.abort(close::SLOW, "too slow to read messages");
                     }
                 }
                 Delivery::Delivered
@@ -226,10 +302,7 @@ impl Hub {
                 .get(peer)
                 .is_some_and(|p| session.is_none_or(|s| s == p.session));
             if matches && let Some(p) = r.peers.remove(peer) {
-                let _ = p.tx.try_send(Outbound::Close {
-                    code,
-                    reason: reason.to_owned(),
-                });
+                p.mailbox.close(code, reason);
             }
             if r.peers.is_empty() {
                 shard.remove(room);
@@ -243,12 +316,9 @@ impl Hub {
         if let Some(r) = removed {
             for p in r.peers.into_values() {
                 if let Some(t) = text {
-                    let _ = p.tx.try_send(Outbound::Text(t.clone()));
+                    p.mailbox.push(t.clone());
                 }
-                let _ = p.tx.try_send(Outbound::Close {
-                    code,
-                    reason: reason.to_owned(),
-                });
+                p.mailbox.close(code, reason);
             }
         }
     }
@@ -308,21 +378,27 @@ mod tests {
         Utf8Bytes::from(s.to_owned())
     }
 
+    fn text_of(o: Option<Outbound>) -> Option<String> {
+        match o {
+            Some(Outbound::Text(t)) => Some(t.as_str().to_owned()),
+            _ => None,
+        }
+    }
+
     #[test]
     fn delivers_by_peer_and_session_and_drops_slow_peers() {
         let hub = Hub::new();
         let room = record(4, false);
-        let (tx_a, mut rx_a) = mpsc::channel(1);
-        let (tx_b, mut rx_b) = mpsc::channel(8);
-        assert!(hub.register(&room, "a", "s1", tx_a).is_none());
-        assert!(hub.register(&room, "b", "s2", tx_b).is_none());
+        let (a, b) = (Mailbox::new(), Mailbox::new());
+        assert!(hub.register(&room, "a", "s1", a.clone()).is_none());
+        assert!(hub.register(&room, "b", "s2", b.clone()).is_none());
 
         let to_a = |session| Target::Peer { peer: "a", session };
         assert_eq!(
             hub.deliver("r", to_a(Some("s1")), &text("1")),
             Delivery::Delivered
         );
-        assert!(matches!(rx_a.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "1"));
+        assert_eq!(text_of(a.try_next()).as_deref(), Some("1"));
         assert_eq!(
             hub.deliver("r", to_a(Some("old")), &text("x")),
             Delivery::StaleSession
@@ -345,18 +421,28 @@ mod tests {
 
         // Room-wide, except the sender.
         hub.deliver("r", Target::Room { except: Some("a") }, &text("all"));
-        assert!(matches!(rx_b.try_recv(), Ok(Outbound::Text(t)) if t.as_str() == "all"));
-        assert!(rx_a.try_recv().is_err());
+        assert_eq!(text_of(b.try_next()).as_deref(), Some("all"));
+        assert!(a.try_next().is_none());
 
-        // a's queue holds one message: the second overflows and a is dropped.
-        assert_eq!(
-            hub.deliver("r", to_a(None), &text("q")),
-            Delivery::Delivered
-        );
+        // A fills up: the next message overflows, A is dropped and closed
+        // at once (its backlog discarded).
+        for i in 0..QUEUE {
+            assert_eq!(
+                hub.deliver("r", to_a(None), &text(&i.to_string())),
+                Delivery::Delivered
+            );
+        }
         assert_eq!(
             hub.deliver("r", to_a(None), &text("overflow")),
             Delivery::Dropped
         );
+        assert!(matches!(
+            a.try_next(),
+            Some(Outbound::Close {
+                code: close::SLOW,
+                ..
+            })
+        ));
         assert_eq!(
             hub.deliver("r", to_a(None), &text("gone")),
             Delivery::NoPeer
@@ -368,28 +454,48 @@ mod tests {
     fn replacement_unregister_and_room_close() {
         let hub = Hub::new();
         let room = record(4, false);
-        let (tx1, _rx1) = mpsc::channel(4);
-        let (tx2, mut rx2) = mpsc::channel(4);
-        hub.register(&room, "a", "s1", tx1);
+        let (m1, m2) = (Mailbox::new(), Mailbox::new());
+        hub.register(&room, "a", "s1", m1);
         assert!(
-            hub.register(&room, "a", "s2", tx2).is_some(),
-            "old queue returned"
+            hub.register(&room, "a", "s2", m2.clone()).is_some(),
+            "old mailbox returned"
         );
         assert!(
             !hub.unregister("r", "a", "s1"),
             "stale session cannot unregister"
         );
         hub.close_room("r", Some(&text("bye")), close::ROOM_CLOSED, "expired");
-        assert!(matches!(rx2.try_recv(), Ok(Outbound::Text(_))));
+        assert_eq!(
+            text_of(m2.try_next()).as_deref(),
+            Some("bye"),
+            "queued text before the close"
+        );
         assert!(matches!(
-            rx2.try_recv(),
-            Ok(Outbound::Close {
+            m2.try_next(),
+            Some(Outbound::Close {
                 code: close::ROOM_CLOSED,
                 ..
             })
         ));
         assert_eq!(hub.counts(), (0, 0));
         assert_eq!(hub.expired(1_000), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn mailbox_wakes_its_reader() {
+        let m = Mailbox::new();
+        let reader = tokio::spawn({
+            let m = m.clone();
+            async move { m.next().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(m.push(text("hi")));
+        match reader.await.expect("join") {
+            Outbound::Text(t) => assert_eq!(t.as_str(), "hi"),
+            other => panic!("unexpected {other:?}"),
+        }
+        m.close(1000, "bye");
+        assert!(!m.push(text("late")), "nothing queues after close");
     }
 
     #[test]

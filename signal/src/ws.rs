@@ -10,16 +10,13 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use floe_common::ratelimit::TokenBucket;
 use floe_proto::signal::{ClientMessage, ServerMessage};
 use floe_proto::time::unix_now;
-use tokio::sync::mpsc;
 
 use crate::api::{App, JoinQuery};
 use crate::bus::JoinOutcome;
 use crate::error::SignalError;
-use crate::hub::{Outbound, close};
+use crate::hub::{Mailbox, Outbound, close};
 use crate::room::{Admission, Member, RoomRecord};
 
-/// Queue length per connection; a peer this far behind is dropped.
-const QUEUE: usize = 256;
 /// Largest `broadcast` payload.
 const MAX_BROADCAST: usize = 8 * 1024;
 /// Refresh ICE servers this long before the credentials expire.
@@ -167,14 +164,14 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
         session_id: format!("s_{}", floe_common::secret::random_token(6)),
         node: app.settings.node_id.clone(),
     };
-    let (tx, rx) = mpsc::channel(QUEUE);
+    let mailbox = Mailbox::new();
     // Registered before joining, so replies to our peer-joined find us.
-    if let Some(old) = app.hub.register(&record, &me.peer_id, &me.session_id, tx) {
+    if let Some(old) = app
+        .hub
+        .register(&record, &me.peer_id, &me.session_id, mailbox.clone())
+    {
         // A reconnect of a peer held on this node: close the old socket.
-        let _ = old.try_send(Outbound::Close {
-            code: close::REPLACED,
-            reason: crate::bus::REPLACED_REASON.into(),
-        });
+        old.close(close::REPLACED, crate::bus::REPLACED_REASON);
     }
     let peers = match app.bus.join(&record, &me, unix_now()).await {
         Ok(JoinOutcome::Admitted { peers, admission }) => {
@@ -210,7 +207,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
     let expires = ice.expires;
     let welcome: Utf8Bytes = welcome.to_json().into();
     let reason = if send_text(&mut socket, welcome).await {
-        relay(&app, &mut socket, &record, &me, expires, rx).await
+        relay(&app, &mut socket, &record, &me, expires, &mailbox).await
     } else {
         "gone"
     };
@@ -231,7 +228,7 @@ async fn relay(
     record: &RoomRecord,
     me: &Member,
     ice_expires: u64,
-    mut rx: mpsc::Receiver<Outbound>,
+    mailbox: &Mailbox,
 ) -> &'static str {
     let s = &app.settings;
     let heartbeat = Duration::from_secs(s.heartbeat_secs);
@@ -278,13 +275,13 @@ async fn relay(
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            out = rx.recv() => match out {
-                Some(Outbound::Text(t)) => {
+            out = mailbox.next() => match out {
+                Outbound::Text(t) => {
                     if !send_text(socket, t).await {
                         return "gone";
                     }
                 }
-                Some(Outbound::Close { code, reason }) => {
+                Outbound::Close { code, reason } => {
                     close_with(socket, code, &reason).await;
                     return match code {
                         close::REPLACED => "replaced",
@@ -292,10 +289,6 @@ async fn relay(
                         close::SLOW => "slow",
                         _ => "closed_by_server",
                     };
-                }
-                None => {
-                    close_with(socket, 1011, "server error").await;
-                    return "closed_by_server";
                 }
             },
             _ = ping.tick() => {
