@@ -131,7 +131,8 @@ struct LocalPeer {
 }
 
 struct LocalRoom {
-    record: RoomRecord,
+    /// Shared by every local connection of the room.
+    record: Arc<RoomRecord>,
     peers: HashMap<String, LocalPeer>,
 }
 
@@ -203,21 +204,23 @@ impl Hub {
         }
     }
 
-    /// Registers a connection; returns the queue of a previous local
+    /// Registers a connection. Returns the room record every local
+    /// connection of the room shares, and the mailbox of a previous local
     /// connection of the same peer, which the caller closes.
     pub fn register(
         &self,
-        record: &RoomRecord,
+        record: RoomRecord,
         peer: &str,
         session: &str,
         mailbox: Arc<Mailbox>,
-    ) -> Option<Arc<Mailbox>> {
+    ) -> (Arc<RoomRecord>, Option<Arc<Mailbox>>) {
         let mut shard = lock(self.shard(&record.id));
         let room = shard.entry(record.id.clone()).or_insert_with(|| LocalRoom {
-            record: record.clone(),
+            record: Arc::new(record),
             peers: HashMap::new(),
         });
-        room.peers
+        let old = room
+            .peers
             .insert(
                 peer.to_owned(),
                 LocalPeer {
@@ -225,7 +228,8 @@ impl Hub {
                     mailbox,
                 },
             )
-            .map(|old| old.mailbox)
+            .map(|old| old.mailbox);
+        (room.record.clone(), old)
     }
 
     /// Removes a connection if `session` is still the peer's current one.
@@ -350,7 +354,7 @@ impl Hub {
                             .iter()
                             .map(|(id, p)| (id.clone(), p.session.clone()))
                             .collect();
-                        (r.record.clone(), peers)
+                        ((*r.record).clone(), peers)
                     })
                     .collect::<Vec<_>>()
             })
@@ -390,8 +394,14 @@ mod tests {
         let hub = Hub::new();
         let room = record(4, false);
         let (a, b) = (Mailbox::new(), Mailbox::new());
-        assert!(hub.register(&room, "a", "s1", a.clone()).is_none());
-        assert!(hub.register(&room, "b", "s2", b.clone()).is_none());
+        assert!(hub.register(room.clone(), "a", "s1", a.clone()).1.is_none());
+        let (shared, old) = hub.register(room, "b", "s2", b.clone());
+        assert!(old.is_none());
+        assert_eq!(
+            std::sync::Arc::strong_count(&shared),
+            2,
+            "one record per room"
+        );
 
         let to_a = |session| Target::Peer { peer: "a", session };
         assert_eq!(
@@ -455,9 +465,9 @@ mod tests {
         let hub = Hub::new();
         let room = record(4, false);
         let (m1, m2) = (Mailbox::new(), Mailbox::new());
-        hub.register(&room, "a", "s1", m1);
+        hub.register(room.clone(), "a", "s1", m1);
         assert!(
-            hub.register(&room, "a", "s2", m2.clone()).is_some(),
+            hub.register(room, "a", "s2", m2.clone()).1.is_some(),
             "old mailbox returned"
         );
         assert!(

@@ -150,6 +150,10 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
         Ok(j) => j,
         Err(e) => return refuse(&app, &mut socket, e).await,
     };
+    // The query (with its join token) and the path are not needed past
+    // authentication; free them instead of holding them per connection.
+    drop(q);
+    drop(room);
     let Joiner { record, peer_id } = joiner;
     let ice = match app
         .control
@@ -166,10 +170,10 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
     };
     let mailbox = Mailbox::new();
     // Registered before joining, so replies to our peer-joined find us.
-    if let Some(old) = app
+    let (record, old) = app
         .hub
-        .register(&record, &me.peer_id, &me.session_id, mailbox.clone())
-    {
+        .register(record, &me.peer_id, &me.session_id, mailbox.clone());
+    if let Some(old) = old {
         // A reconnect of a peer held on this node: close the old socket.
         old.close(close::REPLACED, crate::bus::REPLACED_REASON);
     }
