@@ -711,3 +711,151 @@ async fn stun_and_turn_over_tls() {
         .expect("text");
     assert!(metrics.contains("floe_turn_stun_requests_total{method=\"binding\",result=\"success\",transport=\"tls\"} 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn ipv6_relays_and_requested_address_family() {
+    let stack = Stack::new().await;
+    let mut s = stack.turn_settings(None);
+    s.relay_ips = vec!["127.0.0.1".parse().expect("ip"), "::1".parse().expect("ip")];
+    s.allow_peers.push("::1/128".parse().expect("net"));
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+
+    // An IPv4 client asks for an IPv6 relay (RFC 6156 REQUESTED-ADDRESS-FAMILY).
+    let (user, pass) = stack.credentials("paid", "r", "v6").await;
+    let raw = Raw::new(turn.listen_addr(), &user, &pass).await;
+    let ok = raw
+        .request(
+            METHOD_ALLOCATE,
+            vec![
+                Box::new(turn::proto::reqtrans::RequestedTransport {
+                    protocol: turn::proto::PROTO_UDP,
+                }),
+                Box::new(turn::proto::reqfamily::REQUESTED_FAMILY_IPV6),
+            ],
+        )
+        .await;
+    assert_eq!(ok.typ.class, CLASS_SUCCESS_RESPONSE);
+    let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+    relayed.get_from(&ok).expect("XOR-RELAYED-ADDRESS");
+    assert!(relayed.ip.is_ipv6(), "relay is {}", relayed.ip);
+    // A permission for an IPv4 peer on an IPv6 relay is a family mismatch.
+    let mismatch = raw
+        .request(
+            METHOD_CREATE_PERMISSION,
+            vec![Box::new(turn::proto::peeraddr::PeerAddress {
+                ip: "127.0.0.1".parse().expect("ip"),
+                port: 9,
+            })],
+        )
+        .await;
+    assert_eq!(code(&mismatch), 443);
+
+    // Data relayed between an IPv6 relay and an IPv6 peer.
+    let (user2, pass2) = stack.credentials("paid", "r", "v6b").await;
+    let raw2 = Raw::new(turn.listen_addr(), &user2, &pass2).await;
+    let ok2 = raw2
+        .request(
+            METHOD_ALLOCATE,
+            vec![
+                Box::new(turn::proto::reqtrans::RequestedTransport {
+                    protocol: turn::proto::PROTO_UDP,
+                }),
+                Box::new(turn::proto::reqfamily::REQUESTED_FAMILY_IPV6),
+            ],
+        )
+        .await;
+    let mut relay_addr = turn::proto::relayaddr::RelayedAddress::default();
+    relay_addr.get_from(&ok2).expect("relayed");
+    let relay_addr = SocketAddr::new(relay_addr.ip, relay_addr.port);
+    let peer = UdpSocket::bind("[::1]:0").await.expect("v6 peer");
+    let peer_addr = peer.local_addr().expect("addr");
+    let perm = raw2
+        .request(
+            METHOD_CREATE_PERMISSION,
+            vec![Box::new(turn::proto::peeraddr::PeerAddress {
+                ip: peer_addr.ip(),
+                port: peer_addr.port(),
+            })],
+        )
+        .await;
+    assert_eq!(perm.typ.class, CLASS_SUCCESS_RESPONSE);
+    // Client to peer with a Send indication.
+    let mut send = Message::new();
+    send.build(&[
+        Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(turn::proto::peeraddr::PeerAddress {
+            ip: peer_addr.ip(),
+            port: peer_addr.port(),
+        }),
+        Box::new(turn::proto::data::Data(b"over six".to_vec())),
+    ])
+    .expect("build");
+    raw2.sock
+        .send_to(&send.raw, turn.listen_addr())
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(3), peer.recv_from(&mut buf))
+        .await
+        .expect("peer receives")
+        .expect("recv");
+    assert_eq!((&buf[..n], from), (&b"over six"[..], relay_addr));
+    // Peer to client arrives as a Data indication.
+    peer.send_to(b"back", relay_addr).await.expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), raw2.sock.recv_from(&mut buf))
+        .await
+        .expect("client receives")
+        .expect("recv");
+    let mut data = Message::new();
+    data.raw = buf[..n].to_vec();
+    data.decode().expect("decode");
+    assert_eq!(data.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
+    assert_eq!(data.get(ATTR_DATA).expect("DATA"), b"back");
+}
+
+#[tokio::test]
+async fn drain_refuses_new_allocations_but_keeps_relaying() {
+    let stack = Stack::new().await;
+    let mut s = stack.turn_settings(None);
+    s.drain = Duration::from_secs(3);
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let (listen, http) = (turn.listen_addr(), turn.http_addr());
+    let (user, pass) = stack.credentials("paid", "r", "stay").await;
+    let (_c, relay) = client(listen, &user, &pass).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    exchange(&relay, &peer, 2, 100).await;
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(turn.stop());
+    // Readiness turns false at once.
+    loop {
+        let r = reqwest::get(format!("http://{http}/readyz"))
+            .await
+            .expect("readyz");
+        if r.status() == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "still ready while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New allocations are refused with 508 (clients try another server) ...
+    let (user2, pass2) = stack.credentials("paid", "r", "new").await;
+    let raw = Raw::new(listen, &user2, &pass2).await;
+    assert_eq!(code(&raw.allocate(17).await), 508);
+    // ... while the existing one keeps relaying.
+    exchange(&relay, &peer, 5, 100).await;
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("stops")
+        .expect("join");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the drain lasted its deadline"
+    );
+    // Every relayed byte was reported before the exit.
+    stack.await_usage("paid", 700, 700).await;
+}
