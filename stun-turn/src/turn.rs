@@ -801,22 +801,29 @@ impl Turn {
             return Err(fail(CODE_BAD_REQUEST, "Missing XOR-PEER-ADDRESS"));
         }
         for p in &peers {
-            if p.is_ipv4() != a.relayed.is_ipv4() {
-                return Err(fail(
-                    CODE_PEER_ADDR_FAMILY_MISMATCH,
-                    "Peer Address Family Mismatch",
-                ));
-            }
-            if policy::peer_denied(p.ip(), &self.settings.allow_peers) {
-                self.metrics.denied_peers.inc();
-                return Err(fail(CODE_FORBIDDEN, "Forbidden Peer Address"));
-            }
+            self.check_peer(&a, *p)?;
         }
         let now = Instant::now();
         for p in peers {
             a.permit(p.ip(), now);
         }
         Ok(Vec::new())
+    }
+
+    /// A peer must match the relay's address family (443) and be allowed
+    /// by the relay policy (403).
+    fn check_peer(&self, a: &Allocation, peer: SocketAddr) -> Result<(), Failure> {
+        if peer.is_ipv4() != a.relayed.is_ipv4() {
+            return Err(fail(
+                CODE_PEER_ADDR_FAMILY_MISMATCH,
+                "Peer Address Family Mismatch",
+            ));
+        }
+        if policy::peer_denied(peer.ip(), &self.settings.allow_peers) {
+            self.metrics.denied_peers.inc();
+            return Err(fail(CODE_FORBIDDEN, "Forbidden Peer Address"));
+        }
+        Ok(())
     }
 
     fn channel_bind(
@@ -834,16 +841,7 @@ impl Turn {
         let peer = *peer_addresses(req)
             .first()
             .ok_or_else(|| fail(CODE_BAD_REQUEST, "Missing XOR-PEER-ADDRESS"))?;
-        if peer.is_ipv4() != a.relayed.is_ipv4() {
-            return Err(fail(
-                CODE_PEER_ADDR_FAMILY_MISMATCH,
-                "Peer Address Family Mismatch",
-            ));
-        }
-        if policy::peer_denied(peer.ip(), &self.settings.allow_peers) {
-            self.metrics.denied_peers.inc();
-            return Err(fail(CODE_FORBIDDEN, "Forbidden Peer Address"));
-        }
+        self.check_peer(&a, peer)?;
         a.bind(number, peer, Instant::now()).map_err(|e| match e {
             BindError::OutOfRange => fail(CODE_BAD_REQUEST, "Bad Channel Number"),
             BindError::NumberTaken | BindError::PeerTaken => {

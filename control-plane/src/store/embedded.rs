@@ -134,6 +134,24 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Every value of a JSON table.
+    async fn all_json<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static str>,
+    ) -> Result<Vec<T>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(table).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(backend)? {
+                let (_, v) = entry.map_err(backend)?;
+                out.push(serde_json::from_str(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
         &self,
         table: TableDefinition<'static, &'static str, &'static str>,
@@ -186,17 +204,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn list_tenants(&self) -> Result<Vec<Tenant>> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(TENANTS).map_err(backend)?;
-            let mut out = Vec::new();
-            for entry in t.iter().map_err(backend)? {
-                let (_, v) = entry.map_err(backend)?;
-                out.push(serde_json::from_str(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.all_json(TENANTS).await
     }
 
     async fn put_tenant(&self, tenant: &Tenant) -> Result<()> {
@@ -421,17 +429,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn outbox(&self) -> Result<Vec<OutboxEvent>> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(OUTBOX).map_err(backend)?;
-            let mut out = Vec::new();
-            for entry in t.iter().map_err(backend)? {
-                let (_, v) = entry.map_err(backend)?;
-                out.push(serde_json::from_str(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.all_json(OUTBOX).await
     }
 
     async fn remove_outbox(&self, id: &str) -> Result<()> {
