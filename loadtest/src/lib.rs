@@ -10,6 +10,7 @@ pub mod signal;
 pub mod stats;
 pub mod stun_flood;
 pub mod target;
+pub mod transfer;
 pub mod turn_storm;
 
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +44,10 @@ pub enum Mode {
     /// Signal-only: peers join rooms over WebSocket and trade
     /// offer/answer-sized messages through signaling.
     Signal(signal::SignalArgs),
+    /// The full scenario: pairs signal, allocate on TURN with the credentials
+    /// signaling gave them, relay a file each way, and the ledger is
+    /// reconciled with what they sent.
+    Transfer(transfer::TransferArgs),
     /// Authenticated TURN Allocates, many at once, each a new 5-tuple.
     TurnAllocate(turn_storm::StormArgs),
     /// Flood a STUN server with Binding requests over UDP.
@@ -107,6 +112,14 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let report = signal::run(args).await;
             write_json(&config.json, &report)?;
             Ok(signal::render(&report))
+        }
+        Mode::Transfer(args) => {
+            for url in args.signal_urls.iter().chain([&args.control_url]) {
+                check_url(url, &config.allow_targets)?;
+            }
+            let report = transfer::run(args).await;
+            write_json(&config.json, &report)?;
+            Ok(transfer::render(&report))
         }
         Mode::TurnAllocate(args) => {
             target::check(args.target.ip(), &config.allow_targets)?;
