@@ -31,6 +31,9 @@ const DATA: u8 = 0;
 const ACK: u8 = 1;
 /// Chunk header: type, sequence, CRC.
 const HEADER: usize = 9;
+/// Retransmission timeout bounds.
+const MIN_RTO: Duration = Duration::from_millis(300);
+const MAX_RTO: Duration = Duration::from_secs(3);
 
 /// Knobs of a transfer run.
 #[derive(Debug, Clone, clap::Args)]
@@ -367,34 +370,42 @@ async fn exchange(
             ))
         }
     };
-    // Sender: go-back-N over the window.
+    // Sender: go-back-N with a congestion window (AIMD) capped by
+    // --window, and a retransmission timeout that backs off, so thousands
+    // of transfers sharing one relay slow down instead of collapsing.
     let sender = {
         let acked = acked.clone();
         async move {
             let mut next = 0u32;
-            let mut progress = Instant::now();
             let mut base = 0u32;
+            let mut cwnd = 2.0f64;
+            let mut rto = MIN_RTO;
+            let mut progress = Instant::now();
             while acked.load(Ordering::Relaxed) < chunks {
                 if Instant::now() > deadline {
                     return Err("sender timed out".to_owned());
                 }
                 let now_acked = acked.load(Ordering::Relaxed);
                 if now_acked > base {
+                    // Additive increase: about one chunk per window acked.
+                    cwnd = (cwnd + f64::from(now_acked - base) / cwnd).min(f64::from(args.window));
                     base = now_acked;
                     progress = Instant::now();
+                    rto = MIN_RTO;
                 }
-                if next < base {
-                    next = base;
-                }
-                if progress.elapsed() > Duration::from_millis(300) {
-                    // Nothing acknowledged for a while: resend the window.
+                next = next.max(base);
+                if progress.elapsed() > rto {
+                    // Nothing acknowledged for a while: halve the window,
+                    // back off, resend from the first unacknowledged chunk.
                     tally
                         .retransmissions
                         .fetch_add(u64::from(next - base), Ordering::Relaxed);
+                    cwnd = (cwnd / 2.0).max(1.0);
+                    rto = (rto * 2).min(MAX_RTO);
                     next = base;
                     progress = Instant::now();
                 }
-                if next < chunks && next < base + args.window {
+                if next < chunks && next < base + cwnd as u32 {
                     send(packet(next)).await?;
                     next += 1;
                 } else {
