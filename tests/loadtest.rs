@@ -26,6 +26,7 @@ async fn hundred_peers_transfer_verified_and_the_ledger_reconciles() {
     assert_eq!(report.transfers_failed, 0, "{report:?}");
     assert_eq!(report.transfers_verified, 100);
     assert_eq!(report.corrupt_chunks, 0);
+    assert!(report.consistent, "{report:?}");
     assert!(report.relayed_bytes_sent >= 100 * 64 * 1024);
     assert!(
         report.reconciled,

@@ -102,6 +102,12 @@ pub struct TransferReport {
     /// Bytes the peers sent that TURN did not relay (lost on the way in or
     /// dropped by it), so not billed; the peers retransmitted them.
     pub unrelayed_bytes: u64,
+    /// Bytes TURN delivered that the peers did not read (dropped at the
+    /// client socket or its buffer), billed because they were relayed.
+    pub undelivered_bytes: u64,
+    /// The invariant that holds even under loss: the ledger never bills
+    /// more than the peers sent, nor less than they received.
+    pub consistent: bool,
     pub errors: Vec<(String, u64)>,
     pub seconds: f64,
 }
@@ -605,6 +611,7 @@ pub async fn run(args: TransferArgs) -> TransferReport {
     let received = tally.received_bytes.load(Ordering::Relaxed);
     let mut deltas = (0, 0);
     let mut reconciled = false;
+    let before_ok = before.is_ok();
     if let Ok(b) = before {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -640,6 +647,8 @@ pub async fn run(args: TransferArgs) -> TransferReport {
         ledger_bytes_in: deltas.1,
         reconciled,
         unrelayed_bytes: sent.saturating_sub(deltas.0),
+        undelivered_bytes: deltas.1.saturating_sub(received),
+        consistent: before_ok && deltas.0 <= sent && deltas.1 >= received && deltas.1 <= deltas.0,
         errors: tally.errors.lock().await.clone().into_iter().collect(),
         seconds,
     }
@@ -684,15 +693,13 @@ pub fn render(r: &TransferReport) -> String {
         r.ledger_bytes_in,
         if r.reconciled {
             "EXACT".to_owned()
-        } else if r.ledger_bytes_in == r.relayed_bytes_received
-            && r.ledger_bytes_out <= r.relayed_bytes_sent
-        {
+        } else if r.consistent {
             format!(
-                "in EXACT; out short by {} B that TURN did not relay (lost on the way in or dropped by it; retransmitted, not billed)",
-                r.unrelayed_bytes
+                "consistent under loss: {} B sent were not relayed (lost on the way in, not billed), {} B relayed were not read by the peers (billed)",
+                r.unrelayed_bytes, r.undelivered_bytes
             )
         } else {
-            "MISMATCH".to_owned()
+            "MISMATCH: the ledger bills more than was sent or less than was received".to_owned()
         },
     );
     for (e, n) in &r.errors {
