@@ -5,6 +5,7 @@
 //! a TURN allocation storm and a STUN Binding flood. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
+mod join;
 pub mod procstat;
 pub mod signal;
 pub mod stats;
@@ -80,6 +81,21 @@ pub enum LoadError {
     BadUrl(String),
 }
 
+/// A progress bar for `len` steps, labelled `what`, with `tail` after the
+/// count (indicatif template syntax).
+pub(crate) fn progress_bar(len: u64, what: &str, tail: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg:>10}} [{{bar:40}}] {{pos}}/{{len}} {tail}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_owned());
+    pb
+}
+
 /// Checks that `url`'s host is loopback or explicitly allowed.
 fn check_url(url: &str, allowed: &[IpAddr]) -> Result<(), LoadError> {
     let host = url
@@ -126,15 +142,7 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let target = args.target;
             let report = turn_storm::run(args).await;
             write_json(&config.json, &report)?;
-            let lat = report.latency_ms.map_or_else(
-                || "-".to_owned(),
-                |s| {
-                    format!(
-                        "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2} ms",
-                        s.p50, s.p95, s.p99, s.max
-                    )
-                },
-            );
+            let lat = stats::Summary::line_of(report.latency_ms, 2);
             let mut out = format!(
                 "TURN allocation storm against {target}\n  allocated {} in {:.2} s: {:.0} allocations/s\n  latency {lat}\n",
                 report.allocated, report.seconds, report.allocations_per_sec
@@ -159,15 +167,7 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             )
             .await?;
             write_json(&config.json, &report)?;
-            let lat = report
-                .latency_ms
-                .map(|s| {
-                    format!(
-                        "p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
-                        s.p50, s.p95, s.p99, s.max
-                    )
-                })
-                .unwrap_or_else(|| "no answers".into());
+            let lat = stats::Summary::line_of(report.latency_ms, 3);
             Ok(format!(
                 "STUN Binding flood against {target}\n  sent {}  answered {}  lost {}\n  {:.0} bindings/s over {:.2} s\n  latency {lat}\n",
                 report.sent, report.answered, report.lost, report.bindings_per_sec, report.seconds

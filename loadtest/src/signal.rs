@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{Barrier, Mutex};
@@ -120,16 +119,6 @@ impl Tally {
     }
 }
 
-fn ws_url(base: &str, room: &str, client: &str) -> String {
-    let ws = base
-        .replacen("https://", "wss://", 1)
-        .replacen("http://", "ws://", 1);
-    format!(
-        "{}/v1/rooms/{room}/ws?client_id={client}",
-        ws.trim_end_matches('/')
-    )
-}
-
 async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -186,22 +175,7 @@ async fn connect(url: &str, timeout: Duration, tally: &Tally) -> Option<Peer> {
 /// A join token for `peer` in `room`, when the run uses an API key.
 fn token(args: &SignalArgs, room: &str, peer: &str) -> Option<String> {
     let (kid, secret) = (args.key_id.as_ref()?, args.key_secret.as_ref()?);
-    let now = floe_proto::time::unix_now();
-    floe_proto::token::mint(
-        &floe_proto::token::JoinClaims {
-            iss: kid.clone(),
-            sub: peer.to_owned(),
-            room: Some(room.to_owned()),
-            grants: floe_proto::token::Grants {
-                create: true,
-                join: true,
-            },
-            exp: now + 3_600,
-            iat: now,
-        },
-        secret.as_bytes(),
-    )
-    .ok()
+    crate::join::join_token(kid, secret, room, peer).ok()
 }
 
 /// Creates a room: named `name` with a join token, or a public room.
@@ -313,17 +287,6 @@ async fn callee(mut me: Peer, args: Arc<SignalArgs>, stop: CancellationToken) ->
     me.ws
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_owned());
-    pb
-}
-
 /// Runs the scenario.
 pub async fn run(args: SignalArgs) -> SignalReport {
     let args = Arc::new(args);
@@ -338,7 +301,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
 
     // Phase 1: rooms and connections, paced at --join-rate.
     let join_started = Instant::now();
-    let pb = bar(peers as u64, "joining");
+    let pb = crate::progress_bar(peers as u64, "joining", "{per_sec} eta {eta}");
     let barrier = Arc::new(Barrier::new(rooms + 1));
     let stop = CancellationToken::new();
     let go = Arc::new(tokio::sync::Semaphore::new(0));
@@ -377,7 +340,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
             let mut members = Vec::with_capacity(room_size);
             for (i, base) in room_urls.iter().enumerate() {
                 let client = format!("lt{r}-{i}");
-                let mut url = ws_url(base, &room, &client);
+                let mut url = crate::join::ws_url(base, &room, &client);
                 if let Some(t) = token(&args, &room, &client) {
                     url.push_str("&token=");
                     url.push_str(&t);
@@ -429,9 +392,10 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     // Phase 2: offer/answer rounds in every room at once.
     let msg_started = Instant::now();
     let server_msg_before = procstat::sample_all(&args.server_pids);
-    let pb = bar(
+    let pb = crate::progress_bar(
         tally.active_rooms.load(Ordering::Relaxed) * args.rounds as u64,
         "signaling",
+        "{per_sec} eta {eta}",
     );
     let progress = {
         let (tally, pb) = (tally.clone(), pb.clone());
@@ -529,17 +493,7 @@ fn server_cost(
 
 /// The human summary of a report.
 pub fn render(r: &SignalReport) -> String {
-    let ms = |s: &Option<Summary>| {
-        s.map_or_else(
-            || "-".to_owned(),
-            |s| {
-                format!(
-                    "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2} ms",
-                    s.p50, s.p95, s.p99, s.max
-                )
-            },
-        )
-    };
+    let ms = |s: &Option<Summary>| Summary::line_of(*s, 2);
     let mut out = format!(
         "signal load: {} peers in {} rooms, {} connected, {} join failures\n\
          \x20 join (connect→welcome)      {}\n\

@@ -23,6 +23,22 @@ pub struct Summary {
     pub mean: f64,
 }
 
+impl Summary {
+    /// `p50 …  p95 …  p99 …  max … ms` with `decimals` places.
+    pub fn line(&self, decimals: usize) -> String {
+        let d = decimals;
+        format!(
+            "p50 {:.d$}  p95 {:.d$}  p99 {:.d$}  max {:.d$} ms",
+            self.p50, self.p95, self.p99, self.max
+        )
+    }
+
+    /// [`Summary::line`], or `-` when nothing was recorded.
+    pub fn line_of(s: Option<Summary>, decimals: usize) -> String {
+        s.map_or_else(|| "-".to_owned(), |s| s.line(decimals))
+    }
+}
+
 impl Samples {
     pub fn record(&mut self, v: f64) {
         if v.is_finite() {
@@ -91,5 +107,10 @@ mod tests {
         let mut one = Samples::default();
         one.record_ms(Duration::from_micros(1500));
         assert_eq!(one.summary().map(|s| s.p99), Some(1.5));
+        assert_eq!(
+            one.summary().map(|s| s.line(1)).as_deref(),
+            Some("p50 1.5  p95 1.5  p99 1.5  max 1.5 ms")
+        );
+        assert_eq!(Summary::line_of(None, 2), "-");
     }
 }

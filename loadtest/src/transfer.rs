@@ -135,22 +135,7 @@ impl Tally {
 }
 
 fn token(args: &TransferArgs, room: &str, peer: &str) -> Result<String, String> {
-    let now = floe_proto::time::unix_now();
-    floe_proto::token::mint(
-        &floe_proto::token::JoinClaims {
-            iss: args.key_id.clone(),
-            sub: peer.to_owned(),
-            room: Some(room.to_owned()),
-            grants: floe_proto::token::Grants {
-                create: true,
-                join: true,
-            },
-            exp: now + 3_600,
-            iat: now,
-        },
-        args.key_secret.as_bytes(),
-    )
-    .map_err(|e| e.to_string())
+    crate::join::join_token(&args.key_id, &args.key_secret, room, peer).map_err(|e| e.to_string())
 }
 
 async fn next_json(ws: &mut Ws, wait: Duration) -> Result<Value, String> {
@@ -438,13 +423,6 @@ async fn connect(url: &str) -> Result<(Ws, Value, Duration), String> {
     Ok((ws, welcome, started.elapsed()))
 }
 
-fn ws_base(url: &str) -> String {
-    url.replacen("https://", "wss://", 1)
-        .replacen("http://", "ws://", 1)
-        .trim_end_matches('/')
-        .to_owned()
-}
-
 /// One pair: a creates the room, both join, swap relayed addresses through
 /// signaling, then transfer both ways.
 async fn pair(i: usize, args: Arc<TransferArgs>, tally: Arc<Tally>) -> Result<(), String> {
@@ -464,8 +442,8 @@ async fn pair(i: usize, args: Arc<TransferArgs>, tally: Arc<Tally>) -> Result<()
     }
     let ws_url = |base: &str, peer: &str| -> Result<String, String> {
         Ok(format!(
-            "{}/v1/rooms/{room}/ws?client_id={peer}&token={}",
-            ws_base(base),
+            "{}&token={}",
+            crate::join::ws_url(base, &room, peer),
             token(&args, &room, peer)?
         ))
     };
@@ -565,15 +543,7 @@ pub async fn run(args: TransferArgs) -> TransferReport {
     let before = ledger(&args).await;
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.join_rate.max(0.1));
-    let pb = indicatif::ProgressBar::new((2 * args.pairs) as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {pos}/{len} transfers, eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_message("relaying");
+    let pb = crate::progress_bar((2 * args.pairs) as u64, "relaying", "transfers, eta {eta}");
     let mut next = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(args.pairs);
     for i in 0..args.pairs {
@@ -656,17 +626,7 @@ pub async fn run(args: TransferArgs) -> TransferReport {
 
 /// The human summary of a report.
 pub fn render(r: &TransferReport) -> String {
-    let ms = |s: &Option<Summary>| {
-        s.map_or_else(
-            || "-".to_owned(),
-            |s| {
-                format!(
-                    "p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1} ms",
-                    s.p50, s.p95, s.p99, s.max
-                )
-            },
-        )
-    };
+    let ms = |s: &Option<Summary>| Summary::line_of(*s, 1);
     let mut out = format!(
         "transfer: {} pairs, {} transfers verified, {} failed, in {:.1} s\n\
          \x20 join                        {}\n\
