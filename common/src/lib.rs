@@ -3,6 +3,7 @@
 //! serving an axum router until shutdown, the shutdown signal, secrets from
 //! configuration, rate limiting, and tracing set-up.
 
+pub mod config;
 pub mod health;
 pub mod http;
 pub mod ratelimit;

@@ -1,6 +1,7 @@
 //! Configuration of `floe control-plane`: flags, each also read from a
 //! `FLOE_…` environment variable, resolved into validated [`Settings`].
 
+use floe_common::config::in_range;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -107,12 +108,8 @@ pub enum ConfigError {
     TurnUrlsWithoutSecrets,
     #[error("{0:?} is not a STUN/TURN URL (stun:, turn:, turns:)")]
     BadIceUrl(String),
-    #[error("{what} must be between {min} and {max}")]
-    OutOfRange {
-        what: &'static str,
-        min: u64,
-        max: u64,
-    },
+    #[error(transparent)]
+    OutOfRange(#[from] floe_common::config::OutOfRange),
 }
 
 /// Shortest admin or internal token accepted.
@@ -161,20 +158,18 @@ impl Config {
         for url in &self.turn_urls {
             check_ice_url(url, &["turn:", "turns:"])?;
         }
-        if !(60..=86_400).contains(&self.credential_ttl_secs) {
-            return Err(ConfigError::OutOfRange {
-                what: "--credential-ttl-secs",
-                min: 60,
-                max: 86_400,
-            });
-        }
-        if !(60..=30 * 86_400).contains(&self.max_token_ttl_secs) {
-            return Err(ConfigError::OutOfRange {
-                what: "--max-token-ttl-secs",
-                min: 60,
-                max: 30 * 86_400,
-            });
-        }
+        in_range(
+            "--credential-ttl-secs",
+            self.credential_ttl_secs,
+            60,
+            86_400,
+        )?;
+        in_range(
+            "--max-token-ttl-secs",
+            self.max_token_ttl_secs,
+            60,
+            30 * 86_400,
+        )?;
         let store = if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
             StoreLocation::Redis(self.store.clone())
         } else {
@@ -280,7 +275,7 @@ mod tests {
         ttl.extend(["--credential-ttl-secs", "5"]);
         assert!(matches!(
             parse(&ttl).resolve(),
-            Err(ConfigError::OutOfRange { .. })
+            Err(ConfigError::OutOfRange(_))
         ));
     }
 }

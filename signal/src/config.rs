@@ -1,6 +1,7 @@
 //! Configuration of `floe signal`: flags, each also read from a `FLOE_…`
 //! environment variable.
 
+use floe_common::config::in_range;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -154,20 +155,8 @@ pub enum ConfigError {
     BadRedisUrl,
     #[error("--node-id: {0}")]
     BadNodeId(#[from] floe_proto::id::IdError),
-    #[error("{what} must be between {min} and {max}")]
-    OutOfRange {
-        what: &'static str,
-        min: u64,
-        max: u64,
-    },
-}
-
-fn range(what: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if (min..=max).contains(&v) {
-        Ok(())
-    } else {
-        Err(ConfigError::OutOfRange { what, min, max })
-    }
+    #[error(transparent)]
+    OutOfRange(#[from] floe_common::config::OutOfRange),
 }
 
 impl Config {
@@ -195,44 +184,44 @@ impl Config {
             }
             None => default_node_id(),
         };
-        range(
+        in_range(
             "--max-message-bytes",
             self.max_message_bytes as u64,
             1_024,
             1 << 20,
         )?;
-        range(
+        in_range(
             "--messages-per-sec",
             self.messages_per_sec as u64,
             1,
             100_000,
         )?;
-        range("--message-burst", u64::from(self.message_burst), 1, 100_000)?;
-        range(
+        in_range("--message-burst", u64::from(self.message_burst), 1, 100_000)?;
+        in_range(
             "--max-connections-per-ip",
             u64::from(self.max_connections_per_ip),
             1,
             1_000_000,
         )?;
-        range(
+        in_range(
             "--max-room-ttl-secs",
             self.max_room_ttl_secs,
             60,
             30 * 86_400,
         )?;
-        range(
+        in_range(
             "--room-ttl-secs",
             self.room_ttl_secs,
             60,
             self.max_room_ttl_secs,
         )?;
-        range(
+        in_range(
             "--default-max-peers",
             u64::from(self.default_max_peers),
             2,
             1_000,
         )?;
-        range("--heartbeat-secs", self.heartbeat_secs, 1, 300)?;
+        in_range("--heartbeat-secs", self.heartbeat_secs, 1, 300)?;
         Ok(Settings {
             listen: self.listen,
             control_url: url.to_owned(),

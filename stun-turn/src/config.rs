@@ -1,6 +1,7 @@
 //! Configuration of `floe turn`: flags, each also read from a `FLOE_…`
 //! environment variable, resolved into validated [`Settings`].
 
+use floe_common::config::in_range;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -160,12 +161,8 @@ pub struct Settings {
 /// A configuration `floe turn` cannot start with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{what} must be between {min} and {max}")]
-    OutOfRange {
-        what: &'static str,
-        min: u64,
-        max: u64,
-    },
+    #[error(transparent)]
+    OutOfRange(#[from] floe_common::config::OutOfRange),
     #[error(transparent)]
     Secret(#[from] floe_common::secret::SecretError),
     #[error("TURN secrets: {0}")]
@@ -186,34 +183,26 @@ pub enum ConfigError {
     Tls(String),
 }
 
-fn range(what: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if (min..=max).contains(&v) {
-        Ok(())
-    } else {
-        Err(ConfigError::OutOfRange { what, min, max })
-    }
-}
-
 impl Config {
     /// Loads secrets and checks every value.
     pub fn resolve(&self) -> Result<Settings, ConfigError> {
-        range("--udp-sockets", self.udp_sockets as u64, 0, 64)?;
-        range(
+        in_range("--udp-sockets", self.udp_sockets as u64, 0, 64)?;
+        in_range(
             "--max-tcp-connections",
             self.max_tcp_connections as u64,
             1,
             1_000_000,
         )?;
-        range(
+        in_range(
             "--max-allocations",
             self.max_allocations as u64,
             1,
             1_000_000,
         )?;
-        range("--max-lifetime-secs", self.max_lifetime_secs, 60, 86_400)?;
-        range("--nonce-secs", self.nonce_secs, 10, 86_400)?;
-        range("--usage-interval-secs", self.usage_interval_secs, 1, 300)?;
-        range("--drain-secs", self.drain_secs, 0, 86_400)?;
+        in_range("--max-lifetime-secs", self.max_lifetime_secs, 60, 86_400)?;
+        in_range("--nonce-secs", self.nonce_secs, 10, 86_400)?;
+        in_range("--usage-interval-secs", self.usage_interval_secs, 1, 300)?;
+        in_range("--drain-secs", self.drain_secs, 0, 86_400)?;
         if self.relay_port_min > self.relay_port_max || self.relay_port_min == 0 {
             return Err(ConfigError::PortRange(
                 self.relay_port_min,
