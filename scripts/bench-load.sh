@@ -9,22 +9,9 @@
 #   scripts/bench-load.sh [PAIRS] [BYTES]     (default 1000 pairs, 1 MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
 PAIRS="${1:-1000}"
 BYTES="${2:-1048576}"
-
-cargo build --release -j2 --quiet
-floe="$CARGO_TARGET_DIR/release/floe"
-work="$(mktemp -d -t floe-bench-load.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up" >&2; exit 1; }
+source scripts/bench-lib.sh
 field() { python3 -c "import json,sys; print(json.load(open('$1'))['$2'])"; }
 
 echo "== floe dev: $PAIRS pairs x $BYTES B each way, then 10000 signal-only peers"

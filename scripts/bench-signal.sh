@@ -7,23 +7,9 @@
 #   scripts/bench-signal.sh [PEERS] [ROUNDS]     (default 10000 peers, 10 rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
 PEERS="${1:-10000}"
 ROUNDS="${2:-10}"
-
-cargo build --release -j2 --quiet
-floe="$CARGO_TARGET_DIR/release/floe"
-work="$(mktemp -d -t floe-bench.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up" >&2; exit 1; }
+source scripts/bench-lib.sh
 
 ADMIN="bench-admin-token-0123456789"
 INTERNAL="bench-internal-token-0123456789"

@@ -10,23 +10,19 @@
 #   SCENARIOS="a p" scripts/bench-turn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/floe/target}"
 SCENARIOS="${SCENARIOS:-a b p storm bind}"
 
 command -v turnserver >/dev/null || { echo "coturn is not installed (apt-get install coturn)" >&2; exit 1; }
-cargo build --release -j2 --quiet
-floe="$CARGO_TARGET_DIR/release/floe"
-work="$(mktemp -d -t floe-bench-turn.XXXXXX)"
+source scripts/bench-lib.sh
+# One server at a time, replaced per scenario (also stopped by cleanup).
 server_pid=""
 stop_server() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
   server_pid=""
 }
-cleanup() { stop_server; rm -rf "$work"; }
-trap cleanup EXIT
+trap 'stop_server; cleanup' EXIT
 
 SECRET="bench-turn-secret-0123456789"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
