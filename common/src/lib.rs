@@ -29,4 +29,4 @@ pub fn host_name(fallback: &str) -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_owned())
 }
-pub use shutdown::Shutdown;
+pub use shutdown::{Running, Shutdown};

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use floe_common::{Health, Shutdown};
+use floe_common::{Health, Running, Shutdown};
 use floe_proto::api::{CreatedApiKey, Plan, Tenant};
 
 pub use config::{Config, ConfigError, Settings, StoreLocation};
@@ -41,8 +41,7 @@ pub enum StartError {
 pub struct ControlPlane {
     addr: SocketAddr,
     app: Arc<App>,
-    shutdown: Shutdown,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
 impl ControlPlane {
@@ -57,10 +56,8 @@ impl ControlPlane {
     }
 
     /// Waits until the server has stopped (after shutdown fired).
-    pub async fn wait(mut self) {
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn wait(self) {
+        self.running.wait().await;
     }
 
     /// Returns the tenant `id`, creating it with `plan` and one API key the
@@ -97,12 +94,6 @@ impl ControlPlane {
             None => api::new_key(&self.app, id).await?,
         };
         Ok((tenant, key))
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 
@@ -144,8 +135,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlan
     Ok(ControlPlane {
         addr,
         app,
-        shutdown,
-        task: Some(server),
+        running: Running::new(shutdown, server),
     })
 }
 

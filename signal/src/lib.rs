@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method, header};
-use floe_common::{Check, Health, Shutdown};
+use floe_common::{Check, Health, Running, Shutdown};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use config::{Config, ConfigError, Settings};
@@ -46,8 +46,7 @@ pub enum StartError {
 pub struct Signal {
     addr: SocketAddr,
     node_id: String,
-    shutdown: Shutdown,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
 impl Signal {
@@ -62,24 +61,13 @@ impl Signal {
     }
 
     /// Starts a graceful drain and waits until the node has stopped.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn stop(self) {
+        self.running.stop().await;
     }
 
     /// Waits until the node has stopped (after shutdown fired).
-    pub async fn wait(mut self) {
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Signal {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    pub async fn wait(self) {
+        self.running.wait().await;
     }
 }
 
@@ -176,8 +164,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     Ok(Signal {
         addr,
         node_id,
-        shutdown,
-        task: Some(task),
+        running: Running::new(shutdown, task),
     })
 }
 

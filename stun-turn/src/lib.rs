@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use floe_common::{Health, Shutdown};
+use floe_common::{Health, Running, Shutdown};
 
 pub use config::{Config, ConfigError, Settings, TlsSettings};
 pub use meter::SpoolError;
@@ -51,8 +51,7 @@ pub struct TurnServer {
     tls: Option<SocketAddr>,
     http: SocketAddr,
     server_id: String,
-    shutdown: Shutdown,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
 impl TurnServer {
@@ -78,24 +77,13 @@ impl TurnServer {
 
     /// Drains (refuses new allocations, keeps relaying until they end or
     /// the drain deadline), flushes usage and stops.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    pub async fn stop(self) {
+        self.running.stop().await;
     }
 
     /// Waits until the server has stopped (after shutdown fired).
-    pub async fn wait(mut self) {
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for TurnServer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    pub async fn wait(self) {
+        self.running.wait().await;
     }
 }
 
@@ -195,8 +183,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
         tls: tls_addr,
         http: http_addr,
         server_id,
-        shutdown,
-        task: Some(task),
+        running: Running::new(shutdown, task),
     })
 }
 
