@@ -145,6 +145,8 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         listen: SocketAddr::new(host, config.control_port),
         store: dir.join("control.redb").display().to_string(),
         redis_prefix: "floe:cp:".into(),
+        redis_password: None,
+        redis_password_file: None,
         admin_token: Some(admin_token.clone()),
         admin_token_file: None,
         internal_token: Some(internal_token.clone()),

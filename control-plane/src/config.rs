@@ -19,6 +19,15 @@ pub struct Config {
     #[arg(long, env = "FLOE_STORE", default_value = "floe-data/control.redb")]
     pub store: String,
 
+    /// Redis password, set into a `redis://` --store (so it can come from a
+    /// Secret).
+    #[arg(long, env = "FLOE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// File holding the Redis password.
+    #[arg(long, env = "FLOE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
     /// Prefix of every Redis key, so deployments can share a Redis.
     #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:cp:")]
     pub redis_prefix: String,
@@ -104,6 +113,10 @@ pub enum ConfigError {
     TooShort { what: &'static str, min: usize },
     #[error("TURN secrets: {0}")]
     TurnSecrets(#[from] CredentialError),
+    #[error(transparent)]
+    RedisUrl(#[from] floe_common::config::RedisUrlError),
+    #[error("--redis-password needs a redis:// --store")]
+    PasswordWithoutRedis,
     #[error("--turn-url needs TURN secrets to sign credentials with")]
     TurnUrlsWithoutSecrets,
     #[error("{0:?} is not a STUN/TURN URL (stun:, turn:, turns:)")]
@@ -170,8 +183,19 @@ impl Config {
             60,
             30 * 86_400,
         )?;
+        let redis_password = load(
+            "Redis password",
+            self.redis_password.as_deref(),
+            self.redis_password_file.as_deref(),
+        )?;
         let store = if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
-            StoreLocation::Redis(self.store.clone())
+            StoreLocation::Redis(floe_common::config::redis_url(
+                "--store",
+                &self.store,
+                redis_password.as_deref(),
+            )?)
+        } else if redis_password.is_some() {
+            return Err(ConfigError::PasswordWithoutRedis);
         } else {
             StoreLocation::Embedded(PathBuf::from(
                 self.store.strip_prefix("file:").unwrap_or(&self.store),

@@ -33,6 +33,14 @@ pub struct Config {
     #[arg(long, env = "FLOE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Redis password, set into --redis-url (so it can come from a Secret).
+    #[arg(long, env = "FLOE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// File holding the Redis password.
+    #[arg(long, env = "FLOE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
     /// Prefix of every Redis key and channel of the room bus.
     #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:sig:")]
     pub redis_prefix: String,
@@ -151,8 +159,10 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("--control-url must be an http(s) URL, got {0:?}")]
     BadControlUrl(String),
-    #[error("--redis-url must be a redis:// or rediss:// URL")]
-    BadRedisUrl,
+    #[error(transparent)]
+    RedisUrl(#[from] floe_common::config::RedisUrlError),
+    #[error("--redis-password needs --redis-url")]
+    PasswordWithoutRedis,
     #[error("--node-id: {0}")]
     BadNodeId(#[from] floe_proto::id::IdError),
     #[error(transparent)]
@@ -172,11 +182,20 @@ impl Config {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::BadControlUrl(self.control_url.clone()));
         }
-        if let Some(r) = &self.redis_url
-            && !(r.starts_with("redis://") || r.starts_with("rediss://"))
-        {
-            return Err(ConfigError::BadRedisUrl);
-        }
+        let redis_password = floe_common::secret::load(
+            "Redis password",
+            self.redis_password.as_deref(),
+            self.redis_password_file.as_deref(),
+        )?;
+        let redis_url = match (&self.redis_url, redis_password) {
+            (Some(url), password) => Some(floe_common::config::redis_url(
+                "--redis-url",
+                url,
+                password.as_deref(),
+            )?),
+            (None, Some(_)) => return Err(ConfigError::PasswordWithoutRedis),
+            (None, None) => None,
+        };
         let node_id = match &self.node_id {
             Some(id) => {
                 floe_proto::id::validate("node id", id)?;
@@ -226,7 +245,7 @@ impl Config {
             listen: self.listen,
             control_url: url.to_owned(),
             internal_token,
-            redis_url: self.redis_url.clone(),
+            redis_url,
             redis_prefix: self.redis_prefix.clone(),
             node_id,
             allowed_origins: self.allowed_origins.clone(),
