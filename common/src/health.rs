@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The set of readiness checks of one component.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Health {
+    component: &'static str,
     checks: Arc<Mutex<BTreeMap<&'static str, Arc<AtomicBool>>>>,
 }
 
@@ -30,8 +31,16 @@ impl Check {
 }
 
 impl Health {
-    pub fn new() -> Self {
-        Self::default()
+    /// The checks of `component` ("signal", "turn", "control-plane").
+    pub fn new(component: &'static str) -> Self {
+        Self {
+            component,
+            checks: Arc::default(),
+        }
+    }
+
+    pub fn component(&self) -> &'static str {
+        self.component
     }
 
     /// Registers (or returns the existing) check `name`, initially `ok`.
@@ -63,7 +72,7 @@ mod tests {
 
     #[test]
     fn ready_only_when_every_check_passes() {
-        let health = Health::new();
+        let health = Health::new("test");
         assert!(health.ready());
         let redis = health.check("redis", false);
         let drain = health.check("serving", true);

@@ -123,8 +123,10 @@ async fn readyz(State(ops): State<Ops>) -> Response {
 }
 
 async fn metrics(State(ops): State<Ops>) -> Response {
+    let mut families = ops.registry.gather();
+    families.extend(health_families(&ops.health));
     let mut buf = Vec::new();
-    match TextEncoder::new().encode(&ops.registry.gather(), &mut buf) {
+    match TextEncoder::new().encode(&families, &mut buf) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response(),
         Err(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,6 +135,27 @@ async fn metrics(State(ops): State<Ops>) -> Response {
         )
         .into_response(),
     }
+}
+
+/// `floe_health_check{component, check}`: each readiness check as 1
+/// (passing) or 0, so an alert can say which dependency keeps a node out of
+/// its Service.
+fn health_families(health: &Health) -> Vec<prometheus::proto::MetricFamily> {
+    use prometheus::core::Collector as _;
+    let gauge = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "floe_health_check",
+            "Readiness checks of this component: 1 while passing, 0 while failing",
+        ),
+        &["component", "check"],
+    )
+    .expect("valid metric");
+    for (check, ok) in health.snapshot() {
+        gauge
+            .with_label_values(&[health.component(), check])
+            .set(i64::from(ok));
+    }
+    gauge.collect()
 }
 
 /// Binds `addr` for HTTP, with a clear error naming what failed.
@@ -169,7 +192,7 @@ mod tests {
             .register(Box::new(counter.clone()))
             .expect("register once");
         counter.inc_by(3);
-        let health = Health::new();
+        let health = Health::new("test");
         let dep = health.check("dependency", false);
         let listener = bind("test", "127.0.0.1:0".parse().expect("addr"))
             .await
@@ -212,6 +235,10 @@ mod tests {
             .await
             .expect("text");
         assert!(body.contains("floe_test_things_total 3"), "{body}");
+        assert!(
+            body.contains("floe_health_check{check=\"dependency\",component=\"test\"} 1"),
+            "{body}"
+        );
         let r = client
             .get(format!("{base}/nope"))
             .send()

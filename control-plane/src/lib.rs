@@ -111,7 +111,7 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreErro
 pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlane, StartError> {
     let store = open_store(&settings).await?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let health = Health::new();
+    let health = Health::new("control-plane");
     let store_ok = health.check("store", true);
     let listener = floe_common::http::bind("control-plane API", settings.listen).await?;
     let addr = listener.local_addr()?;

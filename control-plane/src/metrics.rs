@@ -76,6 +76,14 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
+        // Known label values start at zero, so rates and alerts see them
+        // before the first event.
+        for result in ["applied", "duplicate", "rejected"] {
+            m.usage_batches.with_label_values(&[result]);
+        }
+        for result in ["delivered", "failed"] {
+            m.webhooks.with_label_values(&[result]);
+        }
         for c in [
             Box::new(m.credentials_issued.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.credentials_refused.clone()),

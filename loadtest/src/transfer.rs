@@ -501,7 +501,14 @@ async fn pair(i: usize, args: Arc<TransferArgs>, tally: Arc<Tally>) -> Result<()
         .lock()
         .await
         .record_ms(transfer_started.elapsed());
-    // Leave: close allocations and sockets.
+    // Report the path the bytes took, as a browser app does after a
+    // transfer, so operators see the relayed share; then leave.
+    let stats = json!({"type": "stats", "relayed_bytes": args.bytes}).to_string();
+    for ws in [&mut a, &mut b] {
+        ws.send(Message::text(stats.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     for r in [&ra, &rb] {
         let _ = r.conn.close().await;
         let _ = r.client.close().await;

@@ -96,7 +96,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     let stop = Shutdown::new();
     let draining = Shutdown::new();
     let metrics = Arc::new(metrics::Metrics::new());
-    let health = Health::new();
+    let health = Health::new("signal");
     let serving = health.check("serving", true);
     let control_ok = health.check("control_plane", false);
     let hub = Arc::new(hub::Hub::new());

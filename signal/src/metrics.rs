@@ -98,6 +98,18 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
+        // The limits operators alert on start at zero, so rates see them
+        // before the first refusal.
+        for reason in [
+            "rate_limited",
+            "too_many_connections",
+            "room_full",
+            "room_limit_reached",
+            "message_too_large",
+            "unavailable",
+        ] {
+            m.refusals.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.rooms.clone()),

@@ -90,13 +90,13 @@ impl TurnServer {
 /// Starts serving; returns once every listener is bound.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer, StartError> {
     let shutdown = shutdown.child_token();
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = Arc::new(metrics::Metrics::new(settings.max_allocations));
     let meter = Arc::new(meter::Meter::open(
         &settings.server_id,
         settings.data_dir.as_deref(),
     )?);
     let server_id = meter.server_id();
-    let health = Health::new();
+    let health = Health::new("turn");
     let serving = health.check("serving", true);
     let control = match (&settings.control_url, &settings.internal_token) {
         (Some(url), Some(token)) => Some(report::Control::new(url, token)?),

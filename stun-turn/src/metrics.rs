@@ -22,6 +22,7 @@ pub(crate) struct Metrics {
     pub denied_peers: IntCounter,
     pub usage_batches: IntCounterVec,
     pub usage_pending: IntGauge,
+    pub max_allocations: IntGauge,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -29,7 +30,10 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The metrics of a server allowed `max_allocations` at once. Counters
+    /// whose label values are known up front start at zero, so that rates
+    /// and alerts see them before the first event.
+    pub fn new(max_allocations: usize) -> Self {
         let m = Self {
             registry: Registry::new(),
             stun_requests: counter_vec(
@@ -100,7 +104,7 @@ impl Metrics {
             .expect("valid metric"),
             usage_batches: counter_vec(
                 "floe_turn_usage_batches_total",
-                "Usage batches, by result (sent, acked, failed)",
+                "Usage batches, by result (sent, acked, failed, rejected)",
                 &["result"],
             ),
             usage_pending: IntGauge::new(
@@ -108,7 +112,37 @@ impl Metrics {
                 "Usage batches waiting for the control plane's acknowledgement",
             )
             .expect("valid metric"),
+            max_allocations: IntGauge::new(
+                "floe_turn_max_allocations",
+                "Allocations this server accepts at once (--max-allocations)",
+            )
+            .expect("valid metric"),
         };
+        m.max_allocations
+            .set(i64::try_from(max_allocations).unwrap_or(i64::MAX));
+        for reason in [
+            "bad_request",
+            "bad_username",
+            "unknown_kid",
+            "bad_password",
+            "expired",
+            "rate_limited",
+        ] {
+            m.auth_failures.with_label_values(&[reason]);
+        }
+        for reason in [
+            "capacity",
+            "quota",
+            "ports",
+            "draining",
+            "over_quota",
+            "revoked",
+        ] {
+            m.allocations_refused.with_label_values(&[reason]);
+        }
+        for result in ["sent", "acked", "failed", "rejected"] {
+            m.usage_batches.with_label_values(&[result]);
+        }
         let all: Vec<Box<dyn Collector>> = vec![
             Box::new(m.stun_requests.clone()),
             Box::new(m.request_seconds.clone()),
@@ -124,6 +158,7 @@ impl Metrics {
             Box::new(m.denied_peers.clone()),
             Box::new(m.usage_batches.clone()),
             Box::new(m.usage_pending.clone()),
+            Box::new(m.max_allocations.clone()),
         ];
         for c in all {
             m.registry.register(c).expect("each metric registered once");

@@ -1059,7 +1059,8 @@ mod tests {
             floe_proto::credential::TurnSecrets::parse("k1=0123456789abcdef0").expect("secrets"),
         );
         let meter = Arc::new(Meter::open("fuzz", None).expect("meter"));
-        Arc::new(Turn::new(s, Arc::new(Metrics::new()), meter))
+        let metrics = Arc::new(Metrics::new(s.max_allocations));
+        Arc::new(Turn::new(s, metrics, meter))
     }
 
     /// A well-formed STUN header around arbitrary attribute bytes.

@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Offline checks of the floe Helm chart.
+
+For the default values and every file in helm/floe/ci/:
+  1. `helm lint` and `helm template` succeed;
+  2. every rendered manifest validates (strictly: no unknown fields) against
+     the Kubernetes OpenAPI schemas of the oldest and newest supported
+     Kubernetes versions (kubernetes-validate, offline);
+  3. every container that runs the floe image is started as the real
+     `floe` binary with the same arguments and environment (secrets and
+     volumes materialised in a temporary folder) and `--check-config`, so
+     the chart can never pass a flag or value the binary rejects.
+Then values the schema or the templates must refuse are rendered and must
+fail, and a value only the binary can refuse must make check 3 fail.
+
+Usage: check_chart.py HELM FLOE_BINARY
+"""
+
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent / "floe"
+KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+# Kinds from the Prometheus Operator: no schema in the Kubernetes API.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+POD_TEMPLATE_KINDS = {"Deployment", "DaemonSet", "StatefulSet"}
+FIELD_VALUES = {
+    "metadata.name": "rel-floe-component-7d9f8-x2k4p",
+    "metadata.namespace": "floe",
+    "status.podIP": "10.1.2.3",
+    "status.hostIP": "10.1.2.3",
+}
+
+failures = []
+
+
+def fail(what):
+    failures.append(what)
+    print(f"  FAIL {what}", flush=True)
+
+
+def helm(helm_bin, *args, check=True):
+    result = subprocess.run(
+        [helm_bin, *args], capture_output=True, text=True, timeout=120
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)}:\n{result.stderr}")
+    return result
+
+
+def render(helm_bin, values_args):
+    out = helm(helm_bin, "template", "rel", str(CHART), "-n", "floe", *values_args)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def validate(docs, label):
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in OPERATOR_KINDS:
+            if not doc.get("spec"):
+                fail(f"{label}: {name} has no spec")
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                fail(f"{label}: {name} is invalid for Kubernetes {version}: {e.message} at {list(e.path)}")
+
+
+def self_signed_pem(folder):
+    """A throwaway certificate and key, for a mounted TLS Secret."""
+    crt, key = folder / "tls.crt", folder / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=turn.example.com", "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return {"tls.crt": crt.read_bytes(), "tls.key": key.read_bytes()}
+
+
+def secret_data(docs, name, scratch):
+    """The data of Secret `name`: rendered by the chart, or a stand-in with
+    the keys the chart expects of an existing Secret."""
+    for doc in docs:
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] == name:
+            return {k: base64.b64decode(v) for k, v in doc.get("data", {}).items()}
+    if "tls" in name:
+        folder = scratch / f"pem-{name}"
+        folder.mkdir(exist_ok=True)
+        return self_signed_pem(folder)
+    return {
+        "admin-token": b"existing-admin-token-0123456789",
+        "internal-token": b"existing-internal-token-0123456789",
+        "turn-secrets": b"k9=existing-turn-secret-0123456789\n",
+        "redis-password": b"existing redis password",
+        "password": b"existing redis password",
+    }
+
+
+def check_containers(docs, floe_bin, label, expect_ok=True):
+    """Runs `floe <args> --check-config` for every floe container; returns
+    how many were checked and how many the binary refused."""
+    checked = refused = 0
+    for doc in docs:
+        if doc["kind"] not in POD_TEMPLATE_KINDS:
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            if "floe" not in container["image"]:
+                continue
+            checked += 1
+            with tempfile.TemporaryDirectory(prefix="floe-chart-") as tmp:
+                scratch = Path(tmp)
+                mounts = {}
+                for m in container.get("volumeMounts", []):
+                    local = scratch / m["name"]
+                    local.mkdir()
+                    secret = volumes[m["name"]].get("secret")
+                    if secret:
+                        for key, value in secret_data(docs, secret["secretName"], scratch).items():
+                            (local / key).write_bytes(value)
+                    mounts[m["mountPath"]] = str(local)
+                env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+                for e in container.get("env", []):
+                    if "value" in e:
+                        value = e["value"]
+                    elif "fieldRef" in e.get("valueFrom", {}):
+                        value = FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
+                    elif "secretKeyRef" in e.get("valueFrom", {}):
+                        ref = e["valueFrom"]["secretKeyRef"]
+                        value = secret_data(docs, ref["name"], scratch)[ref["key"]].decode()
+                    else:
+                        raise RuntimeError(f"{label}: unhandled env source {e}")
+                    for path, local in mounts.items():
+                        if value.startswith(path + "/"):
+                            value = local + value[len(path):]
+                    env[e["name"]] = value
+                args = container.get("command", [])[1:] + container.get("args", [])
+                result = subprocess.run(
+                    [floe_bin, *args, "--check-config"], env=env, cwd=scratch,
+                    capture_output=True, text=True, timeout=60,
+                )
+                where = f"{label}: {doc['kind']}/{doc['metadata']['name']} container {container['name']}"
+                if result.returncode != 0:
+                    refused += 1
+                    if expect_ok:
+                        fail(f"{where}: floe {' '.join(args)} --check-config refused it:\n{result.stderr.strip()}")
+                elif expect_ok:
+                    print(f"  ok   {where}: floe {' '.join(args)} --check-config", flush=True)
+    if expect_ok and checked == 0:
+        fail(f"{label}: no floe container found")
+    return checked, refused
+
+
+def check_docs():
+    """The chart's version matches the binary's, and the README's values
+    table names every value."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    cargo = (CHART.parent.parent / "Cargo.toml").read_text()
+    workspace_version = cargo.split("[workspace.package]")[1].split('version = "')[1].split('"')[0]
+    if chart["appVersion"] != workspace_version:
+        fail(f"Chart appVersion {chart['appVersion']} is not the crates' version {workspace_version}")
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for top, value in values.items():
+        keys = [f"{top}.{k}" for k in value] if isinstance(value, dict) and value else [top]
+        for key in keys:
+            if f"`{key}" not in readme:
+                fail(f"helm/floe/README.md does not document {key}")
+
+
+def main():
+    helm_bin, floe_bin = sys.argv[1], sys.argv[2]
+    check_docs()
+    shapes = [("default", [])] + [
+        (p.stem, ["-f", str(p)]) for p in sorted((CHART / "ci").glob("*-values.yaml"))
+    ]
+    print(f"helm {helm(helm_bin, 'version', '--short').stdout.strip()}, "
+          f"schemas for Kubernetes {', '.join(KUBE_VERSIONS)}")
+    for label, args in shapes:
+        print(f"== {label}", flush=True)
+        lint = helm(helm_bin, "lint", str(CHART), *args, check=False)
+        if lint.returncode != 0:
+            fail(f"{label}: helm lint:\n{lint.stdout}{lint.stderr}")
+            continue
+        docs = render(helm_bin, args)
+        print(f"  {len(docs)} manifests: "
+              + ", ".join(sorted({d['kind'] for d in docs})), flush=True)
+        validate(docs, label)
+        check_containers(docs, floe_bin, label)
+
+    print("== values the chart must refuse", flush=True)
+    refusals = {
+        "negative signal replicas": ["--set", "signal.replicas=-1"],
+        "negative control-plane replicas": ["--set", "controlPlane.replicas=-2"],
+        "empty relay port range": ["--set", "turn.relayPorts.count=0"],
+        "inverted relay port range": ["--set", "turn.relayPorts.count=-100"],
+        "relay range past 65535": ["--set", "turn.relayPorts.first=65000,turn.relayPorts.count=1000"],
+        "relay range as min/max": ["--set", "turn.relayPortMin=60000,turn.relayPortMax=50000"],
+        "unknown TURN exposure mode": ["--set", "turn.exposure=ingress"],
+        "load balancer without external IP": ["--set", "turn.exposure=loadBalancer,turn.kind=Deployment"],
+        "several replicas on the embedded store": ["--set", "controlPlane.store=embedded,controlPlane.replicas=2"],
+        "several signal nodes without Redis": ["--set", "redis.enabled=false"],
+        "short TURN secret": ["--set", "secrets.turnSecrets[0].kid=k1,secrets.turnSecrets[0].secret=short"],
+        "unknown top-level value": ["--set", "turnn.enabled=true"],
+    }
+    for what, args in refusals.items():
+        result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)
+        if result.returncode == 0:
+            fail(f"accepted: {what} ({' '.join(args[1:])})")
+        else:
+            lines = [l.strip() for l in result.stderr.splitlines()
+                     if l.strip() and not l.startswith("Use --debug")]
+            reason = "; ".join(l for l in lines if l.startswith("- ")) or lines[-1]
+            print(f"  ok   refused {what}: {reason}", flush=True)
+
+    print("== a value only the binary can refuse", flush=True)
+    docs = render(helm_bin, ["--set", "controlPlane.extraEnv[0].name=FLOE_CREDENTIAL_TTL_SECS",
+                             "--set-string", "controlPlane.extraEnv[0].value=5"])
+    checked, refused = check_containers(docs, floe_bin, "bad ttl", expect_ok=False)
+    if refused != 1:
+        fail(f"--check-config refused {refused} of {checked} containers; expected exactly the control plane")
+    else:
+        print(f"  ok   --check-config refused the control plane's FLOE_CREDENTIAL_TTL_SECS=5", flush=True)
+
+    if failures:
+        print(f"\n{len(failures)} chart check(s) failed", flush=True)
+        return 1
+    print("\nchart checks passed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
