@@ -79,7 +79,10 @@ async fn dashboard_and_alerts_use_only_metrics_the_components_expose() {
                 .map(str::to_owned),
         );
     }
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/floe");
+    // Read at run time: a target directory shared between clones (the CI
+    // cache) keeps a compile-time path of whichever clone built it first.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let chart = std::path::Path::new(&root).join("helm/floe");
     let mut used = std::collections::BTreeSet::new();
     for file in ["dashboards/floe.json", "templates/prometheusrule.yaml"] {
         let text = std::fs::read_to_string(chart.join(file)).expect("chart file");
