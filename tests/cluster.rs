@@ -116,3 +116,63 @@ async fn a_killed_node_s_peers_leave_within_ten_seconds() {
         .await;
     assert_eq!(c.expect("signal").await["payload"]["still"], "here");
 }
+
+/// The signal-only load mode against two nodes on one Redis: rooms of
+/// three spread over both nodes, so offers and answers cross nodes both
+/// ways and stay on one node too; every message arrives, and the report
+/// breaks the round trip down by route.
+#[tokio::test]
+async fn signal_load_spread_over_two_nodes_breaks_latency_down_by_route() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: floe_loadtest::signal::SignalArgs,
+    }
+    let redis = std::env::var("FLOE_TEST_REDIS_URL")
+        .expect("FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh");
+    let stack = Stack::new().await;
+    let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+    let nodes: Vec<(Process, SocketAddr)> = (0..2)
+        .map(|i| signal_process(&stack.cp.url(), &redis, &prefix, &format!("n{i}")))
+        .collect();
+    let mut argv = vec!["signal".to_owned()];
+    for (_, addr) in &nodes {
+        wait_ready(*addr).await;
+        argv.extend(["--signal-url".to_owned(), format!("http://{addr}")]);
+    }
+    argv.extend(
+        [
+            "--tenant",
+            "t1",
+            "--peers",
+            "24",
+            "--room-size",
+            "3",
+            "--rounds",
+            "3",
+            "--hold-secs",
+            "0",
+            "--message-bytes",
+            "200",
+        ]
+        .map(str::to_owned),
+    );
+    let report = floe_loadtest::signal::run(Cli::parse_from(argv).args).await;
+    println!("{}", floe_loadtest::signal::render(&report));
+    assert_eq!((report.rooms, report.connected), (8, 24), "{report:?}");
+    assert_eq!(report.messages_lost, 0, "{report:?}");
+    assert_eq!(report.messages_relayed, 8 * 3 * 2 * 2);
+    let routes: Vec<&str> = report
+        .offer_answer_by_route_ms
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(routes, ["n0→n0", "n0→n1", "n1→n0", "n1→n1"]);
+    let per_route: usize = report
+        .offer_answer_by_route_ms
+        .values()
+        .map(|s| s.count)
+        .sum();
+    assert_eq!(per_route, 8 * 3 * 2, "one sample per answer");
+}

@@ -4,30 +4,43 @@
 
 mod support;
 
-#[tokio::test]
-async fn hundred_peers_transfer_verified_and_the_ledger_reconciles() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let (_dev, ep) = support::start(data.path());
+use clap::Parser;
+use floe_loadtest::transfer::{TransferArgs, TransferReport};
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: TransferArgs,
+}
+
+/// Runs the transfer scenario against `floe dev`'s endpoints with the
+/// command-line flags `extra`, exactly as `floe loadtest transfer` would.
+async fn run(ep: &Value, extra: &[&str]) -> TransferReport {
     let s = |k: &str| ep[k].as_str().expect("endpoint").to_owned();
-    let report = floe_loadtest::transfer::run(floe_loadtest::transfer::TransferArgs {
-        signal_urls: vec![s("signal_url")],
-        control_url: s("control_url"),
-        key_id: s("api_key_id"),
-        key_secret: s("api_key_secret"),
-        tenant: s("tenant"),
-        pairs: 50,
-        bytes: 64 * 1024,
-        chunk: 1_000,
-        window: 32,
-        join_rate: 100.0,
-        timeout_secs: 60,
-    })
-    .await;
+    let mut argv = vec!["transfer".to_owned()];
+    for (flag, key) in [
+        ("--signal-url", "signal_url"),
+        ("--control-url", "control_url"),
+        ("--key-id", "api_key_id"),
+        ("--key-secret", "api_key_secret"),
+        ("--tenant", "tenant"),
+    ] {
+        argv.extend([flag.to_owned(), s(key)]);
+    }
+    argv.extend(["--join-rate", "100", "--timeout-secs", "60"].map(str::to_owned));
+    argv.extend(extra.iter().map(|a| (*a).to_owned()));
+    let report = floe_loadtest::transfer::run(Cli::parse_from(argv).args, &[]).await;
+    println!("{}", floe_loadtest::transfer::render(&report));
+    report
+}
+
+/// Every file verified and the ledger equal, byte for byte, to what the
+/// peers put through TURN and took from it.
+fn assert_verified_and_reconciled(report: &TransferReport) {
     assert_eq!(report.transfers_failed, 0, "{report:?}");
-    assert_eq!(report.transfers_verified, 100);
     assert_eq!(report.corrupt_chunks, 0);
     assert!(report.consistent, "{report:?}");
-    assert!(report.relayed_bytes_sent >= 100 * 64 * 1024);
     assert!(
         report.reconciled,
         "ledger out {} in {} vs sent {} received {}",
@@ -40,6 +53,79 @@ async fn hundred_peers_transfer_verified_and_the_ledger_reconciles() {
     assert_eq!(report.ledger_bytes_in, report.relayed_bytes_received);
 }
 
+#[tokio::test]
+async fn hundred_peers_transfer_verified_and_the_ledger_reconciles() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_dev, ep) = support::start(data.path());
+    let report = run(&ep, &["--pairs", "50", "--bytes", "65536"]).await;
+    assert_verified_and_reconciled(&report);
+    assert_eq!(report.transfers_verified, 100);
+    assert_eq!(report.payload_bytes_verified, 100 * 64 * 1024);
+    assert!(report.relayed_bytes_sent >= 100 * 64 * 1024);
+    assert!(report.peak_transferring_peers >= 2);
+}
+
+/// The other knobs against the same kind of deployment: TURN over TCP,
+/// half the pairs reconnecting their signaling mid-transfer, and pairs
+/// sending file after file for a few seconds; then a TURN-only run with
+/// credentials minted from the TURN secret. Everything verified, every
+/// churned peer back and re-signalled, and the ledger still exact.
+#[tokio::test]
+async fn tcp_churn_duration_and_turn_only_runs_reconcile() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_dev, ep) = support::start(data.path());
+    let report = run(
+        &ep,
+        &[
+            "--pairs",
+            "10",
+            "--bytes",
+            "32768",
+            "--turn-transport",
+            "tcp",
+            "--churn",
+            "0.5",
+            "--duration-secs",
+            "3",
+        ],
+    )
+    .await;
+    assert_verified_and_reconciled(&report);
+    assert_eq!(report.churned_peers, 5, "{report:?}");
+    assert_eq!(report.reconnect_ms.map(|s| s.count), Some(5));
+    // Every pair ran at least one round; pairs that started early, more.
+    assert!(report.rounds_completed > 10, "{report:?}");
+    assert_eq!(report.transfers_verified, 2 * report.rounds_completed);
+    assert_eq!(
+        report.payload_bytes_verified,
+        report.transfers_verified * 32_768
+    );
+
+    let secrets = std::fs::read_to_string(data.path().join("turn-secrets")).expect("secrets");
+    let (kid, secret) = secrets.trim().split_once('=').expect("kid=secret");
+    let turn = ep["turn_addr"].as_str().expect("turn address");
+    let report = run(
+        &ep,
+        &[
+            "--pairs",
+            "5",
+            "--bytes",
+            "16384",
+            "--turn-secret",
+            secret,
+            "--turn-kid",
+            kid,
+            "--turn-server",
+            turn,
+        ],
+    )
+    .await;
+    assert_verified_and_reconciled(&report);
+    assert!(report.turn_only);
+    assert_eq!(report.transfers_verified, 10);
+    assert_eq!(report.join_ms, None, "a TURN-only run does not signal");
+}
+
 /// Every `floe_…` metric name the shipped Grafana dashboard and Prometheus
 /// alerts use, after a workload has touched every component, is one that a
 /// component exposes on `/metrics`.
@@ -48,20 +134,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_components_expose() {
     let data = tempfile::tempdir().expect("tempdir");
     let (_dev, ep) = support::start(data.path());
     let s = |k: &str| ep[k].as_str().expect("endpoint").to_owned();
-    let report = floe_loadtest::transfer::run(floe_loadtest::transfer::TransferArgs {
-        signal_urls: vec![s("signal_url")],
-        control_url: s("control_url"),
-        key_id: s("api_key_id"),
-        key_secret: s("api_key_secret"),
-        tenant: s("tenant"),
-        pairs: 2,
-        bytes: 4 * 1024,
-        chunk: 1_000,
-        window: 8,
-        join_rate: 100.0,
-        timeout_secs: 30,
-    })
-    .await;
+    let report = run(&ep, &["--pairs", "2", "--bytes", "4096", "--window", "8"]).await;
     assert_eq!(report.transfers_verified, 4, "{report:?}");
 
     let mut exposed = std::collections::BTreeSet::new();

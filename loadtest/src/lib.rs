@@ -1,14 +1,18 @@
 //! floe load tester: drives a floe deployment with simulated peers and
 //! reports what it measured.
 //!
-//! Modes so far: signal-only (rooms of peers trading offers and answers),
-//! a TURN allocation storm and a STUN Binding flood. Every run is bounded in count and
+//! Modes: signal-only (rooms of peers trading offers and answers), the
+//! full transfer scenario (signal, relay files through TURN over UDP or
+//! TCP, reconcile the ledger; or TURN-only), a TURN allocation storm and a
+//! STUN Binding flood. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
+pub mod chunks;
 mod join;
 pub mod procstat;
 pub mod signal;
 pub mod stats;
+pub mod stream_conn;
 pub mod stun_flood;
 pub mod target;
 pub mod transfer;
@@ -133,7 +137,8 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             for url in args.signal_urls.iter().chain([&args.control_url]) {
                 check_url(url, &config.allow_targets)?;
             }
-            let report = transfer::run(args).await;
+            target::check(args.turn_server.ip(), &config.allow_targets)?;
+            let report = transfer::run(args, &config.allow_targets).await;
             write_json(&config.json, &report)?;
             Ok(transfer::render(&report))
         }

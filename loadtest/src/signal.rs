@@ -77,8 +77,11 @@ pub struct SignalReport {
     pub join_failures: u64,
     /// Connect to `welcome`, milliseconds.
     pub join_ms: Option<Summary>,
-    /// Offer sent to answer received, milliseconds.
+    /// Offer sent to every answer received, milliseconds.
     pub offer_answer_ms: Option<Summary>,
+    /// Offer sent to each answer received, by the signal nodes of the
+    /// caller and the answerer ("n0→n1"), when several URLs were given.
+    pub offer_answer_by_route_ms: std::collections::BTreeMap<String, Summary>,
     pub messages_relayed: u64,
     pub messages_lost: u64,
     pub join_seconds: f64,
@@ -107,6 +110,8 @@ struct Tally {
     active_rooms: AtomicU64,
     join: Mutex<Samples>,
     rtt: Mutex<Samples>,
+    /// Offer→answer by (caller's node, answerer's node), several nodes only.
+    rtt_by_route: Mutex<std::collections::BTreeMap<String, Samples>>,
     relayed: AtomicU64,
     lost: AtomicU64,
     join_failures: AtomicU64,
@@ -135,9 +140,11 @@ struct Peer {
     ws: Ws,
     id: String,
     session: String,
+    /// Index of the signal URL it joined through.
+    node: usize,
 }
 
-async fn connect(url: &str, timeout: Duration, tally: &Tally) -> Option<Peer> {
+async fn connect(url: &str, node: usize, timeout: Duration, tally: &Tally) -> Option<Peer> {
     let started = Instant::now();
     let (mut ws, _) =
         match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(url)).await {
@@ -169,6 +176,7 @@ async fn connect(url: &str, timeout: Duration, tally: &Tally) -> Option<Peer> {
             .as_str()
             .unwrap_or_default()
             .to_owned(),
+        node,
     })
 }
 
@@ -213,7 +221,7 @@ async fn create_room(
 /// The first peer of a room: sends offers, waits for every answer.
 async fn caller(
     mut me: Peer,
-    others: Vec<(String, String)>,
+    others: Vec<(String, String, usize)>,
     args: Arc<SignalArgs>,
     tally: Arc<Tally>,
 ) -> Ws {
@@ -221,7 +229,7 @@ async fn caller(
     let sdp = "a".repeat(args.message_bytes);
     for round in 0..args.rounds {
         let started = Instant::now();
-        for (to, sid) in &others {
+        for (to, sid, _) in &others {
             let offer = json!({"type": "signal", "to": to, "sid": sid,
                 "payload": {"type": "offer", "round": round, "sdp": sdp}});
             if me.ws.send(Message::text(offer.to_string())).await.is_err() {
@@ -234,6 +242,17 @@ async fn caller(
                 Some(m) if m["type"] == "signal" && m["payload"]["round"] == round => {
                     answers += 1;
                     tally.relayed.fetch_add(2, Ordering::Relaxed);
+                    if args.signal_urls.len() > 1
+                        && let Some((_, _, node)) = others.iter().find(|o| m["from"] == o.0)
+                    {
+                        tally
+                            .rtt_by_route
+                            .lock()
+                            .await
+                            .entry(format!("n{}→n{node}", me.node))
+                            .or_default()
+                            .record_ms(started.elapsed());
+                    }
                 }
                 Some(m) if m["type"] == "error" => {
                     tally
@@ -321,12 +340,15 @@ pub async fn run(args: SignalArgs) -> SignalReport {
             http.clone(),
             pb.clone(),
         );
-        let room_urls: Vec<String> = (0..room_size)
-            .map(|i| urls[(r * room_size + i) % urls.len()].clone())
+        let room_urls: Vec<(usize, String)> = (0..room_size)
+            .map(|i| {
+                let node = (r * room_size + i) % urls.len();
+                (node, urls[node].clone())
+            })
             .collect();
         tasks.push(tokio::spawn(async move {
             let name = format!("lt-{}-{r}", std::process::id());
-            let room = match create_room(&http, &room_urls[0], &args, &name).await {
+            let room = match create_room(&http, &room_urls[0].1, &args, &name).await {
                 Ok(id) => id,
                 Err(e) => {
                     tally.error(e).await;
@@ -338,14 +360,14 @@ pub async fn run(args: SignalArgs) -> SignalReport {
                 }
             };
             let mut members = Vec::with_capacity(room_size);
-            for (i, base) in room_urls.iter().enumerate() {
+            for (i, (node, base)) in room_urls.iter().enumerate() {
                 let client = format!("lt{r}-{i}");
                 let mut url = crate::join::ws_url(base, &room, &client);
                 if let Some(t) = token(&args, &room, &client) {
                     url.push_str("&token=");
                     url.push_str(&t);
                 }
-                match connect(&url, timeout, &tally).await {
+                match connect(&url, *node, timeout, &tally).await {
                     Some(p) => members.push(p),
                     None => {
                         tally.join_failures.fetch_add(1, Ordering::Relaxed);
@@ -364,9 +386,9 @@ pub async fn run(args: SignalArgs) -> SignalReport {
                 return connected;
             }
             let first = members.remove(0);
-            let others: Vec<(String, String)> = members
+            let others: Vec<(String, String, usize)> = members
                 .iter()
-                .map(|p| (p.id.clone(), p.session.clone()))
+                .map(|p| (p.id.clone(), p.session.clone(), p.node))
                 .collect();
             let callees: Vec<_> = members
                 .into_iter()
@@ -456,6 +478,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
         join_failures: tally.join_failures.load(Ordering::Relaxed),
         join_ms: tally.join.lock().await.summary(),
         offer_answer_ms: tally.rtt.lock().await.summary(),
+        offer_answer_by_route_ms: Samples::summaries(&*tally.rtt_by_route.lock().await),
         messages_relayed: relayed,
         messages_lost: tally.lost.load(Ordering::Relaxed),
         join_seconds,
@@ -514,6 +537,7 @@ pub fn render(r: &SignalReport) -> String {
         r.client_cpu_seconds,
         r.client_rss_bytes as f64 / 1_048_576.0,
     );
+    out.push_str(&Summary::by_key(&r.offer_answer_by_route_ms, 2));
     if let Some(s) = &r.server {
         out.push_str(&format!(
             "  server: {:.2} KiB/connection ({:.1} → {:.1} MiB RSS), {:.1} µs CPU/connection set-up, {:.1} µs CPU/relayed message\n",

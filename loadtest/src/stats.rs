@@ -37,6 +37,13 @@ impl Summary {
     pub fn line_of(s: Option<Summary>, decimals: usize) -> String {
         s.map_or_else(|| "-".to_owned(), |s| s.line(decimals))
     }
+
+    /// One indented line per key (such as "n0→n1"), under a summary line.
+    pub fn by_key(rows: &std::collections::BTreeMap<String, Summary>, decimals: usize) -> String {
+        rows.iter()
+            .map(|(k, s)| format!("    {k:<26}{}\n", s.line(decimals)))
+            .collect()
+    }
 }
 
 impl Samples {
@@ -61,6 +68,16 @@ impl Samples {
 
     pub fn merge(&mut self, other: &Samples) {
         self.values.extend_from_slice(&other.values);
+    }
+
+    /// The summary of every non-empty set in `by_key`.
+    pub fn summaries(
+        by_key: &std::collections::BTreeMap<String, Samples>,
+    ) -> std::collections::BTreeMap<String, Summary> {
+        by_key
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.summary()?)))
+            .collect()
     }
 
     /// Nearest-rank percentiles; `None` when nothing was recorded.

@@ -1,13 +1,18 @@
 //! The full scenario: pairs of peers meet through signaling (join tokens
 //! minted with a tenant API key), take the TURN credentials from their
-//! `welcome`, allocate, swap relayed addresses over signaling, and move a
-//! file each way through the relay: sequence-numbered, CRC-checked chunks
-//! in a go-back-N window, so loss shows up as retransmission and
-//! corruption is counted, never silently accepted. Afterwards the tenant's
-//! ledger is read back from the control plane and compared with the bytes
-//! the peers put through TURN.
+//! `welcome`, allocate over UDP or TCP, swap relayed addresses over
+//! signaling, and move files each way through the relay (see [`crate::chunks`]),
+//! once or round after round for a set duration. A chosen fraction of
+//! pairs churns: one peer drops its WebSocket mid-transfer, reconnects with
+//! the same client id and re-signals while the relay keeps flowing.
+//! Afterwards the tenant's ledger is read back from the control plane and
+//! compared with the bytes the peers put through TURN.
+//!
+//! With `--turn-secret` the run is TURN-only: peers mint TURN REST
+//! credentials themselves and meet without signaling.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,20 +25,26 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 use webrtc_util::Conn;
 
+use crate::chunks::{Counters, FileShape, RoundState, Side};
 use crate::stats::{Samples, Summary};
+use crate::stream_conn::StreamConn;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// CRC-32 of every chunk.
-const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
-const DATA: u8 = 0;
-const ACK: u8 = 1;
-/// Chunk header: type, sequence, CRC.
-const HEADER: usize = 9;
-/// Retransmission timeout bounds.
-const MIN_RTO: Duration = Duration::from_millis(300);
-const MAX_RTO: Duration = Duration::from_secs(3);
+/// How long any one signaling step may take.
+const SIGNAL_WAIT: Duration = Duration::from_secs(10);
+/// WebSocket close code signaling uses for a connection replaced by a
+/// reconnect of the same peer.
+const CLOSE_REPLACED: u16 = 4001;
+
+/// Transport between a peer and the TURN server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnTransport {
+    Udp,
+    Tcp,
+}
 
 /// Knobs of a transfer run.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,36 +67,97 @@ pub struct TransferArgs {
     /// Pairs of peers (each pair is one room).
     #[arg(long, default_value_t = 50)]
     pub pairs: usize,
-    /// Bytes each peer sends to its partner.
+    /// Bytes each peer sends to its partner per round.
     #[arg(long, default_value_t = 65_536)]
     pub bytes: usize,
     /// Payload bytes per chunk.
     #[arg(long, default_value_t = 1_000)]
     pub chunk: usize,
-    /// Chunks in flight per direction.
+    /// Chunks in flight per direction, at most.
     #[arg(long, default_value_t = 32)]
     pub window: u32,
-    /// New pairs per second.
+    /// Send rate per peer, kbit/s of payload (0: as fast as the window allows).
+    #[arg(long, default_value_t = 0)]
+    pub rate_kbps: u64,
+    /// New pairs per second (the ramp).
     #[arg(long, default_value_t = 100.0)]
     pub join_rate: f64,
-    /// Give up on the whole run after this many seconds.
+    /// Keep every pair sending file after file until this many seconds
+    /// after the run started (0: one file each way).
+    #[arg(long, default_value_t = 0)]
+    pub duration_secs: u64,
+    /// Fraction of pairs (0–1) whose second peer drops its WebSocket
+    /// mid-transfer, reconnects with the same client id and re-signals.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+    /// Transport to TURN.
+    #[arg(long, value_enum, default_value_t = TurnTransport::Udp)]
+    pub turn_transport: TurnTransport,
+    /// TURN-only: mint TURN REST credentials with this secret instead of
+    /// signaling (peers meet in-process).
+    #[arg(long, env = "FLOE_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+    /// Key id of --turn-secret.
+    #[arg(long, default_value = "k1")]
+    pub turn_kid: String,
+    /// TURN server of a TURN-only run.
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    pub turn_server: SocketAddr,
+    /// Give up on a pair after this many seconds (beyond --duration-secs).
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+}
+
+impl TransferArgs {
+    fn shape(&self) -> FileShape {
+        FileShape {
+            bytes: self.bytes,
+            chunk: self.chunk.max(1),
+            window: self.window.max(1),
+            rate_bps: self.rate_kbps.saturating_mul(1_000),
+        }
+    }
+
+    /// Whether pair `i` churns: `churn` of the pairs, spread evenly.
+    fn churns(&self, i: usize) -> bool {
+        let c = self.churn.clamp(0.0, 1.0);
+        ((i + 1) as f64 * c).floor() > (i as f64 * c).floor()
+    }
 }
 
 /// Everything a transfer run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TransferReport {
     pub pairs: usize,
+    pub turn_transport: Option<TurnTransport>,
+    pub turn_only: bool,
+    /// Files received complete and verified (two per pair and round).
     pub transfers_verified: u64,
+    /// Peers whose pair did not finish.
     pub transfers_failed: u64,
+    pub rounds_completed: u64,
     pub join_ms: Option<Summary>,
     pub offer_answer_ms: Option<Summary>,
+    /// Offer→answer by the signal nodes the two peers used ("n0→n1"),
+    /// when several signal URLs were given.
+    pub offer_answer_by_route_ms: BTreeMap<String, Summary>,
     pub allocation_ms: Option<Summary>,
     pub ice_to_first_byte_ms: Option<Summary>,
+    /// One round, both directions.
     pub transfer_ms: Option<Summary>,
+    /// Payload received in order and verified.
+    pub payload_bytes_verified: u64,
+    /// Verified payload over the time any transfer was running, Mbit/s.
+    pub goodput_mbps: f64,
     pub retransmissions: u64,
     pub corrupt_chunks: u64,
+    /// Peers that dropped their WebSocket mid-transfer, reconnected and
+    /// re-signalled while their relay kept flowing.
+    pub churned_peers: u64,
+    /// Reconnect start to the re-sent offer's answer.
+    pub reconnect_ms: Option<Summary>,
+    /// Most peers transferring at one time.
+    pub peak_transferring_peers: u64,
     /// Bytes the peers handed to TURN (chunks, retransmissions and acks).
     pub relayed_bytes_sent: u64,
     /// Bytes the peers received from TURN. Less than sent when TURN drops
@@ -110,27 +182,60 @@ pub struct TransferReport {
     pub consistent: bool,
     pub errors: Vec<(String, u64)>,
     pub seconds: f64,
+    /// The load tester's own CPU over the run, seconds, and as a share of
+    /// one core.
+    pub client_cpu_seconds: f64,
+    pub client_cpu_percent: f64,
+    pub client_rss_bytes: u64,
 }
 
 #[derive(Default)]
 struct Tally {
     join: Mutex<Samples>,
     rtt: Mutex<Samples>,
+    rtt_by_route: Mutex<BTreeMap<String, Samples>>,
     alloc: Mutex<Samples>,
     first_byte: Mutex<Samples>,
     transfer: Mutex<Samples>,
+    reconnect: Mutex<Samples>,
+    counters: Counters,
     verified: AtomicU64,
     failed: AtomicU64,
-    retransmissions: AtomicU64,
-    corrupt: AtomicU64,
-    sent_bytes: AtomicU64,
-    received_bytes: AtomicU64,
-    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    rounds: AtomicU64,
+    churned: AtomicU64,
+    transferring: AtomicU64,
+    peak: AtomicU64,
+    /// First transfer start and last transfer end.
+    window: std::sync::Mutex<Option<(Instant, Instant)>>,
+    errors: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Tally {
     async fn error(&self, e: impl Into<String>) {
         *self.errors.lock().await.entry(e.into()).or_default() += 1;
+    }
+
+    fn widen_window(&self, from: Instant, to: Instant) {
+        if let Ok(mut w) = self.window.lock() {
+            *w = Some(w.map_or((from, to), |(a, b)| (a.min(from), b.max(to))));
+        }
+    }
+}
+
+/// Counts a pair's two peers as transferring while it lives.
+struct Transferring<'a>(&'a Tally);
+
+impl<'a> Transferring<'a> {
+    fn start(tally: &'a Tally) -> Self {
+        let now = tally.transferring.fetch_add(2, Ordering::Relaxed) + 2;
+        tally.peak.fetch_max(now, Ordering::Relaxed);
+        Self(tally)
+    }
+}
+
+impl Drop for Transferring<'_> {
+    fn drop(&mut self) {
+        self.0.transferring.fetch_sub(2, Ordering::Relaxed);
     }
 }
 
@@ -138,8 +243,8 @@ fn token(args: &TransferArgs, room: &str, peer: &str) -> Result<String, String> 
     crate::join::join_token(&args.key_id, &args.key_secret, room, peer).map_err(|e| e.to_string())
 }
 
-async fn next_json(ws: &mut Ws, wait: Duration) -> Result<Value, String> {
-    let deadline = tokio::time::Instant::now() + wait;
+async fn next_json(ws: &mut Ws) -> Result<Value, String> {
+    let deadline = tokio::time::Instant::now() + SIGNAL_WAIT;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => return Err("signaling timeout".into()),
@@ -155,9 +260,9 @@ async fn next_json(ws: &mut Ws, wait: Duration) -> Result<Value, String> {
 }
 
 /// The next message of `kind`.
-async fn expect(ws: &mut Ws, kind: &str, wait: Duration) -> Result<Value, String> {
+async fn expect(ws: &mut Ws, kind: &str) -> Result<Value, String> {
     loop {
-        let m = next_json(ws, wait).await?;
+        let m = next_json(ws).await?;
         if m["type"] == kind {
             return Ok(m);
         }
@@ -167,8 +272,40 @@ async fn expect(ws: &mut Ws, kind: &str, wait: Duration) -> Result<Value, String
     }
 }
 
-/// TURN server address and credentials from a welcome's ICE servers.
-fn turn_of(welcome: &Value) -> Result<(SocketAddr, String, String), String> {
+/// Reads `ws` until it closes; its close code.
+async fn close_code(ws: &mut Ws) -> Result<u16, String> {
+    let deadline = tokio::time::Instant::now() + SIGNAL_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err("replaced connection not closed".into()),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Ok(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Ok(None) | Ok(Some(Err(_))) => return Err("replaced connection dropped".into()),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// Where and how a peer reaches TURN.
+#[derive(Debug, Clone)]
+struct TurnCreds {
+    server: SocketAddr,
+    username: String,
+    password: String,
+}
+
+/// TURN server address and credentials from a welcome's ICE servers, for
+/// `transport`; the server must be a permitted target.
+fn turn_of(
+    welcome: &Value,
+    transport: TurnTransport,
+    allowed: &[IpAddr],
+) -> Result<TurnCreds, String> {
+    let wanted = match transport {
+        TurnTransport::Udp => "transport=udp",
+        TurnTransport::Tcp => "transport=tcp",
+    };
     let servers = welcome["ice_servers"]["iceServers"]
         .as_array()
         .ok_or("welcome without ICE servers")?;
@@ -183,339 +320,384 @@ fn turn_of(welcome: &Value) -> Result<(SocketAddr, String, String), String> {
             .filter_map(Value::as_str)
         {
             if let Some(rest) = url.strip_prefix("turn:")
-                && url.contains("transport=udp")
+                && url.contains(wanted)
             {
                 let host = rest.split('?').next().unwrap_or_default();
-                let addr = host
+                let server: SocketAddr = host
                     .parse()
                     .map_err(|_| format!("TURN URL {url} is not ip:port"))?;
-                return Ok((addr, user.to_owned(), pass.to_owned()));
+                crate::target::check(server.ip(), allowed).map_err(|e| e.to_string())?;
+                return Ok(TurnCreds {
+                    server,
+                    username: user.to_owned(),
+                    password: pass.to_owned(),
+                });
             }
         }
     }
     Err(format!(
-        "no TURN over UDP offered ({})",
+        "no TURN with {wanted} offered ({})",
         welcome["ice_servers"]["turn_refused"]
             .as_str()
             .unwrap_or("?")
     ))
 }
 
-/// One peer on the relay: its allocation and what it knows of the partner.
+/// TURN REST credentials minted locally (TURN-only runs).
+fn minted(args: &TransferArgs, secret: &str, room: &str, peer: &str) -> TurnCreds {
+    let username = format!(
+        "{}:{}:{}:{room}:{peer}",
+        floe_proto::time::unix_now() + 3_600,
+        args.turn_kid,
+        args.tenant
+    );
+    TurnCreds {
+        server: args.turn_server,
+        password: floe_proto::credential::turn_password(secret.as_bytes(), &username),
+        username,
+    }
+}
+
+/// One peer on the relay: its allocation.
 struct Relay {
     client: turn::client::Client,
     conn: Arc<dyn Conn + Send + Sync>,
 }
 
-async fn allocate(server: SocketAddr, user: String, pass: String) -> Result<Relay, String> {
-    let socket = Arc::new(
-        UdpSocket::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?,
-    );
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: server.to_string(),
-        turn_serv_addr: server.to_string(),
-        username: user,
-        password: pass,
-        realm: String::new(),
-        software: "floe-loadtest".into(),
-        rto_in_ms: 0,
-        conn: socket,
-        vnet: None,
-    })
-    .await
-    .map_err(|e| format!("TURN client: {e}"))?;
-    client
-        .listen()
-        .await
-        .map_err(|e| format!("TURN listen: {e}"))?;
-    let conn = client
-        .allocate()
-        .await
-        .map_err(|e| format!("allocate: {e}"))?;
-    Ok(Relay {
-        client,
-        conn: Arc::new(conn),
-    })
-}
-
-fn chunk_payload(seq: u32, size: usize) -> Vec<u8> {
-    (0..size).map(|i| (seq as usize * 31 + i) as u8).collect()
-}
-
-/// Sends `bytes` to `to` in a go-back-N window while receiving the
-/// partner's file; returns when both directions are complete.
-async fn exchange(
-    relay: &Relay,
-    to: SocketAddr,
-    args: &TransferArgs,
-    tally: &Tally,
-    started: Instant,
-) -> Result<(), String> {
-    let chunks = args.bytes.div_ceil(args.chunk).max(1) as u32;
-    let last_len = args.bytes - (chunks as usize - 1) * args.chunk;
-    let acked = Arc::new(AtomicU32::new(0));
-    let conn = relay.conn.clone();
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let send = |buf: Vec<u8>| {
-        let conn = conn.clone();
-        async move {
-            tally
-                .sent_bytes
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            conn.send_to(&buf, to)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    };
-    let packet = |seq: u32| {
-        let len = if seq + 1 == chunks {
-            last_len
-        } else {
-            args.chunk
+impl Relay {
+    async fn allocate(creds: TurnCreds, transport: TurnTransport) -> Result<Self, String> {
+        let conn: Arc<dyn Conn + Send + Sync> = match transport {
+            TurnTransport::Udp => Arc::new(
+                UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            TurnTransport::Tcp => Arc::new(
+                StreamConn::connect(creds.server)
+                    .await
+                    .map_err(|e| format!("TURN over TCP: {e}"))?,
+            ),
         };
-        let payload = chunk_payload(seq, len);
-        let mut p = Vec::with_capacity(HEADER + len);
-        p.push(DATA);
-        p.extend_from_slice(&seq.to_be_bytes());
-        p.extend_from_slice(&CRC32.checksum(&payload).to_be_bytes());
-        p.extend_from_slice(&payload);
-        p
-    };
-    // Receiver: in-order chunks, acked cumulatively.
-    let receiver = {
-        let (conn, acked) = (conn.clone(), acked.clone());
-        async move {
-            let mut expected = 0u32;
-            let mut first = true;
-            let mut buf = vec![0u8; 65_536];
-            let mut acks_sent = 0u64;
-            while Instant::now() < deadline {
-                let (n, _) = match tokio::time::timeout(
-                    Duration::from_millis(200),
-                    conn.recv_from(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(v)) => {
-                        tally
-                            .received_bytes
-                            .fetch_add(v.0 as u64, Ordering::Relaxed);
-                        v
-                    }
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => {
-                        if expected == chunks && acked.load(Ordering::Relaxed) == chunks {
-                            return Ok(acks_sent);
-                        }
-                        // Re-ack, in case the last ack was lost.
-                        let mut ack = vec![ACK];
-                        ack.extend_from_slice(&expected.to_be_bytes());
-                        send(ack).await?;
-                        acks_sent += 1;
-                        continue;
-                    }
-                };
-                match buf.first() {
-                    Some(&ACK) if n >= 5 => {
-                        let next = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-                        acked.fetch_max(next, Ordering::Relaxed);
-                    }
-                    Some(&DATA) if n >= HEADER => {
-                        if first {
-                            tally.first_byte.lock().await.record_ms(started.elapsed());
-                            first = false;
-                        }
-                        let seq = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-                        let crc = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
-                        let payload = &buf[HEADER..n];
-                        if CRC32.checksum(payload) != crc {
-                            tally.corrupt.fetch_add(1, Ordering::Relaxed);
-                        } else if seq == expected {
-                            let len = if seq + 1 == chunks {
-                                last_len
-                            } else {
-                                args.chunk
-                            };
-                            if payload != chunk_payload(seq, len).as_slice() {
-                                tally.corrupt.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                expected += 1;
-                            }
-                        }
-                        let mut ack = vec![ACK];
-                        ack.extend_from_slice(&expected.to_be_bytes());
-                        send(ack).await?;
-                        acks_sent += 1;
-                    }
-                    _ => {}
-                }
-                if expected == chunks && acked.load(Ordering::Relaxed) == chunks {
-                    return Ok(acks_sent);
-                }
-            }
-            Err(format!(
-                "transfer timed out ({expected}/{chunks} chunks in)"
-            ))
-        }
-    };
-    // Sender: go-back-N with a congestion window (AIMD) capped by
-    // --window, and a retransmission timeout that backs off, so thousands
-    // of transfers sharing one relay slow down instead of collapsing.
-    let sender = {
-        let acked = acked.clone();
-        async move {
-            let mut next = 0u32;
-            let mut base = 0u32;
-            let mut cwnd = 2.0f64;
-            let mut rto = MIN_RTO;
-            let mut progress = Instant::now();
-            while acked.load(Ordering::Relaxed) < chunks {
-                if Instant::now() > deadline {
-                    return Err("sender timed out".to_owned());
-                }
-                let now_acked = acked.load(Ordering::Relaxed);
-                if now_acked > base {
-                    // Additive increase: about one chunk per window acked.
-                    cwnd = (cwnd + f64::from(now_acked - base) / cwnd).min(f64::from(args.window));
-                    base = now_acked;
-                    progress = Instant::now();
-                    rto = MIN_RTO;
-                }
-                next = next.max(base);
-                if progress.elapsed() > rto {
-                    // Nothing acknowledged for a while: halve the window,
-                    // back off, resend from the first unacknowledged chunk.
-                    tally
-                        .retransmissions
-                        .fetch_add(u64::from(next - base), Ordering::Relaxed);
-                    cwnd = (cwnd / 2.0).max(1.0);
-                    rto = (rto * 2).min(MAX_RTO);
-                    next = base;
-                    progress = Instant::now();
-                }
-                if next < chunks && next < base + cwnd as u32 {
-                    send(packet(next)).await?;
-                    next += 1;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-            Ok::<(), String>(())
-        }
-    };
-    let (r, s) = tokio::join!(receiver, sender);
-    r?;
-    s
+        let client = turn::client::Client::new(turn::client::ClientConfig {
+            stun_serv_addr: creds.server.to_string(),
+            turn_serv_addr: creds.server.to_string(),
+            username: creds.username,
+            password: creds.password,
+            realm: String::new(),
+            software: "floe-loadtest".into(),
+            rto_in_ms: 0,
+            conn,
+            vnet: None,
+        })
+        .await
+        .map_err(|e| format!("TURN client: {e}"))?;
+        client
+            .listen()
+            .await
+            .map_err(|e| format!("TURN listen: {e}"))?;
+        let conn = client
+            .allocate()
+            .await
+            .map_err(|e| format!("allocate: {e}"))?;
+        Ok(Self {
+            client,
+            conn: Arc::new(conn),
+        })
+    }
+
+    fn addr(&self) -> Result<SocketAddr, String> {
+        self.conn.local_addr().map_err(|e| e.to_string())
+    }
+
+    async fn close(&self) {
+        let _ = self.conn.close().await;
+        let _ = self.client.close().await;
+    }
 }
 
 async fn connect(url: &str) -> Result<(Ws, Value, Duration), String> {
     let started = Instant::now();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let (mut ws, _) = tokio::time::timeout(SIGNAL_WAIT, tokio_tungstenite::connect_async(url))
         .await
+        .map_err(|_| "connect: timeout".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
-    let welcome = next_json(&mut ws, Duration::from_secs(10)).await?;
+    let welcome = next_json(&mut ws).await?;
     if welcome["type"] != "welcome" {
         return Err(format!("join: {}", welcome["code"]));
     }
     Ok((ws, welcome, started.elapsed()))
 }
 
-/// One pair: a creates the room, both join, swap relayed addresses through
-/// signaling, then transfer both ways.
-async fn pair(i: usize, args: Arc<TransferArgs>, tally: Arc<Tally>) -> Result<(), String> {
-    let http = reqwest::Client::new();
-    let urls = &args.signal_urls;
-    let (url_a, url_b) = (&urls[(2 * i) % urls.len()], &urls[(2 * i + 1) % urls.len()]);
-    let room = format!("xfer-{}-{i}", std::process::id());
-    let r = http
-        .post(format!("{}/v1/rooms", url_a.trim_end_matches('/')))
-        .bearer_auth(token(&args, &room, "a")?)
-        .json(&json!({"ttl_secs": 3600}))
-        .send()
+async fn send_json(ws: &mut Ws, v: Value) -> Result<(), String> {
+    ws.send(Message::text(v.to_string()))
         .await
-        .map_err(|e| format!("create room: {e}"))?;
-    if !r.status().is_success() {
-        return Err(format!("create room: {}", r.status()));
-    }
-    let ws_url = |base: &str, peer: &str| -> Result<String, String> {
-        Ok(format!(
-            "{}&token={}",
-            crate::join::ws_url(base, &room, peer),
-            token(&args, &room, peer)?
-        ))
-    };
-    let (mut a, welcome_a, ja) = connect(&ws_url(url_a, "a")?).await?;
-    let (mut b, welcome_b, jb) = connect(&ws_url(url_b, "b")?).await?;
-    tally.join.lock().await.record_ms(ja);
-    tally.join.lock().await.record_ms(jb);
-    let ice_at = Instant::now();
-    let wait = Duration::from_secs(10);
-    expect(&mut a, "peer-joined", wait).await?;
+        .map_err(|e| format!("signaling send: {e}"))
+}
 
-    // Allocate on both sides with the credentials signaling handed out.
+/// A pair's two signaling connections.
+struct Signaled {
+    a: Ws,
+    b: Ws,
+    /// B's WebSocket URL (with its join token), for reconnects.
+    url_b: String,
+    sid_b: Value,
+    /// "n0→n1" when peers are spread over several nodes.
+    route: Option<String>,
+}
+
+impl Signaled {
+    /// A creates the room, both join; returns their TURN credentials.
+    async fn join(
+        i: usize,
+        args: &TransferArgs,
+        allowed: &[IpAddr],
+        tally: &Tally,
+    ) -> Result<(Self, TurnCreds, TurnCreds), String> {
+        let urls = &args.signal_urls;
+        let (na, nb) = ((2 * i) % urls.len(), (2 * i + 1) % urls.len());
+        let (url_a, url_b) = (&urls[na], &urls[nb]);
+        let room = format!("xfer-{}-{i}", std::process::id());
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/rooms", url_a.trim_end_matches('/')))
+            .bearer_auth(token(args, &room, "a")?)
+            .json(&json!({"ttl_secs": 3600}))
+            .send()
+            .await
+            .map_err(|e| format!("create room: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("create room: {}", r.status()));
+        }
+        let ws_url = |base: &str, peer: &str| -> Result<String, String> {
+            Ok(format!(
+                "{}&token={}",
+                crate::join::ws_url(base, &room, peer),
+                token(args, &room, peer)?
+            ))
+        };
+        let url_b = ws_url(url_b, "b")?;
+        let (mut a, welcome_a, ja) = connect(&ws_url(url_a, "a")?).await?;
+        let (b, welcome_b, jb) = connect(&url_b).await?;
+        tally.join.lock().await.record_ms(ja);
+        tally.join.lock().await.record_ms(jb);
+        expect(&mut a, "peer-joined").await?;
+        let creds_a = turn_of(&welcome_a, args.turn_transport, allowed)?;
+        let creds_b = turn_of(&welcome_b, args.turn_transport, allowed)?;
+        let signaled = Self {
+            a,
+            b,
+            url_b,
+            sid_b: welcome_b["session_id"].clone(),
+            route: (urls.len() > 1).then(|| format!("n{na}→n{nb}")),
+        };
+        Ok((signaled, creds_a, creds_b))
+    }
+
+    /// A offers its relayed address, B answers with its own; returns the
+    /// partners' addresses as (a's partner, b's partner).
+    async fn offer_answer(
+        &mut self,
+        relay_a: SocketAddr,
+        relay_b: SocketAddr,
+    ) -> Result<(SocketAddr, SocketAddr), String> {
+        let relay_of = |m: &Value| -> Result<SocketAddr, String> {
+            m["payload"]["relay"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|_| format!("bad relay address in {}", m["payload"]["type"]))
+        };
+        let offer = json!({"type": "signal", "to": "b", "sid": self.sid_b,
+            "payload": {"type": "offer", "relay": relay_a.to_string()}});
+        send_json(&mut self.a, offer).await?;
+        let got = expect(&mut self.b, "signal").await?;
+        let partner_of_b = relay_of(&got)?;
+        let answer = json!({"type": "signal", "to": "a", "sid": got["from_sid"],
+            "payload": {"type": "answer", "relay": relay_b.to_string()}});
+        send_json(&mut self.b, answer).await?;
+        let got = expect(&mut self.a, "signal").await?;
+        Ok((relay_of(&got)?, partner_of_b))
+    }
+
+    /// B reconnects with the same client id: the old connection must be
+    /// closed as replaced, A must learn the new session, and the two
+    /// re-signal (as an ICE restart would) while the relay keeps flowing.
+    async fn churn(
+        &mut self,
+        relay_a: SocketAddr,
+        relay_b: SocketAddr,
+    ) -> Result<Duration, String> {
+        let started = Instant::now();
+        let (b, welcome, _) = connect(&self.url_b).await?;
+        let old = std::mem::replace(&mut self.b, b);
+        let mut old = old;
+        let code = close_code(&mut old).await?;
+        if code != CLOSE_REPLACED {
+            return Err(format!("replaced connection closed with {code}"));
+        }
+        self.sid_b = welcome["session_id"].clone();
+        loop {
+            let joined = expect(&mut self.a, "peer-joined").await?;
+            if joined["session_id"] == self.sid_b {
+                break;
+            }
+        }
+        let (to_b, to_a) = self.offer_answer(relay_a, relay_b).await?;
+        if (to_b, to_a) != (relay_b, relay_a) {
+            return Err("relayed addresses changed across a reconnect".into());
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Report the relayed share as a browser app does after a transfer,
+    /// then leave.
+    async fn leave(mut self, relayed: u64) -> Result<(), String> {
+        let stats = json!({"type": "stats", "relayed_bytes": relayed});
+        send_json(&mut self.a, stats.clone()).await?;
+        send_json(&mut self.b, stats).await?;
+        let _ = self.a.close(None).await;
+        let _ = self.b.close(None).await;
+        Ok(())
+    }
+}
+
+/// One pair: meet (through signaling, or directly in a TURN-only run),
+/// allocate, swap relayed addresses, transfer round after round, leave.
+async fn pair(
+    i: usize,
+    args: &TransferArgs,
+    allowed: &[IpAddr],
+    tally: &Tally,
+    run_until: Instant,
+) -> Result<(), String> {
+    let (mut signaled, creds_a, creds_b) = match &args.turn_secret {
+        Some(secret) => {
+            let room = format!("turn-only-{}-{i}", std::process::id());
+            let (a, b) = (
+                minted(args, secret, &room, "a"),
+                minted(args, secret, &room, "b"),
+            );
+            (None, a, b)
+        }
+        None => {
+            let (s, a, b) = Signaled::join(i, args, allowed, tally).await?;
+            (Some(s), a, b)
+        }
+    };
+    let ice_at = Instant::now();
     let alloc_started = Instant::now();
-    let (ta, tb) = (turn_of(&welcome_a)?, turn_of(&welcome_b)?);
-    let (ra, rb) = tokio::join!(allocate(ta.0, ta.1, ta.2), allocate(tb.0, tb.1, tb.2));
+    let (ra, rb) = tokio::join!(
+        Relay::allocate(creds_a, args.turn_transport),
+        Relay::allocate(creds_b, args.turn_transport)
+    );
     let (ra, rb) = (ra?, rb?);
     tally.alloc.lock().await.record_ms(alloc_started.elapsed());
-    let addr_a = ra.conn.local_addr().map_err(|e| e.to_string())?;
-    let addr_b = rb.conn.local_addr().map_err(|e| e.to_string())?;
-
-    // Offer/answer carrying the relayed candidates.
-    let sid_b = welcome_b["session_id"].clone();
-    let offer_at = Instant::now();
-    let offer = json!({"type": "signal", "to": "b", "sid": sid_b, "payload": {"type": "offer", "relay": addr_a.to_string()}});
-    a.send(Message::text(offer.to_string()))
-        .await
-        .map_err(|e| e.to_string())?;
-    let got = expect(&mut b, "signal", wait).await?;
-    let partner_of_b: SocketAddr = got["payload"]["relay"]
-        .as_str()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| "bad relay in offer")?;
-    let answer = json!({"type": "signal", "to": "a", "sid": got["from_sid"], "payload": {"type": "answer", "relay": addr_b.to_string()}});
-    b.send(Message::text(answer.to_string()))
-        .await
-        .map_err(|e| e.to_string())?;
-    let got = expect(&mut a, "signal", wait).await?;
-    tally.rtt.lock().await.record_ms(offer_at.elapsed());
-    let partner_of_a: SocketAddr = got["payload"]["relay"]
-        .as_str()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| "bad relay in answer")?;
-
-    let transfer_started = Instant::now();
-    let (x, y) = tokio::join!(
-        exchange(&ra, partner_of_a, &args, &tally, ice_at),
-        exchange(&rb, partner_of_b, &args, &tally, ice_at)
-    );
-    x?;
-    y?;
-    tally
-        .transfer
-        .lock()
-        .await
-        .record_ms(transfer_started.elapsed());
-    // Report the path the bytes took, as a browser app does after a
-    // transfer, so operators see the relayed share; then leave.
-    let stats = json!({"type": "stats", "relayed_bytes": args.bytes}).to_string();
-    for ws in [&mut a, &mut b] {
-        ws.send(Message::text(stats.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
+    let outcome = relay_files(i, args, tally, &mut signaled, &ra, &rb, ice_at, run_until).await;
+    ra.close().await;
+    rb.close().await;
+    let rounds = outcome?;
+    if let Some(s) = signaled {
+        s.leave(args.bytes as u64 * rounds).await?;
     }
-    for r in [&ra, &rb] {
-        let _ = r.conn.close().await;
-        let _ = r.client.close().await;
-    }
-    let _ = a.close(None).await;
-    let _ = b.close(None).await;
     Ok(())
+}
+
+/// Swaps relayed addresses and runs the rounds; returns how many.
+#[allow(clippy::too_many_arguments)]
+async fn relay_files(
+    i: usize,
+    args: &TransferArgs,
+    tally: &Tally,
+    signaled: &mut Option<Signaled>,
+    ra: &Relay,
+    rb: &Relay,
+    ice_at: Instant,
+    run_until: Instant,
+) -> Result<u64, String> {
+    let (addr_a, addr_b) = (ra.addr()?, rb.addr()?);
+    let (to_a, to_b) = match signaled {
+        Some(s) => {
+            let at = Instant::now();
+            let partners = s.offer_answer(addr_a, addr_b).await?;
+            let rtt = at.elapsed();
+            tally.rtt.lock().await.record_ms(rtt);
+            if let Some(route) = &s.route {
+                tally
+                    .rtt_by_route
+                    .lock()
+                    .await
+                    .entry(route.clone())
+                    .or_default()
+                    .record_ms(rtt);
+            }
+            partners
+        }
+        None => (addr_b, addr_a),
+    };
+    let _live = Transferring::start(tally);
+    let shape = args.shape();
+    let deadline = run_until + Duration::from_secs(args.timeout_secs);
+    let (progress_a, progress_b) = (AtomicU32::new(0), AtomicU32::new(0));
+    let mut round = 0u32;
+    loop {
+        let started = Instant::now();
+        let state = RoundState::default();
+        let side = |conn, to, progress| Side {
+            conn,
+            to,
+            round,
+            shape,
+            state: &state,
+            counters: &tally.counters,
+            progress,
+            deadline,
+        };
+        let (sa, sb) = (
+            side(ra.conn.as_ref(), to_a, &progress_a),
+            side(rb.conn.as_ref(), to_b, &progress_b),
+        );
+        let (mut fa, mut fb) = (None, None);
+        let churn = async {
+            match signaled {
+                Some(s) if round == 0 && args.churns(i) => {
+                    // Mid-transfer: once B has half of A's file.
+                    let half = shape.chunks() / 2;
+                    while progress_b.load(Ordering::Relaxed) < half {
+                        if Instant::now() > deadline {
+                            return Err("churn: transfer never got half way".to_owned());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    s.churn(addr_a, addr_b).await.map(Some)
+                }
+                _ => Ok(None),
+            }
+        };
+        let (x, y, c) = tokio::join!(
+            sa.exchange(|t| fa = Some(t)),
+            sb.exchange(|t| fb = Some(t)),
+            churn
+        );
+        x?;
+        y?;
+        if let Some(took) = c.map_err(|e| format!("churn: {e}"))? {
+            tally.reconnect.lock().await.record_ms(took);
+            tally.churned.fetch_add(1, Ordering::Relaxed);
+        }
+        let ended = Instant::now();
+        if round == 0 {
+            for at in [fa, fb].into_iter().flatten() {
+                tally.first_byte.lock().await.record_ms(at - ice_at);
+            }
+        }
+        tally.transfer.lock().await.record_ms(ended - started);
+        tally.widen_window(started, ended);
+        tally.verified.fetch_add(2, Ordering::Relaxed);
+        tally.rounds.fetch_add(1, Ordering::Relaxed);
+        round += 1;
+        if ended >= run_until {
+            return Ok(u64::from(round));
+        }
+    }
 }
 
 /// The tenant's relayed bytes (out, in) today, from the ledger (the
@@ -543,37 +725,35 @@ async fn ledger(args: &TransferArgs) -> Result<(u64, u64), String> {
     }
 }
 
-/// Runs the scenario.
-pub async fn run(args: TransferArgs) -> TransferReport {
+/// Runs the scenario; TURN servers named by signaling must be loopback or
+/// in `allowed`.
+pub async fn run(args: TransferArgs, allowed: &[IpAddr]) -> TransferReport {
     let args = Arc::new(args);
+    let allowed: Arc<[IpAddr]> = allowed.into();
     let tally = Arc::new(Tally::default());
+    let client_before = crate::procstat::sample(None);
     let before = ledger(&args).await;
     let started = Instant::now();
+    let run_until = started + Duration::from_secs(args.duration_secs);
     let interval = Duration::from_secs_f64(1.0 / args.join_rate.max(0.1));
-    let pb = crate::progress_bar((2 * args.pairs) as u64, "relaying", "transfers, eta {eta}");
+    let pb = crate::progress_bar(args.pairs as u64, "relaying", "pairs done, eta {eta}");
     let mut next = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(args.pairs);
+    let pair_limit = Duration::from_secs(args.timeout_secs + args.duration_secs);
     for i in 0..args.pairs {
         tokio::time::sleep_until(next).await;
         next += interval;
-        let (args, tally, pb) = (args.clone(), tally.clone(), pb.clone());
+        let (args, allowed, tally, pb) = (args.clone(), allowed.clone(), tally.clone(), pb.clone());
         tasks.push(tokio::spawn(async move {
-            let outcome = tokio::time::timeout(
-                Duration::from_secs(args.timeout_secs),
-                pair(i, args.clone(), tally.clone()),
-            )
-            .await
-            .unwrap_or_else(|_| Err("pair timed out".into()));
-            match outcome {
-                Ok(()) => {
-                    tally.verified.fetch_add(2, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tally.failed.fetch_add(2, Ordering::Relaxed);
-                    tally.error(e).await;
-                }
+            let outcome =
+                tokio::time::timeout(pair_limit, pair(i, &args, &allowed, &tally, run_until))
+                    .await
+                    .unwrap_or_else(|_| Err("pair timed out".into()));
+            if let Err(e) = outcome {
+                tally.failed.fetch_add(2, Ordering::Relaxed);
+                tally.error(e).await;
             }
-            pb.inc(2);
+            pb.inc(1);
         }));
     }
     for t in tasks {
@@ -581,43 +761,70 @@ pub async fn run(args: TransferArgs) -> TransferReport {
     }
     pb.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    let client_after = crate::procstat::sample(None);
 
     // Reconcile: TURN reports every few seconds; wait (bounded) for the
     // ledger to take in what the peers sent.
-    let sent = tally.sent_bytes.load(Ordering::Relaxed);
-    let received = tally.received_bytes.load(Ordering::Relaxed);
+    let c = &tally.counters;
+    let sent = c.sent_bytes.load(Ordering::Relaxed);
+    let received = c.received_bytes.load(Ordering::Relaxed);
     let mut deltas = (0, 0);
     let mut reconciled = false;
     let before_ok = before.is_ok();
-    if let Ok(b) = before {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(now) = ledger(&args).await {
-                deltas = (now.0.saturating_sub(b.0), now.1.saturating_sub(b.1));
-                if deltas == (sent, received) {
-                    reconciled = true;
+    match before {
+        Ok(b) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(now) = ledger(&args).await {
+                    deltas = (now.0.saturating_sub(b.0), now.1.saturating_sub(b.1));
+                    if deltas == (sent, received) {
+                        reconciled = true;
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
                     break;
                 }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            if Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    } else if let Err(e) = before {
-        tally.error(e).await;
+        Err(e) => tally.error(e).await,
     }
+    let verified_bytes = c.verified_bytes.load(Ordering::Relaxed);
+    let busy = tally
+        .window
+        .lock()
+        .ok()
+        .and_then(|w| *w)
+        .map_or(0.0, |(a, b)| (b - a).as_secs_f64());
+    let client_cpu_seconds = match (client_before, client_after) {
+        (Some(b), Some(a)) => a.cpu.saturating_sub(b.cpu).as_secs_f64(),
+        _ => 0.0,
+    };
     TransferReport {
         pairs: args.pairs,
+        turn_transport: Some(args.turn_transport),
+        turn_only: args.turn_secret.is_some(),
         transfers_verified: tally.verified.load(Ordering::Relaxed),
         transfers_failed: tally.failed.load(Ordering::Relaxed),
+        rounds_completed: tally.rounds.load(Ordering::Relaxed),
         join_ms: tally.join.lock().await.summary(),
         offer_answer_ms: tally.rtt.lock().await.summary(),
+        offer_answer_by_route_ms: Samples::summaries(&*tally.rtt_by_route.lock().await),
         allocation_ms: tally.alloc.lock().await.summary(),
         ice_to_first_byte_ms: tally.first_byte.lock().await.summary(),
         transfer_ms: tally.transfer.lock().await.summary(),
-        retransmissions: tally.retransmissions.load(Ordering::Relaxed),
-        corrupt_chunks: tally.corrupt.load(Ordering::Relaxed),
+        payload_bytes_verified: verified_bytes,
+        goodput_mbps: if busy > 0.0 {
+            verified_bytes as f64 * 8.0 / busy / 1e6
+        } else {
+            0.0
+        },
+        retransmissions: c.retransmissions.load(Ordering::Relaxed),
+        corrupt_chunks: c.corrupt.load(Ordering::Relaxed),
+        churned_peers: tally.churned.load(Ordering::Relaxed),
+        reconnect_ms: tally.reconnect.lock().await.summary(),
+        peak_transferring_peers: tally.peak.load(Ordering::Relaxed),
         relayed_bytes_sent: sent,
         relayed_bytes_received: received,
         ledger_bytes_out: deltas.0,
@@ -628,32 +835,60 @@ pub async fn run(args: TransferArgs) -> TransferReport {
         consistent: before_ok && deltas.0 <= sent && deltas.1 >= received && deltas.1 <= deltas.0,
         errors: tally.errors.lock().await.clone().into_iter().collect(),
         seconds,
+        client_cpu_seconds,
+        client_cpu_percent: client_cpu_seconds / seconds.max(1e-9) * 100.0,
+        client_rss_bytes: client_after.map_or(0, |s| s.rss),
     }
 }
 
 /// The human summary of a report.
 pub fn render(r: &TransferReport) -> String {
     let ms = |s: &Option<Summary>| Summary::line_of(*s, 1);
+    let transport = match r.turn_transport {
+        Some(TurnTransport::Tcp) => "TCP",
+        _ => "UDP",
+    };
     let mut out = format!(
-        "transfer: {} pairs, {} transfers verified, {} failed, in {:.1} s\n\
+        "transfer: {} pairs over TURN/{transport}{}, {} files verified ({} rounds), {} peers failed, in {:.1} s\n\
          \x20 join                        {}\n\
-         \x20 offer→answer                {}\n\
-         \x20 allocation                  {}\n\
-         \x20 ICE servers → first byte    {}\n\
-         \x20 transfer (both ways)        {}\n\
-         \x20 retransmitted chunks {}  corrupt chunks {}\n\
-         \x20 reconciliation: peers sent {} B to TURN, received {} B from it; ledger out {} B, in {} B → {}\n",
+         \x20 offer→answer                {}\n",
         r.pairs,
+        if r.turn_only { " (TURN-only)" } else { "" },
         r.transfers_verified,
+        r.rounds_completed,
         r.transfers_failed,
         r.seconds,
         ms(&r.join_ms),
         ms(&r.offer_answer_ms),
+    );
+    out.push_str(&Summary::by_key(&r.offer_answer_by_route_ms, 1));
+    out.push_str(&format!(
+        "  allocation                  {}\n\
+         \x20 ICE servers → first byte    {}\n\
+         \x20 transfer (round, both ways) {}\n\
+         \x20 goodput {:.1} Mbit/s verified payload, peak {} peers transferring\n\
+         \x20 retransmitted chunks {}  corrupt chunks {}\n",
         ms(&r.allocation_ms),
         ms(&r.ice_to_first_byte_ms),
         ms(&r.transfer_ms),
+        r.goodput_mbps,
+        r.peak_transferring_peers,
         r.retransmissions,
         r.corrupt_chunks,
+    ));
+    if r.churned_peers > 0 || r.reconnect_ms.is_some() {
+        out.push_str(&format!(
+            "  churn: {} peers reconnected mid-transfer; reconnect → re-signalled {}\n",
+            r.churned_peers,
+            ms(&r.reconnect_ms)
+        ));
+    }
+    out.push_str(&format!(
+        "  load tester: {:.1} s CPU ({:.0}% of a core), {:.1} MiB RSS\n\
+         \x20 reconciliation: peers sent {} B to TURN, received {} B from it; ledger out {} B, in {} B → {}\n",
+        r.client_cpu_seconds,
+        r.client_cpu_percent,
+        r.client_rss_bytes as f64 / 1_048_576.0,
         r.relayed_bytes_sent,
         r.relayed_bytes_received,
         r.ledger_bytes_out,
@@ -668,9 +903,66 @@ pub fn render(r: &TransferReport) -> String {
         } else {
             "MISMATCH: the ledger bills more than was sent or less than was received".to_owned()
         },
-    );
+    ));
     for (e, n) in &r.errors {
         out.push_str(&format!("  error {e}: {n}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TransferArgs,
+    }
+
+    fn args(extra: &[&str]) -> TransferArgs {
+        let base = ["x", "--key-id", "k", "--key-secret", "s"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn churn_picks_the_fraction_evenly() {
+        let a = args(&["--churn", "0.25"]);
+        let picked: Vec<usize> = (0..12).filter(|&i| a.churns(i)).collect();
+        assert_eq!(picked, [3, 7, 11]);
+        assert!((0..100).all(|i| !args(&[]).churns(i)));
+        assert!((0..100).all(|i| args(&["--churn", "1"]).churns(i)));
+    }
+
+    #[test]
+    fn turn_url_is_chosen_by_transport_and_target() {
+        let welcome = json!({"ice_servers": {"iceServers": [
+            {"urls": ["stun:127.0.0.1:3478"]},
+            {"urls": ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3479?transport=tcp"],
+             "username": "u", "credential": "p"}]}});
+        let udp = turn_of(&welcome, TurnTransport::Udp, &[]).expect("udp");
+        let tcp = turn_of(&welcome, TurnTransport::Tcp, &[]).expect("tcp");
+        assert_eq!((udp.server.port(), tcp.server.port()), (3478, 3479));
+        assert_eq!((tcp.username.as_str(), tcp.password.as_str()), ("u", "p"));
+        let far = json!({"ice_servers": {"iceServers": [
+            {"urls": ["turn:192.0.2.1:3478?transport=udp"], "username": "u", "credential": "p"}]}});
+        let err = turn_of(&far, TurnTransport::Udp, &[]).expect_err("not loopback");
+        assert!(err.contains("refusing"), "{err}");
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert!(turn_of(&far, TurnTransport::Udp, &[ip]).is_ok());
+        assert!(turn_of(&far, TurnTransport::Tcp, &[ip]).is_err());
+    }
+
+    #[test]
+    fn minted_credentials_carry_the_tenant_and_verify() {
+        let a = args(&["--tenant", "acme", "--turn-kid", "k9"]);
+        let c = minted(&a, "sekrit", "r1", "a");
+        let fields: Vec<&str> = c.username.split(':').collect();
+        assert_eq!(&fields[1..], ["k9", "acme", "r1", "a"]);
+        assert_eq!(
+            c.password,
+            floe_proto::credential::turn_password(b"sekrit", &c.username)
+        );
+    }
 }
