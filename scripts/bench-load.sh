@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The big load scenario on this machine:
 #  1. against `floe dev`: PAIRS pairs relaying BYTES each way through TURN
-#     (ledger reconciled), then 10,000 signal-only peers on its one node;
+#     over UDP (ledger reconciled); the same over TCP with a tenth of the
+#     pairs reconnecting their signaling mid-transfer; then 10,000
+#     signal-only peers on its one node;
 #  2. against a multi-node setup: two signal nodes on one Redis, separate
-#     TURN and control-plane processes, the same transfer scenario with
-#     peers spread over both signal nodes.
+#     TURN and control-plane processes, the UDP transfer scenario with
+#     peers spread over both signal nodes, then 10,000 signal-only peers
+#     spread over both.
+# Ends with a table of the headline figures, each run against the first.
 #
 #   scripts/bench-load.sh [PAIRS] [BYTES]     (default 1000 pairs, 1 MiB)
 set -euo pipefail
@@ -24,6 +28,10 @@ ep="$work/dev/endpoints.json"
 "$floe" loadtest --json "$work/dev-transfer.json" transfer --signal-url "$(field "$ep" signal_url)" \
   --control-url "$(field "$ep" control_url)" --key-id "$(field "$ep" api_key_id)" \
   --key-secret "$(field "$ep" api_key_secret)" --pairs "$PAIRS" --bytes "$BYTES" --join-rate 200 --timeout-secs 300
+"$floe" loadtest --json "$work/dev-transfer-tcp.json" transfer --signal-url "$(field "$ep" signal_url)" \
+  --control-url "$(field "$ep" control_url)" --key-id "$(field "$ep" api_key_id)" \
+  --key-secret "$(field "$ep" api_key_secret)" --pairs "$PAIRS" --bytes "$BYTES" --join-rate 200 --timeout-secs 300 \
+  --turn-transport tcp --churn 0.1
 "$floe" loadtest --json "$work/dev-signal.json" signal --signal-url "$(field "$ep" signal_url)" \
   --key-id "$(field "$ep" api_key_id)" --key-secret "$(field "$ep" api_key_secret)" \
   --peers 10000 --rounds 5 --join-rate 2000 --server-pid "$dev_pid"
@@ -53,15 +61,45 @@ key=$("$floe" tenant --json create-key bench)
 kid=$(echo "$key" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 ksecret=$(echo "$key" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
 urls=()
+signal_pids=()
 for n in 0 1; do
   port=$(free_port)
   FLOE_LOG=warn "$floe" signal --listen "127.0.0.1:$port" --control-url "http://127.0.0.1:$cp" \
     --internal-token "$INTERNAL" --redis-url "redis://127.0.0.1:$rport" --node-id "node$n" \
     --max-connections-per-ip 100000 2>>"$work/signal.log" &
   pids+=($!)
+  signal_pids+=($!)
   wait_http "http://127.0.0.1:$port/readyz"
   urls+=(--signal-url "http://127.0.0.1:$port")
 done
 "$floe" loadtest --json "$work/multi-transfer.json" transfer "${urls[@]}" \
   --control-url "http://127.0.0.1:$cp" --key-id "$kid" --key-secret "$ksecret" --tenant bench \
   --pairs "$PAIRS" --bytes "$BYTES" --join-rate 200 --timeout-secs 300
+"$floe" loadtest --json "$work/multi-signal.json" signal "${urls[@]}" --tenant bench \
+  --key-id "$kid" --key-secret "$ksecret" --peers 10000 --rounds 5 --join-rate 2000 \
+  --server-pid "${signal_pids[0]}" --server-pid "${signal_pids[1]}"
+
+echo "== headline figures (ratio against the first run of each kind)"
+python3 - "$work" <<'PY'
+import json, sys, os
+w = sys.argv[1]
+load = lambda n: json.load(open(os.path.join(w, n + ".json")))
+runs = [("dev UDP", "dev-transfer"), ("dev TCP + 10% churn", "dev-transfer-tcp"), ("2 nodes UDP", "multi-transfer")]
+base = None
+print(f"{'transfer run':<22}{'verified':>9}{'failed':>7}{'peak peers':>11}{'goodput Mbit/s':>15}{'ratio':>7}{'client CPU %':>13}{'ledger':>8}")
+for name, f in runs:
+    r = load(f)
+    base = base or r["goodput_mbps"] or 1
+    ledger = "exact" if r["reconciled"] else ("consist" if r["consistent"] else "MISMATCH")
+    print(f"{name:<22}{r['transfers_verified']:>9}{r['transfers_failed']:>7}{r['peak_transferring_peers']:>11}"
+          f"{r['goodput_mbps']:>15.1f}{r['goodput_mbps']/base:>7.2f}{r['client_cpu_percent']:>13.0f}{ledger:>8}")
+print(f"{'signal-only run':<22}{'connected':>10}{'lost':>6}{'KiB/conn':>9}{'µs CPU/msg':>11}{'offer→answer p99 ms':>20}{'ratio':>7}")
+base = None
+for name, f in [("dev, 1 node", "dev-signal"), ("2 nodes on Redis", "multi-signal")]:
+    r = load(f)
+    s = r.get("server") or {}
+    p99 = (r.get("offer_answer_ms") or {}).get("p99", 0)
+    base = base or p99 or 1
+    print(f"{name:<22}{r['connected']:>10}{r['messages_lost']:>6}{s.get('memory_per_connection_bytes', 0)/1024:>9.2f}"
+          f"{s.get('cpu_per_message_us', 0):>11.1f}{p99:>20.1f}{p99/base:>7.2f}")
+PY

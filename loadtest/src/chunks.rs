@@ -1,7 +1,7 @@
 //! The file transfer two simulated peers run through their TURN relays:
 //! sequence-numbered, CRC-checked chunks sent in a go-back-N window with
-//! an AIMD congestion window, a backed-off retransmission timeout and an
-//! optional send rate, acknowledged cumulatively. Loss shows up as
+//! an AIMD congestion window, an adaptive retransmission timeout (RFC 6298)
+//! and an optional send rate, acknowledged cumulatively. Loss shows up as
 //! retransmission, corruption is counted, and nothing is accepted unless it
 //! is the exact chunk expected.
 //!
@@ -26,8 +26,9 @@ const ACK: u8 = 1;
 const DATA_HEADER: usize = 13;
 /// ACK: type, round, next sequence expected.
 const ACK_LEN: usize = 9;
-/// Retransmission timeout bounds.
-const MIN_RTO: Duration = Duration::from_millis(300);
+/// Retransmission timeout before the first round-trip sample, and its bounds.
+const INITIAL_RTO: Duration = Duration::from_millis(300);
+const MIN_RTO: Duration = Duration::from_millis(50);
 const MAX_RTO: Duration = Duration::from_secs(3);
 /// How long the receiver waits for a packet before re-acknowledging.
 const IDLE: Duration = Duration::from_millis(200);
@@ -57,6 +58,45 @@ impl FileShape {
         } else {
             self.chunk
         }
+    }
+}
+
+/// The retransmission timer of RFC 6298: a smoothed round trip and its
+/// variation from chunks sent once (Karn's rule is the caller's), doubled
+/// per timeout in a row. A fixed timeout fires spuriously once a loaded
+/// relay queues for longer, and go-back-N then resends whole windows.
+#[derive(Debug, Default)]
+struct RtoTimer {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    backoff: u32,
+}
+
+impl RtoTimer {
+    fn sample(&mut self, rtt: Duration) {
+        self.backoff = 0;
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                self.rttvar = (self.rttvar * 3 + srtt.abs_diff(rtt)) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    fn rto(&self) -> Duration {
+        let base = self
+            .srtt
+            .map_or(INITIAL_RTO, |srtt| srtt + self.rttvar * 4)
+            .clamp(MIN_RTO, MAX_RTO);
+        (base * 2u32.pow(self.backoff)).min(MAX_RTO)
+    }
+
+    fn back_off(&mut self) {
+        self.backoff = (self.backoff + 1).min(6);
     }
 }
 
@@ -108,20 +148,28 @@ pub struct Side<'a> {
     pub deadline: Instant,
 }
 
-/// The bytes of chunk `seq` of `round`: a pattern the receiver can check.
-fn payload(round: u32, seq: u32, len: usize) -> Vec<u8> {
+/// Byte `i` of chunk `seq` of `round`: a pattern the receiver can check
+/// without keeping a copy.
+fn pattern(round: u32, seq: u32) -> impl Fn(usize) -> u8 {
     let base = (round as usize).wrapping_mul(7) + (seq as usize).wrapping_mul(31);
-    (0..len).map(|i| base.wrapping_add(i) as u8).collect()
+    move |i| base.wrapping_add(i) as u8
+}
+
+fn is_payload(round: u32, seq: u32, body: &[u8]) -> bool {
+    let byte = pattern(round, seq);
+    body.iter().enumerate().all(|(i, b)| *b == byte(i))
 }
 
 fn data_packet(round: u32, seq: u32, len: usize) -> Vec<u8> {
-    let body = payload(round, seq, len);
+    let byte = pattern(round, seq);
     let mut p = Vec::with_capacity(DATA_HEADER + len);
     p.push(DATA);
     p.extend_from_slice(&round.to_be_bytes());
     p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&CRC32.checksum(&body).to_be_bytes());
-    p.extend_from_slice(&body);
+    p.extend_from_slice(&[0; 4]);
+    p.extend((0..len).map(&byte));
+    let crc = CRC32.checksum(&p[DATA_HEADER..]);
+    p[9..DATA_HEADER].copy_from_slice(&crc.to_be_bytes());
     p
 }
 
@@ -251,7 +299,8 @@ impl Side<'_> {
                     if CRC32.checksum(body) != crc {
                         self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                     } else if seq == expected {
-                        if body == payload(self.round, seq, self.shape.len_of(seq)) {
+                        if body.len() == self.shape.len_of(seq) && is_payload(self.round, seq, body)
+                        {
                             expected += 1;
                             self.progress.store(expected, Ordering::Relaxed);
                             self.counters
@@ -278,7 +327,10 @@ impl Side<'_> {
         let started = Instant::now();
         let (mut next, mut base) = (0u32, 0u32);
         let mut cwnd = 2.0f64;
-        let mut rto = MIN_RTO;
+        let mut timer = RtoTimer::default();
+        // One chunk in flight is timed at a time; none that was resent.
+        let mut timed: Option<(u32, Instant)> = None;
+        let mut highest_sent = 0u32;
         let mut progress = Instant::now();
         let mut payload_sent = 0u64;
         while acked.load(Ordering::Acquire) < chunks {
@@ -293,17 +345,23 @@ impl Side<'_> {
                     (cwnd + f64::from(now_acked - base) / cwnd).min(f64::from(self.shape.window));
                 base = now_acked;
                 progress = now;
-                rto = MIN_RTO;
+                if let Some((seq, at)) = timed
+                    && base > seq
+                {
+                    timer.sample(now - at);
+                    timed = None;
+                }
             }
             next = next.max(base);
-            if now.duration_since(progress) > rto {
+            if now.duration_since(progress) > timer.rto() {
                 // Nothing acknowledged for a while: halve the window, back
                 // off, resend from the first unacknowledged chunk.
                 self.counters
                     .retransmissions
                     .fetch_add(u64::from(next - base), Ordering::Relaxed);
                 cwnd = (cwnd / 2.0).max(1.0);
-                rto = (rto * 2).min(MAX_RTO);
+                timer.back_off();
+                timed = None;
                 next = base;
                 progress = now;
             }
@@ -319,12 +377,16 @@ impl Side<'_> {
             }
             if next < chunks && next < base + cwnd as u32 {
                 let len = self.shape.len_of(next);
+                if next >= highest_sent && timed.is_none() {
+                    timed = Some((next, now));
+                }
                 self.send(data_packet(self.round, next, len)).await?;
                 payload_sent += len as u64;
                 next += 1;
+                highest_sent = highest_sent.max(next);
             } else {
                 // Window full: sleep until an ack arrives or the timeout.
-                let wake = (progress + rto).max(now + Duration::from_millis(1));
+                let wake = (progress + timer.rto()).max(now + Duration::from_millis(1));
                 let _ = tokio::time::timeout_at(wake.into(), ack_arrived.notified()).await;
             }
         }
@@ -349,13 +411,39 @@ mod tests {
         else {
             panic!("not data: {d:?}");
         };
-        assert_eq!((round, seq, body), (3, 9, &payload(3, 9, 5)[..]));
+        assert_eq!((round, seq, body.len()), (3, 9, 5));
+        assert!(is_payload(3, 9, body));
         assert_eq!(crc, CRC32.checksum(body));
         assert_eq!(parse(&ack_packet(2, 7)), Packet::Ack { round: 2, next: 7 });
         assert_eq!(parse(&[ACK, 0, 0]), Packet::Junk);
         assert_eq!(parse(&[]), Packet::Junk);
         // Rounds differ in content, so a stale round cannot pass as new.
-        assert_ne!(payload(0, 1, 8), payload(1, 1, 8));
+        assert!(!is_payload(1, 9, body));
+        assert!(!is_payload(3, 8, body));
+    }
+
+    #[test]
+    fn retransmission_timer_follows_the_round_trip() {
+        let ms = Duration::from_millis;
+        let mut t = RtoTimer::default();
+        assert_eq!(t.rto(), INITIAL_RTO);
+        t.sample(ms(100));
+        // srtt 100, rttvar 50: 100 + 4 × 50.
+        assert_eq!(t.rto(), ms(300));
+        for _ in 0..50 {
+            t.sample(ms(10));
+        }
+        assert_eq!(t.rto(), MIN_RTO, "a fast path is floored");
+        t.back_off();
+        t.back_off();
+        assert_eq!(t.rto(), MIN_RTO * 4);
+        for _ in 0..10 {
+            t.back_off();
+        }
+        assert_eq!(t.rto(), MAX_RTO);
+        t.sample(ms(2_000));
+        assert_eq!(t.backoff, 0, "a sample ends the backoff");
+        assert!(t.rto() > ms(2_000));
     }
 
     #[test]

@@ -548,6 +548,27 @@ impl Signaled {
         Ok(started.elapsed())
     }
 
+    /// Reads both connections (which answers the server's heartbeats)
+    /// until one closes; what happened.
+    async fn keep_alive(&mut self) -> String {
+        loop {
+            let (who, m) = tokio::select! {
+                m = self.a.next() => ("a", m),
+                m = self.b.next() => ("b", m),
+            };
+            match m {
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    return format!("signaling closed {who}'s connection mid-transfer ({code})");
+                }
+                None | Some(Err(_)) => {
+                    return format!("{who}'s signaling connection dropped mid-transfer");
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
     /// Report the relayed share as a browser app does after a transfer,
     /// then leave.
     async fn leave(mut self, relayed: u64) -> Result<(), String> {
@@ -656,30 +677,41 @@ async fn relay_files(
             side(rb.conn.as_ref(), to_b, &progress_b),
         );
         let (mut fa, mut fb) = (None, None);
-        let churn = async {
-            match signaled {
-                Some(s) if round == 0 && args.churns(i) => {
-                    // Mid-transfer: once B has half of A's file.
-                    let half = shape.chunks() / 2;
+        let mut reconnect = None;
+        let exchanges =
+            async { tokio::join!(sa.exchange(|t| fa = Some(t)), sb.exchange(|t| fb = Some(t))) };
+        // Signaling stays read while the files move, as a browser's does
+        // (heartbeats answered, pushes taken in); a churning pair
+        // reconnects half way through. Ends only on failure.
+        let signaling = async {
+            let Some(s) = signaled.as_mut() else {
+                return std::future::pending().await;
+            };
+            if round == 0 && args.churns(i) {
+                let half = shape.chunks() / 2;
+                let halfway = async {
                     while progress_b.load(Ordering::Relaxed) < half {
-                        if Instant::now() > deadline {
-                            return Err("churn: transfer never got half way".to_owned());
-                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    s.churn(addr_a, addr_b).await.map(Some)
+                };
+                tokio::select! {
+                    () = halfway => {}
+                    e = s.keep_alive() => return e,
                 }
-                _ => Ok(None),
+                match s.churn(addr_a, addr_b).await {
+                    Ok(took) => reconnect = Some(took),
+                    Err(e) => return format!("churn: {e}"),
+                }
             }
+            s.keep_alive().await
         };
-        let (x, y, c) = tokio::join!(
-            sa.exchange(|t| fa = Some(t)),
-            sb.exchange(|t| fb = Some(t)),
-            churn
-        );
+        let (x, y) = tokio::select! {
+            r = exchanges => r,
+            e = signaling => return Err(e),
+        };
         x?;
         y?;
-        if let Some(took) = c.map_err(|e| format!("churn: {e}"))? {
+        if let Some(took) = reconnect {
             tally.reconnect.lock().await.record_ms(took);
             tally.churned.fetch_add(1, Ordering::Relaxed);
         }
