@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The big load scenario on this machine:
-#  1. against `floe dev`: PAIRS pairs relaying BYTES each way through TURN
-#     over UDP (ledger reconciled); the same over TCP with a tenth of the
-#     pairs reconnecting their signaling mid-transfer; then 10,000
-#     signal-only peers on its one node;
+#  1. against `floe dev`: 10,000 signal-only peers on its one node, then
+#     PAIRS pairs relaying BYTES each way through TURN over UDP (ledger
+#     reconciled), then the same over TCP with a tenth of the pairs
+#     reconnecting their signaling mid-transfer;
 #  2. against a multi-node setup: two signal nodes on one Redis, separate
 #     TURN and control-plane processes, the UDP transfer scenario with
 #     peers spread over both signal nodes, then 10,000 signal-only peers
@@ -18,13 +18,17 @@ BYTES="${2:-1048576}"
 source scripts/bench-lib.sh
 field() { python3 -c "import json,sys; print(json.load(open('$1'))['$2'])"; }
 
-echo "== floe dev: $PAIRS pairs x $BYTES B each way, then 10000 signal-only peers"
+echo "== floe dev: 10000 signal-only peers, then $PAIRS pairs x $BYTES B each way over UDP, then over TCP with churn"
 FLOE_LOG=warn "$floe" dev --data-dir "$work/dev" --signal-port 0 --control-port 0 \
   --turn-port 0 --turn-http-port 0 >"$work/dev.out" 2>"$work/dev.err" &
 pids+=($!)
 dev_pid=$!
 for _ in $(seq 200); do [ -f "$work/dev/endpoints.json" ] && break; sleep 0.05; done
 ep="$work/dev/endpoints.json"
+# Signal-only first, so memory per connection is measured on a fresh process.
+"$floe" loadtest --json "$work/dev-signal.json" signal --signal-url "$(field "$ep" signal_url)" \
+  --key-id "$(field "$ep" api_key_id)" --key-secret "$(field "$ep" api_key_secret)" \
+  --peers 10000 --rounds 5 --join-rate 2000 --server-pid "$dev_pid"
 "$floe" loadtest --json "$work/dev-transfer.json" transfer --signal-url "$(field "$ep" signal_url)" \
   --control-url "$(field "$ep" control_url)" --key-id "$(field "$ep" api_key_id)" \
   --key-secret "$(field "$ep" api_key_secret)" --pairs "$PAIRS" --bytes "$BYTES" --join-rate 200 --timeout-secs 300
@@ -32,9 +36,6 @@ ep="$work/dev/endpoints.json"
   --control-url "$(field "$ep" control_url)" --key-id "$(field "$ep" api_key_id)" \
   --key-secret "$(field "$ep" api_key_secret)" --pairs "$PAIRS" --bytes "$BYTES" --join-rate 200 --timeout-secs 300 \
   --turn-transport tcp --churn 0.1
-"$floe" loadtest --json "$work/dev-signal.json" signal --signal-url "$(field "$ep" signal_url)" \
-  --key-id "$(field "$ep" api_key_id)" --key-secret "$(field "$ep" api_key_secret)" \
-  --peers 10000 --rounds 5 --join-rate 2000 --server-pid "$dev_pid"
 kill "$dev_pid"; wait "$dev_pid" 2>/dev/null || true
 
 echo "== multi-node: 2 signal nodes on Redis, separate TURN and control plane"

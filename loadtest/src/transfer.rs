@@ -581,153 +581,169 @@ impl Signaled {
     }
 }
 
-/// One pair: meet (through signaling, or directly in a TURN-only run),
-/// allocate, swap relayed addresses, transfer round after round, leave.
-async fn pair(
+/// One pair of peers and what it shares with the run.
+struct Pair<'a> {
     i: usize,
-    args: &TransferArgs,
-    allowed: &[IpAddr],
-    tally: &Tally,
+    args: &'a TransferArgs,
+    allowed: &'a [IpAddr],
+    tally: &'a Tally,
+    /// When pairs stop starting new rounds.
     run_until: Instant,
-) -> Result<(), String> {
-    let (mut signaled, creds_a, creds_b) = match &args.turn_secret {
-        Some(secret) => {
-            let room = format!("turn-only-{}-{i}", std::process::id());
-            let (a, b) = (
-                minted(args, secret, &room, "a"),
-                minted(args, secret, &room, "b"),
-            );
-            (None, a, b)
-        }
-        None => {
-            let (s, a, b) = Signaled::join(i, args, allowed, tally).await?;
-            (Some(s), a, b)
-        }
-    };
-    let ice_at = Instant::now();
-    let alloc_started = Instant::now();
-    let (ra, rb) = tokio::join!(
-        Relay::allocate(creds_a, args.turn_transport),
-        Relay::allocate(creds_b, args.turn_transport)
-    );
-    let (ra, rb) = (ra?, rb?);
-    tally.alloc.lock().await.record_ms(alloc_started.elapsed());
-    let outcome = relay_files(i, args, tally, &mut signaled, &ra, &rb, ice_at, run_until).await;
-    ra.close().await;
-    rb.close().await;
-    let rounds = outcome?;
-    if let Some(s) = signaled {
-        s.leave(args.bytes as u64 * rounds).await?;
-    }
-    Ok(())
 }
 
-/// Swaps relayed addresses and runs the rounds; returns how many.
-#[allow(clippy::too_many_arguments)]
-async fn relay_files(
-    i: usize,
-    args: &TransferArgs,
-    tally: &Tally,
-    signaled: &mut Option<Signaled>,
-    ra: &Relay,
-    rb: &Relay,
-    ice_at: Instant,
-    run_until: Instant,
-) -> Result<u64, String> {
-    let (addr_a, addr_b) = (ra.addr()?, rb.addr()?);
-    let (to_a, to_b) = match signaled {
-        Some(s) => {
-            let at = Instant::now();
-            let partners = s.offer_answer(addr_a, addr_b).await?;
-            let rtt = at.elapsed();
-            tally.rtt.lock().await.record_ms(rtt);
-            if let Some(route) = &s.route {
-                tally
-                    .rtt_by_route
-                    .lock()
-                    .await
-                    .entry(route.clone())
-                    .or_default()
-                    .record_ms(rtt);
+impl Pair<'_> {
+    /// Meets (through signaling, or directly in a TURN-only run), allocates,
+    /// swaps relayed addresses, transfers round after round, leaves.
+    async fn run(&self) -> Result<(), String> {
+        let Self {
+            i,
+            args,
+            allowed,
+            tally,
+            ..
+        } = *self;
+        let (mut signaled, creds_a, creds_b) = match &args.turn_secret {
+            Some(secret) => {
+                let room = format!("turn-only-{}-{i}", std::process::id());
+                let (a, b) = (
+                    minted(args, secret, &room, "a"),
+                    minted(args, secret, &room, "b"),
+                );
+                (None, a, b)
             }
-            partners
-        }
-        None => (addr_b, addr_a),
-    };
-    let _live = Transferring::start(tally);
-    let shape = args.shape();
-    let deadline = run_until + Duration::from_secs(args.timeout_secs);
-    let (progress_a, progress_b) = (AtomicU32::new(0), AtomicU32::new(0));
-    let mut round = 0u32;
-    loop {
-        let started = Instant::now();
-        let state = RoundState::default();
-        let side = |conn, to, progress| Side {
-            conn,
-            to,
-            round,
-            shape,
-            state: &state,
-            counters: &tally.counters,
-            progress,
-            deadline,
+            None => {
+                let (s, a, b) = Signaled::join(i, args, allowed, tally).await?;
+                (Some(s), a, b)
+            }
         };
-        let (sa, sb) = (
-            side(ra.conn.as_ref(), to_a, &progress_a),
-            side(rb.conn.as_ref(), to_b, &progress_b),
+        let ice_at = Instant::now();
+        let (ra, rb) = tokio::join!(
+            Relay::allocate(creds_a, args.turn_transport),
+            Relay::allocate(creds_b, args.turn_transport)
         );
-        let (mut fa, mut fb) = (None, None);
-        let mut reconnect = None;
-        let exchanges =
-            async { tokio::join!(sa.exchange(|t| fa = Some(t)), sb.exchange(|t| fb = Some(t))) };
-        // Signaling stays read while the files move, as a browser's does
-        // (heartbeats answered, pushes taken in); a churning pair
-        // reconnects half way through. Ends only on failure.
-        let signaling = async {
-            let Some(s) = signaled.as_mut() else {
-                return std::future::pending().await;
+        let (ra, rb) = (ra?, rb?);
+        tally.alloc.lock().await.record_ms(ice_at.elapsed());
+        let outcome = self.relay_files(&mut signaled, &ra, &rb, ice_at).await;
+        ra.close().await;
+        rb.close().await;
+        let rounds = outcome?;
+        if let Some(s) = signaled {
+            s.leave(args.bytes as u64 * rounds).await?;
+        }
+        Ok(())
+    }
+
+    /// Swaps relayed addresses and runs the rounds; returns how many.
+    async fn relay_files(
+        &self,
+        signaled: &mut Option<Signaled>,
+        ra: &Relay,
+        rb: &Relay,
+        ice_at: Instant,
+    ) -> Result<u64, String> {
+        let Self {
+            i,
+            args,
+            tally,
+            run_until,
+            ..
+        } = *self;
+        let (addr_a, addr_b) = (ra.addr()?, rb.addr()?);
+        let (to_a, to_b) = match signaled {
+            Some(s) => {
+                let at = Instant::now();
+                let partners = s.offer_answer(addr_a, addr_b).await?;
+                let rtt = at.elapsed();
+                tally.rtt.lock().await.record_ms(rtt);
+                if let Some(route) = &s.route {
+                    tally
+                        .rtt_by_route
+                        .lock()
+                        .await
+                        .entry(route.clone())
+                        .or_default()
+                        .record_ms(rtt);
+                }
+                partners
+            }
+            None => (addr_b, addr_a),
+        };
+        let _live = Transferring::start(tally);
+        let shape = args.shape();
+        let deadline = run_until + Duration::from_secs(args.timeout_secs);
+        let (progress_a, progress_b) = (AtomicU32::new(0), AtomicU32::new(0));
+        let mut round = 0u32;
+        loop {
+            let started = Instant::now();
+            let state = RoundState::default();
+            let side = |conn, to, progress| Side {
+                conn,
+                to,
+                round,
+                shape,
+                state: &state,
+                counters: &tally.counters,
+                progress,
+                deadline,
             };
-            if round == 0 && args.churns(i) {
-                let half = shape.chunks() / 2;
-                let halfway = async {
-                    while progress_b.load(Ordering::Relaxed) < half {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+            let (sa, sb) = (
+                side(ra.conn.as_ref(), to_a, &progress_a),
+                side(rb.conn.as_ref(), to_b, &progress_b),
+            );
+            let (mut fa, mut fb) = (None, None);
+            let mut reconnect = None;
+            let exchanges = async {
+                tokio::join!(sa.exchange(|t| fa = Some(t)), sb.exchange(|t| fb = Some(t)))
+            };
+            // Signaling stays read while the files move, as a browser's does
+            // (heartbeats answered, pushes taken in); a churning pair
+            // reconnects half way through. Ends only on failure.
+            let signaling = async {
+                let Some(s) = signaled.as_mut() else {
+                    return std::future::pending().await;
                 };
-                tokio::select! {
-                    () = halfway => {}
-                    e = s.keep_alive() => return e,
+                if round == 0 && args.churns(i) {
+                    let half = shape.chunks() / 2;
+                    let halfway = async {
+                        while progress_b.load(Ordering::Relaxed) < half {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    };
+                    tokio::select! {
+                        () = halfway => {}
+                        e = s.keep_alive() => return e,
+                    }
+                    match s.churn(addr_a, addr_b).await {
+                        Ok(took) => reconnect = Some(took),
+                        Err(e) => return format!("churn: {e}"),
+                    }
                 }
-                match s.churn(addr_a, addr_b).await {
-                    Ok(took) => reconnect = Some(took),
-                    Err(e) => return format!("churn: {e}"),
+                s.keep_alive().await
+            };
+            let (x, y) = tokio::select! {
+                r = exchanges => r,
+                e = signaling => return Err(e),
+            };
+            x?;
+            y?;
+            if let Some(took) = reconnect {
+                tally.reconnect.lock().await.record_ms(took);
+                tally.churned.fetch_add(1, Ordering::Relaxed);
+            }
+            let ended = Instant::now();
+            if round == 0 {
+                for at in [fa, fb].into_iter().flatten() {
+                    tally.first_byte.lock().await.record_ms(at - ice_at);
                 }
             }
-            s.keep_alive().await
-        };
-        let (x, y) = tokio::select! {
-            r = exchanges => r,
-            e = signaling => return Err(e),
-        };
-        x?;
-        y?;
-        if let Some(took) = reconnect {
-            tally.reconnect.lock().await.record_ms(took);
-            tally.churned.fetch_add(1, Ordering::Relaxed);
-        }
-        let ended = Instant::now();
-        if round == 0 {
-            for at in [fa, fb].into_iter().flatten() {
-                tally.first_byte.lock().await.record_ms(at - ice_at);
+            tally.transfer.lock().await.record_ms(ended - started);
+            tally.widen_window(started, ended);
+            tally.verified.fetch_add(2, Ordering::Relaxed);
+            tally.rounds.fetch_add(1, Ordering::Relaxed);
+            round += 1;
+            if ended >= run_until {
+                return Ok(u64::from(round));
             }
-        }
-        tally.transfer.lock().await.record_ms(ended - started);
-        tally.widen_window(started, ended);
-        tally.verified.fetch_add(2, Ordering::Relaxed);
-        tally.rounds.fetch_add(1, Ordering::Relaxed);
-        round += 1;
-        if ended >= run_until {
-            return Ok(u64::from(round));
         }
     }
 }
@@ -777,10 +793,16 @@ pub async fn run(args: TransferArgs, allowed: &[IpAddr]) -> TransferReport {
         next += interval;
         let (args, allowed, tally, pb) = (args.clone(), allowed.clone(), tally.clone(), pb.clone());
         tasks.push(tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(pair_limit, pair(i, &args, &allowed, &tally, run_until))
-                    .await
-                    .unwrap_or_else(|_| Err("pair timed out".into()));
+            let pair = Pair {
+                i,
+                args: &args,
+                allowed: &allowed,
+                tally: &tally,
+                run_until,
+            };
+            let outcome = tokio::time::timeout(pair_limit, pair.run())
+                .await
+                .unwrap_or_else(|_| Err("pair timed out".into()));
             if let Err(e) = outcome {
                 tally.failed.fetch_add(2, Ordering::Relaxed);
                 tally.error(e).await;
