@@ -80,7 +80,7 @@ async fn tcp_churn_duration_and_turn_only_runs_reconcile() {
             "--pairs",
             "10",
             "--bytes",
-            "32768",
+            "262144",
             "--turn-transport",
             "tcp",
             "--churn",
@@ -98,7 +98,7 @@ async fn tcp_churn_duration_and_turn_only_runs_reconcile() {
     assert_eq!(report.transfers_verified, 2 * report.rounds_completed);
     assert_eq!(
         report.payload_bytes_verified,
-        report.transfers_verified * 32_768
+        report.transfers_verified * 262_144
     );
 
     let secrets = std::fs::read_to_string(data.path().join("turn-secrets")).expect("secrets");

@@ -22,6 +22,7 @@ use webrtc_util::Conn;
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 const DATA: u8 = 0;
 const ACK: u8 = 1;
+const PROBE: u8 = 2;
 /// DATA header: type, round, sequence, CRC of the payload.
 const DATA_HEADER: usize = 13;
 /// ACK: type, round, next sequence expected.
@@ -32,6 +33,8 @@ const MIN_RTO: Duration = Duration::from_millis(50);
 const MAX_RTO: Duration = Duration::from_secs(3);
 /// How long the receiver waits for a packet before re-acknowledging.
 const IDLE: Duration = Duration::from_millis(200);
+/// Silence after a round that counts as nothing left in flight.
+const QUIET: Duration = Duration::from_millis(20);
 
 /// The shape of one file.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +201,7 @@ enum Packet<'a> {
         crc: u32,
         body: &'a [u8],
     },
+    Probe,
     Junk,
 }
 
@@ -213,8 +217,22 @@ fn parse(p: &[u8]) -> Packet<'_> {
             crc: be32(&p[9..]),
             body: &p[DATA_HEADER..],
         },
+        Some(&PROBE) if p.len() == 1 => Packet::Probe,
         _ => Packet::Junk,
     }
+}
+
+/// Opens the path to `to` before the first round. The first send makes
+/// the TURN client install its permission for the partner; without this,
+/// a side's first chunks can reach a partner whose own permission is still
+/// on its way, and TURN drops them unbilled. The probe is counted as sent
+/// only by the side that receives it, because only a relayed probe is
+/// billed.
+pub async fn open_path(conn: &(dyn Conn + Send + Sync), to: SocketAddr) -> Result<(), String> {
+    conn.send_to(&[PROBE], to)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("opening the path: {e}"))
 }
 
 impl Side<'_> {
@@ -259,6 +277,7 @@ impl Side<'_> {
                 self.state.finish();
             }
             if self.state.both_finished() {
+                self.drain(&mut buf).await;
                 return Ok(());
             }
             if Instant::now() > self.deadline {
@@ -312,9 +331,25 @@ impl Side<'_> {
                     }
                     self.send(ack_packet(self.round, expected)).await?;
                 }
+                Packet::Probe => {
+                    self.counters
+                        .sent_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
                 // Late duplicates of another round, or not ours at all.
                 _ => {}
             }
+        }
+    }
+
+    /// Reads (and counts) what is still in flight once the round is over,
+    /// such as acks of resent chunks, until the path is quiet: TURN bills
+    /// what it relayed, so the peers' count must include it too.
+    async fn drain(&self, buf: &mut [u8]) {
+        while let Ok(Ok((n, _))) = tokio::time::timeout(QUIET, self.conn.recv_from(buf)).await {
+            self.counters
+                .received_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -416,6 +451,7 @@ mod tests {
         assert_eq!(crc, CRC32.checksum(body));
         assert_eq!(parse(&ack_packet(2, 7)), Packet::Ack { round: 2, next: 7 });
         assert_eq!(parse(&[ACK, 0, 0]), Packet::Junk);
+        assert_eq!(parse(&[PROBE]), Packet::Probe);
         assert_eq!(parse(&[]), Packet::Junk);
         // Rounds differ in content, so a stale round cannot pass as new.
         assert!(!is_payload(1, 9, body));

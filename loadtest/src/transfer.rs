@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -668,6 +669,10 @@ impl Pair<'_> {
             }
             None => (addr_b, addr_a),
         };
+        tokio::try_join!(
+            crate::chunks::open_path(ra.conn.as_ref(), to_a),
+            crate::chunks::open_path(rb.conn.as_ref(), to_b)
+        )?;
         let _live = Transferring::start(tally);
         let shape = args.shape();
         let deadline = run_until + Duration::from_secs(args.timeout_secs);
@@ -690,19 +695,23 @@ impl Pair<'_> {
                 side(ra.conn.as_ref(), to_a, &progress_a),
                 side(rb.conn.as_ref(), to_b, &progress_b),
             );
-            let (mut fa, mut fb) = (None, None);
-            let mut reconnect = None;
+            let (fa, fb) = (OnceLock::new(), OnceLock::new());
             let exchanges = async {
-                tokio::join!(sa.exchange(|t| fa = Some(t)), sb.exchange(|t| fb = Some(t)))
+                tokio::join!(
+                    sa.exchange(|t| _ = fa.set(t)),
+                    sb.exchange(|t| _ = fb.set(t))
+                )
             };
             // Signaling stays read while the files move, as a browser's does
             // (heartbeats answered, pushes taken in); a churning pair
             // reconnects half way through. Ends only on failure.
+            let churn_pending = AtomicBool::new(round == 0 && signaled.is_some() && args.churns(i));
+            let reconnect = OnceLock::new();
             let signaling = async {
                 let Some(s) = signaled.as_mut() else {
                     return std::future::pending().await;
                 };
-                if round == 0 && args.churns(i) {
+                if churn_pending.load(Ordering::Relaxed) {
                     let half = shape.chunks() / 2;
                     let halfway = async {
                         while progress_b.load(Ordering::Relaxed) < half {
@@ -714,25 +723,35 @@ impl Pair<'_> {
                         e = s.keep_alive() => return e,
                     }
                     match s.churn(addr_a, addr_b).await {
-                        Ok(took) => reconnect = Some(took),
+                        Ok(took) => _ = reconnect.set(took),
                         Err(e) => return format!("churn: {e}"),
                     }
+                    churn_pending.store(false, Ordering::Relaxed);
                 }
                 s.keep_alive().await
             };
+            tokio::pin!(exchanges, signaling);
             let (x, y) = tokio::select! {
-                r = exchanges => r,
-                e = signaling => return Err(e),
+                r = &mut exchanges => r,
+                e = &mut signaling => return Err(e),
             };
+            // A reconnect that the round's end overtook is finished, never
+            // abandoned half way (that would leave a replaced socket behind).
+            while churn_pending.load(Ordering::Relaxed) {
+                tokio::select! {
+                    e = &mut signaling => return Err(e),
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
             x?;
             y?;
-            if let Some(took) = reconnect {
+            if let Some(&took) = reconnect.get() {
                 tally.reconnect.lock().await.record_ms(took);
                 tally.churned.fetch_add(1, Ordering::Relaxed);
             }
             let ended = Instant::now();
             if round == 0 {
-                for at in [fa, fb].into_iter().flatten() {
+                for &at in [fa.get(), fb.get()].into_iter().flatten() {
                     tally.first_byte.lock().await.record_ms(at - ice_at);
                 }
             }
