@@ -912,7 +912,13 @@ impl Turn {
             self.metrics.discarded.with_label_values(&["bitrate"]).inc();
             return;
         }
-        match a.relay.try_send_to(data, peer) {
+        // Straight to the kernel, not through tokio's readiness: a fresh
+        // relay socket has no writable event observed yet, and tokio's
+        // `try_send_to` then answers WouldBlock without trying, so the
+        // first datagrams of a new allocation were dropped unbilled (the
+        // load tester's ledger check caught it). The kernel says
+        // WouldBlock only when the send buffer is really full.
+        match socket2::SockRef::from(&*a.relay).send_to(data, &peer.into()) {
             Ok(_) => a.record_out(data.len()),
             Err(_) => {
                 a.counters.dropped.fetch_add(1, Ordering::Relaxed);
