@@ -103,15 +103,46 @@ impl RtoTimer {
     }
 }
 
-/// What both sides of a pair share during one round.
-#[derive(Default)]
-pub struct RoundState {
+/// One round of a pair: what both sides share.
+pub struct Round<'a> {
+    pub number: u32,
+    pub shape: FileShape,
+    pub counters: &'a Counters,
+    /// When both sides give up.
+    pub deadline: Instant,
     /// Sides that have sent and received everything.
     finished: AtomicU8,
     wake: Notify,
 }
 
-impl RoundState {
+impl<'a> Round<'a> {
+    pub fn new(number: u32, shape: FileShape, counters: &'a Counters, deadline: Instant) -> Self {
+        Self {
+            number,
+            shape,
+            counters,
+            deadline,
+            finished: AtomicU8::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    /// One side: it sends over `conn` to the partner's relayed address
+    /// `to` and stores the chunks it has received in order in `progress`.
+    pub fn side(
+        &'a self,
+        conn: &'a (dyn Conn + Send + Sync),
+        to: SocketAddr,
+        progress: &'a AtomicU32,
+    ) -> Side<'a> {
+        Side {
+            conn,
+            to,
+            progress,
+            round: self,
+        }
+    }
+
     fn finish(&self) {
         self.finished.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_waiters();
@@ -139,16 +170,10 @@ pub struct Counters {
 
 /// One side of one round.
 pub struct Side<'a> {
-    pub conn: &'a (dyn Conn + Send + Sync),
-    /// The partner's relayed address.
-    pub to: SocketAddr,
-    pub round: u32,
-    pub shape: FileShape,
-    pub state: &'a RoundState,
-    pub counters: &'a Counters,
-    /// Chunks received in order so far (for observers such as churn).
-    pub progress: &'a AtomicU32,
-    pub deadline: Instant,
+    conn: &'a (dyn Conn + Send + Sync),
+    to: SocketAddr,
+    progress: &'a AtomicU32,
+    round: &'a Round<'a>,
 }
 
 /// Byte `i` of chunk `seq` of `round`: a pattern the receiver can check
@@ -222,13 +247,18 @@ fn parse(p: &[u8]) -> Packet<'_> {
     }
 }
 
-/// Opens the path to `to` before the first round. The first send makes
-/// the TURN client install its permission for the partner; without this,
-/// a side's first chunks can reach a partner whose own permission is still
-/// on its way, and TURN drops them unbilled. The probe is counted as sent
-/// only by the side that receives it, because only a relayed probe is
-/// billed.
-pub async fn open_path(conn: &(dyn Conn + Send + Sync), to: SocketAddr) -> Result<(), String> {
+/// Opens the path to `to` before the first round, as ICE checks would:
+/// the first send makes the TURN client install its permission for the
+/// partner, so the partner's first chunks are not dropped by TURN for want
+/// of one (which would cost them a retransmission timeout). A probe that
+/// arrives before the partner's own permission is relayed (billed out) but
+/// not delivered (not billed in), which is what the peers count too.
+pub async fn open_path(
+    conn: &(dyn Conn + Send + Sync),
+    to: SocketAddr,
+    counters: &Counters,
+) -> Result<(), String> {
+    counters.sent_bytes.fetch_add(1, Ordering::Relaxed);
     conn.send_to(&[PROBE], to)
         .await
         .map(|_| ())
@@ -237,7 +267,8 @@ pub async fn open_path(conn: &(dyn Conn + Send + Sync), to: SocketAddr) -> Resul
 
 impl Side<'_> {
     async fn send(&self, p: Vec<u8>) -> Result<(), String> {
-        self.counters
+        self.round
+            .counters
             .sent_bytes
             .fetch_add(p.len() as u64, Ordering::Relaxed);
         self.conn
@@ -266,7 +297,7 @@ impl Side<'_> {
         ack_arrived: &Notify,
         first_byte: impl FnOnce(Instant),
     ) -> Result<(), String> {
-        let chunks = self.shape.chunks();
+        let chunks = self.round.shape.chunks();
         let mut first_byte = Some(first_byte);
         let mut expected = 0u32;
         let mut finished = false;
@@ -274,13 +305,13 @@ impl Side<'_> {
         loop {
             if !finished && expected == chunks && acked.load(Ordering::Acquire) == chunks {
                 finished = true;
-                self.state.finish();
+                self.round.finish();
             }
-            if self.state.both_finished() {
+            if self.round.both_finished() {
                 self.drain(&mut buf).await;
                 return Ok(());
             }
-            if Instant::now() > self.deadline {
+            if Instant::now() > self.round.deadline {
                 return Err(format!(
                     "transfer timed out ({expected}/{chunks} chunks in, {}/{chunks} acked)",
                     acked.load(Ordering::Relaxed)
@@ -292,17 +323,18 @@ impl Side<'_> {
                     Ok(Err(e)) => return Err(e.to_string()),
                     Err(_) => {
                         // Quiet: re-acknowledge in case the last ack was lost.
-                        self.send(ack_packet(self.round, expected)).await?;
+                        self.send(ack_packet(self.round.number, expected)).await?;
                         continue;
                     }
                 },
-                _ = self.state.wake.notified() => continue,
+                _ = self.round.wake.notified() => continue,
             };
-            self.counters
+            self.round
+                .counters
                 .received_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
             match parse(&buf[..n]) {
-                Packet::Ack { round, next } if round == self.round => {
+                Packet::Ack { round, next } if round == self.round.number => {
                     acked.fetch_max(next.min(chunks), Ordering::AcqRel);
                     ack_arrived.notify_one();
                 }
@@ -311,30 +343,27 @@ impl Side<'_> {
                     seq,
                     crc,
                     body,
-                } if round == self.round => {
+                } if round == self.round.number => {
                     if let Some(f) = first_byte.take() {
                         f(Instant::now());
                     }
                     if CRC32.checksum(body) != crc {
-                        self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                        self.round.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                     } else if seq == expected {
-                        if body.len() == self.shape.len_of(seq) && is_payload(self.round, seq, body)
+                        if body.len() == self.round.shape.len_of(seq)
+                            && is_payload(self.round.number, seq, body)
                         {
                             expected += 1;
                             self.progress.store(expected, Ordering::Relaxed);
-                            self.counters
+                            self.round
+                                .counters
                                 .verified_bytes
                                 .fetch_add(body.len() as u64, Ordering::Relaxed);
                         } else {
-                            self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                            self.round.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    self.send(ack_packet(self.round, expected)).await?;
-                }
-                Packet::Probe => {
-                    self.counters
-                        .sent_bytes
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.send(ack_packet(self.round.number, expected)).await?;
                 }
                 // Late duplicates of another round, or not ours at all.
                 _ => {}
@@ -347,7 +376,8 @@ impl Side<'_> {
     /// what it relayed, so the peers' count must include it too.
     async fn drain(&self, buf: &mut [u8]) {
         while let Ok(Ok((n, _))) = tokio::time::timeout(QUIET, self.conn.recv_from(buf)).await {
-            self.counters
+            self.round
+                .counters
                 .received_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -358,7 +388,7 @@ impl Side<'_> {
     /// rate limit, so thousands of transfers sharing one relay slow down
     /// instead of collapsing.
     async fn transmit(&self, acked: &AtomicU32, ack_arrived: &Notify) -> Result<(), String> {
-        let chunks = self.shape.chunks();
+        let chunks = self.round.shape.chunks();
         let started = Instant::now();
         let (mut next, mut base) = (0u32, 0u32);
         let mut cwnd = 2.0f64;
@@ -370,14 +400,14 @@ impl Side<'_> {
         let mut payload_sent = 0u64;
         while acked.load(Ordering::Acquire) < chunks {
             let now = Instant::now();
-            if now > self.deadline {
+            if now > self.round.deadline {
                 return Err("sender timed out".to_owned());
             }
             let now_acked = acked.load(Ordering::Acquire);
             if now_acked > base {
                 // Additive increase: about one chunk per window acked.
-                cwnd =
-                    (cwnd + f64::from(now_acked - base) / cwnd).min(f64::from(self.shape.window));
+                cwnd = (cwnd + f64::from(now_acked - base) / cwnd)
+                    .min(f64::from(self.round.shape.window));
                 base = now_acked;
                 progress = now;
                 if let Some((seq, at)) = timed
@@ -391,7 +421,8 @@ impl Side<'_> {
             if now.duration_since(progress) > timer.rto() {
                 // Nothing acknowledged for a while: halve the window, back
                 // off, resend from the first unacknowledged chunk.
-                self.counters
+                self.round
+                    .counters
                     .retransmissions
                     .fetch_add(u64::from(next - base), Ordering::Relaxed);
                 cwnd = (cwnd / 2.0).max(1.0);
@@ -400,10 +431,10 @@ impl Side<'_> {
                 next = base;
                 progress = now;
             }
-            if self.shape.rate_bps > 0 {
+            if self.round.shape.rate_bps > 0 {
                 let due = started
                     + Duration::from_secs_f64(
-                        payload_sent as f64 * 8.0 / self.shape.rate_bps as f64,
+                        payload_sent as f64 * 8.0 / self.round.shape.rate_bps as f64,
                     );
                 if due > now {
                     tokio::time::sleep(due - now).await;
@@ -411,11 +442,11 @@ impl Side<'_> {
                 }
             }
             if next < chunks && next < base + cwnd as u32 {
-                let len = self.shape.len_of(next);
+                let len = self.round.shape.len_of(next);
                 if next >= highest_sent && timed.is_none() {
                     timed = Some((next, now));
                 }
-                self.send(data_packet(self.round, next, len)).await?;
+                self.send(data_packet(self.round.number, next, len)).await?;
                 payload_sent += len as u64;
                 next += 1;
                 highest_sent = highest_sent.max(next);
@@ -562,18 +593,8 @@ mod tests {
         let (pa, pb) = (AtomicU32::new(0), AtomicU32::new(0));
         let deadline = Instant::now() + Duration::from_secs(60);
         for round in 0..2 {
-            let state = RoundState::default();
-            let side = |conn, to, progress| Side {
-                conn,
-                to,
-                round,
-                shape,
-                state: &state,
-                counters: &counters,
-                progress,
-                deadline,
-            };
-            let (sa, sb) = (side(&a, addr_b, &pa), side(&b, addr_a, &pb));
+            let r = Round::new(round, shape, &counters, deadline);
+            let (sa, sb) = (r.side(&a, addr_b, &pa), r.side(&b, addr_a, &pb));
             let (x, y) = tokio::join!(sa.exchange(|_| {}), sb.exchange(|_| {}));
             x.expect("a's round");
             y.expect("b's round");

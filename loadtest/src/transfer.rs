@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 use webrtc_util::Conn;
 
-use crate::chunks::{Counters, FileShape, RoundState, Side};
+use crate::chunks::{Counters, FileShape, Round};
 use crate::stats::{Samples, Summary};
 use crate::stream_conn::StreamConn;
 
@@ -670,8 +670,8 @@ impl Pair<'_> {
             None => (addr_b, addr_a),
         };
         tokio::try_join!(
-            crate::chunks::open_path(ra.conn.as_ref(), to_a),
-            crate::chunks::open_path(rb.conn.as_ref(), to_b)
+            crate::chunks::open_path(ra.conn.as_ref(), to_a, &tally.counters),
+            crate::chunks::open_path(rb.conn.as_ref(), to_b, &tally.counters)
         )?;
         let _live = Transferring::start(tally);
         let shape = args.shape();
@@ -680,20 +680,10 @@ impl Pair<'_> {
         let mut round = 0u32;
         loop {
             let started = Instant::now();
-            let state = RoundState::default();
-            let side = |conn, to, progress| Side {
-                conn,
-                to,
-                round,
-                shape,
-                state: &state,
-                counters: &tally.counters,
-                progress,
-                deadline,
-            };
+            let r = Round::new(round, shape, &tally.counters, deadline);
             let (sa, sb) = (
-                side(ra.conn.as_ref(), to_a, &progress_a),
-                side(rb.conn.as_ref(), to_b, &progress_b),
+                r.side(ra.conn.as_ref(), to_a, &progress_a),
+                r.side(rb.conn.as_ref(), to_b, &progress_b),
             );
             let (fa, fb) = (OnceLock::new(), OnceLock::new());
             let exchanges = async {
