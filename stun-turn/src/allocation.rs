@@ -62,7 +62,10 @@ impl ClientSink {
     /// Sends without waiting; `false` when the bytes had to be dropped.
     pub fn send(&self, bytes: &[u8]) -> bool {
         match self {
-            Self::Udp { socket, addr } => socket.try_send_to(bytes, *addr).is_ok(),
+            // The kernel decides, not tokio's readiness (see `Turn::to_peer`).
+            Self::Udp { socket, addr } => socket2::SockRef::from(&**socket)
+                .send_to(bytes, &(*addr).into())
+                .is_ok(),
             Self::Stream(tx) => tx.try_send(Bytes::copy_from_slice(bytes)).is_ok(),
         }
     }
