@@ -33,8 +33,10 @@ const MIN_RTO: Duration = Duration::from_millis(50);
 const MAX_RTO: Duration = Duration::from_secs(3);
 /// How long the receiver waits for a packet before re-acknowledging.
 const IDLE: Duration = Duration::from_millis(200);
-/// Silence after a round that counts as nothing left in flight.
-const QUIET: Duration = Duration::from_millis(20);
+/// Silence after a round that counts as nothing left in flight. Under
+/// load a relay queues for a good part of this (20 ms left a few hundred
+/// bytes of late acks unread, and so unmatched, at 2,000 peers).
+const QUIET: Duration = Duration::from_millis(250);
 
 /// The shape of one file.
 #[derive(Debug, Clone, Copy)]
