@@ -35,8 +35,10 @@ start_server() { # kind port
         --total-quota 0 --user-quota 0 --log-file "$work/coturn.log" --simple-log \
         --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
       ;;
-    floe)
-      FLOE_LOG=warn "$floe" turn --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
+    floe|floe-kernel)
+      local hairpin=""
+      [ "$1" = floe-kernel ] && hairpin="--kernel-hairpin"
+      FLOE_LOG=warn "$floe" turn $hairpin --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
         --turn-secrets "k1=$SECRET" --allow-peer 127.0.0.0/8 --relay-ip 127.0.0.1 \
         --relay-port-min 30000 --relay-port-max 39999 --max-allocations 100000 \
         --auth-failures-per-min 100000 2>>"$work/floe.log" &
@@ -107,7 +109,12 @@ PY
 }
 
 for s in $SCENARIOS; do
-  for kind in coturn floe; do
+  # floe-kernel: the uclient pairs relay between two allocations of one
+  # server, which floe hands over in memory; --kernel-hairpin sends them
+  # through the kernel as coturn does, i.e. the cost with a remote peer.
+  kinds="coturn floe"
+  case "$s" in a|b|p) kinds="coturn floe floe-kernel" ;; esac
+  for kind in $kinds; do
     case "$s" in
       a) echo "== (a) $kind: 50 clients x 1000 x 120 B, unpaced"; uclient_run a "$kind" 50 1000 120 0 ;;
       b) echo "== (b) $kind: 200 clients x 500 x 1000 B, unpaced (burst)"; uclient_run b "$kind" 200 500 1000 0 ;;
@@ -128,10 +135,13 @@ for line in open(sys.argv[1]):
     rows[(s, metric)][kind] = float(value)
 names = {"a": "(a) 50x1000x120B", "b": "(b) 200x500x1000B burst", "p": "(p) 200x500x160B/20ms",
          "storm": "allocation storm", "bind": "binding flood"}
-print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12}")
+nan = float("nan")
+print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12} {'floe-kernel':>12} {'ratio':>8}")
 for (s, metric), v in sorted(rows.items(), key=lambda kv: (list(names).index(kv[0][0]), kv[0][1])):
-    c, f = v.get("coturn", float("nan")), v.get("floe", float("nan"))
-    ratio = f / c if c else float("nan")
-    print(f"{names[s]:<26} {metric:<16} {c:>10.2f} {f:>10.2f} {ratio:>12.2f}")
+    c, f, k = v.get("coturn", nan), v.get("floe", nan), v.get("floe-kernel", nan)
+    ratio = lambda x: x / c if c else nan
+    kernel = f"{k:>12.2f} {ratio(k):>8.2f}" if k == k else ""
+    print(f"{names[s]:<26} {metric:<16} {c:>10.2f} {f:>10.2f} {ratio(f):>12.2f} {kernel}")
+print("floe-kernel: floe with --kernel-hairpin (relay to relay through the kernel, as for a remote peer)")
 print("\ntargets: cpu_per_msg_us ratio <= 0.70, loss 0 where coturn has 0, rate_per_sec ratio >= 1.50")
 PY

@@ -111,6 +111,13 @@ pub struct Config {
     #[arg(long, env = "FLOE_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
 
+    /// Relay between two allocations of this server through the kernel,
+    /// as if the peer were elsewhere, instead of handing each datagram
+    /// from one allocation to the other in memory (the default: half the
+    /// system calls; permissions, rate caps and metering are the same).
+    #[arg(long, env = "FLOE_KERNEL_HAIRPIN")]
+    pub kernel_hairpin: bool,
+
     /// Address for STUN/TURN over TLS (served when a certificate is given).
     #[arg(long, env = "FLOE_TLS_LISTEN", default_value = "0.0.0.0:5349")]
     pub tls_listen: SocketAddr,
@@ -155,6 +162,7 @@ pub struct Settings {
     pub server_id: String,
     pub data_dir: Option<PathBuf>,
     pub drain: Duration,
+    pub kernel_hairpin: bool,
     pub tls: Option<TlsSettings>,
 }
 
@@ -290,6 +298,7 @@ impl Config {
             server_id,
             data_dir: self.data_dir.clone(),
             drain: Duration::from_secs(self.drain_secs),
+            kernel_hairpin: self.kernel_hairpin,
         })
     }
 }
@@ -323,6 +332,7 @@ impl Settings {
             server_id: floe_common::host_name("turn"),
             data_dir: None,
             drain: Duration::from_secs(30),
+            kernel_hairpin: false,
             tls: None,
         }
     }

@@ -11,6 +11,7 @@ pub(crate) struct Metrics {
     pub stun_requests: IntCounterVec,
     pub request_seconds: HistogramVec,
     pub discarded: IntCounterVec,
+    pub hairpinned: IntCounter,
     pub tcp_connections: IntGauge,
     pub allocations: IntGaugeVec,
     pub allocations_created: IntCounter,
@@ -57,6 +58,11 @@ impl Metrics {
                 "Datagrams or frames not relayed or answered, by reason",
                 &["reason"],
             ),
+            hairpinned: IntCounter::new(
+                "floe_turn_hairpinned_packets_total",
+                "Datagrams relayed from one of this server's allocations to another in memory",
+            )
+            .expect("valid metric"),
             tcp_connections: IntGauge::new(
                 "floe_turn_tcp_connections",
                 "Open client TCP connections",
@@ -147,6 +153,7 @@ impl Metrics {
             Box::new(m.stun_requests.clone()),
             Box::new(m.request_seconds.clone()),
             Box::new(m.discarded.clone()),
+            Box::new(m.hairpinned.clone()),
             Box::new(m.tcp_connections.clone()),
             Box::new(m.allocations.clone()),
             Box::new(m.allocations_created.clone()),

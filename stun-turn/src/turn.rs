@@ -102,6 +102,9 @@ fn understood(t: AttrType) -> bool {
 #[derive(Default)]
 struct Table {
     by_client: HashMap<(SocketAddr, Transport), Arc<Allocation>>,
+    /// The same allocations by relayed transport address, so a datagram
+    /// for one of this server's own relays skips the kernel round trip.
+    by_relay: HashMap<SocketAddr, Arc<Allocation>>,
     per_tenant: HashMap<String, u32>,
 }
 
@@ -159,6 +162,15 @@ impl Turn {
             .len()
     }
 
+    fn local_relay(&self, relayed: SocketAddr) -> Option<Arc<Allocation>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_relay
+            .get(&relayed)
+            .cloned()
+    }
+
     fn lookup(&self, client: SocketAddr, transport: Transport) -> Option<Arc<Allocation>> {
         self.table
             .read()
@@ -185,6 +197,9 @@ impl Turn {
         let removed = {
             let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
             let removed = t.by_client.remove(&(a.client, a.transport)).is_some();
+            if removed {
+                t.by_relay.remove(&a.relayed);
+            }
             if removed && let Some(n) = t.per_tenant.get_mut(&a.user.tenant) {
                 *n -= 1;
                 if *n == 0 {
@@ -696,6 +711,7 @@ impl Turn {
         {
             let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
             t.by_client.insert((from, transport), allocation.clone());
+            t.by_relay.insert(allocation.relayed, allocation.clone());
         }
         self.metrics
             .allocations
@@ -898,6 +914,64 @@ impl Turn {
         }
     }
 
+    /// Forwards a datagram from `peer` to `a`'s client when permitted and
+    /// within the cap: as ChannelData when a channel is bound, else as a
+    /// Data indication. The data sits at `buf[4..4 + n]`, with four bytes
+    /// of headroom for the ChannelData header and three spare after it for
+    /// stream padding.
+    fn to_client(&self, a: &Allocation, peer: SocketAddr, buf: &mut [u8], n: usize) {
+        let now = Instant::now();
+        let (permitted, channel) = a.route_from_peer(peer, now);
+        if !permitted {
+            self.metrics
+                .discarded
+                .with_label_values(&["no_permission"])
+                .inc();
+            return;
+        }
+        if !a.within_rate(n, now) {
+            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            return;
+        }
+        let sent = match channel {
+            Some(ch) => {
+                buf[0..2].copy_from_slice(&ch.to_be_bytes());
+                buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                let mut len = 4 + n;
+                if a.transport != Transport::Udp {
+                    // Streams pad ChannelData to four bytes (RFC 8656 §12.5).
+                    let padded = (len + 3) & !3;
+                    buf[len..padded].fill(0);
+                    len = padded;
+                }
+                a.sink.send(&buf[..len])
+            }
+            None => {
+                let mut m = Message::new();
+                let built = m.build(&[
+                    Box::new(MessageType::new(METHOD_DATA, CLASS_INDICATION)),
+                    Box::new(stun::agent::TransactionId::new()),
+                    Box::new(turn::proto::peeraddr::PeerAddress {
+                        ip: peer.ip(),
+                        port: peer.port(),
+                    }),
+                    Box::new(turn::proto::data::Data(buf[4..4 + n].to_vec())),
+                ]);
+                built.is_ok() && a.sink.send(&m.raw)
+            }
+        };
+        if sent {
+            a.record_in(n);
+        } else {
+            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .discarded
+                .with_label_values(&["client_send_failed"])
+                .inc();
+        }
+    }
+
     fn to_peer(&self, a: &Allocation, peer: SocketAddr, data: &[u8]) {
         let now = Instant::now();
         if !a.permitted(peer.ip(), now) {
@@ -910,6 +984,21 @@ impl Turn {
         if !a.within_rate(data.len(), now) {
             a.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            return;
+        }
+        if !self.settings.kernel_hairpin
+            && data.len() <= MAX_DATAGRAM
+            && let Some(b) = self.local_relay(peer)
+        {
+            // A relay of this server: what the kernel would do, minus a
+            // send and a receive. `a` sent it; `b` gets it from `a`'s
+            // relayed address, with `b`'s permissions and cap applied.
+            a.record_out(data.len());
+            self.metrics.hairpinned.inc();
+            HAIRPIN.with_borrow_mut(|buf| {
+                buf[4..4 + data.len()].copy_from_slice(data);
+                self.to_client(&b, a.relayed, buf, data.len());
+            });
             return;
         }
         // Straight to the kernel, not through tokio's readiness: a fresh
@@ -984,12 +1073,18 @@ fn build(setters: &[Box<dyn Setter>]) -> Option<Vec<u8>> {
     }
 }
 
-/// Reads an allocation's relay socket and forwards permitted datagrams to
-/// the client: as ChannelData when a channel is bound, else as a Data
-/// indication.
+/// Scratch space for datagrams handed from one local allocation to
+/// another (`Turn::to_client`'s layout).
+const RELAY_BUF: usize = 4 + MAX_DATAGRAM + 4;
+
+thread_local! {
+    static HAIRPIN: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; RELAY_BUF]);
+}
+
+/// Reads an allocation's relay socket and hands each datagram to
+/// [`Turn::to_client`].
 async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
-    // ChannelData header (4) + data + padding room.
-    let mut buf = vec![0u8; 4 + MAX_DATAGRAM + 4];
+    let mut buf = vec![0u8; RELAY_BUF];
     loop {
         let (n, peer) = tokio::select! {
             _ = a.closed.cancelled() => return,
@@ -998,56 +1093,7 @@ async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
                 Err(_) => continue,
             },
         };
-        let now = Instant::now();
-        let (permitted, channel) = a.route_from_peer(peer, now);
-        if !permitted {
-            turn.metrics
-                .discarded
-                .with_label_values(&["no_permission"])
-                .inc();
-            continue;
-        }
-        if !a.within_rate(n, now) {
-            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            turn.metrics.discarded.with_label_values(&["bitrate"]).inc();
-            continue;
-        }
-        let sent = match channel {
-            Some(ch) => {
-                buf[0..2].copy_from_slice(&ch.to_be_bytes());
-                buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-                let mut len = 4 + n;
-                if a.transport != Transport::Udp {
-                    // Streams pad ChannelData to four bytes (RFC 8656 §12.5).
-                    let padded = (len + 3) & !3;
-                    buf[len..padded].fill(0);
-                    len = padded;
-                }
-                a.sink.send(&buf[..len])
-            }
-            None => {
-                let mut m = Message::new();
-                let built = m.build(&[
-                    Box::new(MessageType::new(METHOD_DATA, CLASS_INDICATION)),
-                    Box::new(stun::agent::TransactionId::new()),
-                    Box::new(turn::proto::peeraddr::PeerAddress {
-                        ip: peer.ip(),
-                        port: peer.port(),
-                    }),
-                    Box::new(turn::proto::data::Data(buf[4..4 + n].to_vec())),
-                ]);
-                built.is_ok() && a.sink.send(&m.raw)
-            }
-        };
-        if sent {
-            a.record_in(n);
-        } else {
-            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            turn.metrics
-                .discarded
-                .with_label_values(&["client_send_failed"])
-                .inc();
-        }
+        turn.to_client(&a, peer, &mut buf, n);
     }
 }
 

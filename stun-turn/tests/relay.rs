@@ -193,7 +193,7 @@ async fn client(
     server: SocketAddr,
     username: &str,
     password: &str,
-) -> (turn::client::Client, impl Conn) {
+) -> (turn::client::Client, impl Conn + use<>) {
     let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
     let c = turn::client::Client::new(turn::client::ClientConfig {
         stun_serv_addr: server.to_string(),
@@ -269,6 +269,93 @@ async fn relays_both_ways_and_the_ledger_matches_exactly() {
     assert!(metrics.contains("floe_turn_allocations{tenant=\"paid\"} 1"));
     c.close().await.expect("close");
     turn.stop().await;
+}
+
+/// The counter `name` (with its labels) in a Prometheus text page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn two_allocations_of_one_server_relay_to_each_other() {
+    // In memory by default, through the kernel with --kernel-hairpin: the
+    // same datagrams, sources, permissions and ledger either way.
+    let stack = Stack::new().await;
+    for kernel in [false, true] {
+        let mut settings = stack.turn_settings(None);
+        settings.kernel_hairpin = kernel;
+        let turn = floe_turn::start(settings, Shutdown::new())
+            .await
+            .expect("turn");
+        let room = format!("hairpin-{kernel}");
+        let (user, pass) = stack.credentials("paid", &room, "alice").await;
+        let (ca, a) = client(turn.listen_addr(), &user, &pass).await;
+        let (user, pass) = stack.credentials("paid", &room, "bob").await;
+        let (cb, b) = client(turn.listen_addr(), &user, &pass).await;
+        let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+        // Bob permits Alice; his probe reaches her relay before she
+        // permits him, so it is billed out and dropped there.
+        b.send_to(b"probe", a_addr).await.expect("probe");
+        let page = || async {
+            reqwest::get(format!("http://{}/metrics", turn.http_addr()))
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        };
+        let no_permission = "floe_turn_discarded_total{reason=\"no_permission\"}";
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&page().await, no_permission) < 1.0 {
+            assert!(Instant::now() < deadline, "the probe was never dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut buf = vec![0u8; 2_048];
+        let (n, size) = (100, 700);
+        for i in 0..n {
+            let msg = vec![(i % 251) as u8; size];
+            for (from, to, to_addr, from_addr) in
+                [(&a, &b, b_addr, a_addr), (&b, &a, a_addr, b_addr)]
+            {
+                from.send_to(&msg, to_addr).await.expect("send");
+                let (len, src) =
+                    tokio::time::timeout(Duration::from_secs(5), to.recv_from(&mut buf))
+                        .await
+                        .expect("relayed in time")
+                        .expect("recv");
+                assert_eq!((src, &buf[..len]), (from_addr, &msg[..]), "message {i}");
+            }
+        }
+        let each_way = (n * size) as u64;
+        let page = page().await;
+        let hairpinned = metric(&page, "floe_turn_hairpinned_packets_total");
+        assert_eq!(
+            hairpinned,
+            if kernel { 0.0 } else { (2 * n + 1) as f64 },
+            "{page}"
+        );
+        assert_eq!(metric(&page, no_permission), 1.0, "{page}");
+        let room_usage = |u: &Value| {
+            (
+                u["rooms"][&room]["bytes_out"].clone(),
+                u["rooms"][&room]["bytes_in"].clone(),
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let u = stack.usage("paid").await;
+            if room_usage(&u) == (json!(2 * each_way + 5), json!(2 * each_way)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ledger for {room}: {u}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ca.close().await.expect("close");
+        cb.close().await.expect("close");
+        turn.stop().await;
+    }
 }
 
 /// Sends a request and returns the decoded answer.
