@@ -41,7 +41,7 @@ start_server() { # kind port
       FLOE_LOG=warn "$floe" turn $hairpin --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
         --turn-secrets "k1=$SECRET" --allow-peer 127.0.0.0/8 --relay-ip 127.0.0.1 \
         --relay-port-min 30000 --relay-port-max 39999 --max-allocations 100000 \
-        --auth-failures-per-min 100000 2>>"$work/floe.log" &
+        --auth-failures-per-min 100000 2>>"$work/$1.log" &
       ;;
   esac
   server_pid=$!
@@ -90,7 +90,11 @@ loadtest_run() { # scenario kind args...
   local port; port=$(free_port)
   start_server "$kind" "$port"
   local before; before=$(cpu_ticks "$server_pid")
-  "$floe" loadtest --json "$work/$scenario-$kind.json" "$@" --target "127.0.0.1:$port" >/dev/null
+  if ! "$floe" loadtest --json "$work/$scenario-$kind.json" "$@" --target "127.0.0.1:$port" >/dev/null; then
+    echo "$scenario against $kind failed; the server's log ends:" >&2
+    tail -5 "$work/$kind.log" >&2 || true
+    exit 1
+  fi
   local after; after=$(cpu_ticks "$server_pid")
   local peak; peak=$(peak_kib "$server_pid")
   stop_server
@@ -121,8 +125,8 @@ for s in $SCENARIOS; do
       p) echo "== (p) $kind: 200 clients x 500 x 160 B every 20 ms"; uclient_run p "$kind" 200 500 160 20 ;;
       storm) echo "== allocation storm $kind: 3000 Allocates, 100 in flight"
         loadtest_run storm "$kind" turn-allocate --secret "$SECRET" --user k1:bench:storm:peer --count 3000 --in-flight 100 ;;
-      bind) echo "== STUN Binding flood $kind: 100000 requests, 100 in flight"
-        loadtest_run bind "$kind" stun-binding --requests 100000 --in-flight 100 ;;
+      bind) echo "== STUN Binding flood $kind: 300000 requests, 100 in flight from 4 sockets"
+        loadtest_run bind "$kind" stun-binding --requests 300000 --in-flight 100 --sockets 4 ;;
     esac
   done
 done

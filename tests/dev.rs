@@ -86,7 +86,13 @@ async fn dev_serves_health_readiness_metrics_and_stun_then_stops_cleanly() {
 
     // STUN answers on the advertised address.
     let turn: std::net::SocketAddr = url(&ep, "turn_addr").parse().expect("addr");
-    let report = floe_loadtest::stun_flood::run(turn, 200, 20, Duration::from_secs(2))
+    let flood = floe_loadtest::stun_flood::Flood {
+        requests: 200,
+        in_flight: 20,
+        sockets: 2,
+        timeout: Duration::from_secs(2),
+    };
+    let report = floe_loadtest::stun_flood::run(turn, flood)
         .await
         .expect("binding flood");
     assert_eq!(report.answered, 200);

@@ -63,9 +63,12 @@ pub enum Mode {
         /// Requests to send.
         #[arg(long, default_value_t = 10_000)]
         requests: u64,
-        /// Requests outstanding at once.
+        /// Requests outstanding at once, over all sockets.
         #[arg(long, default_value_t = 100)]
         in_flight: usize,
+        /// Client sockets (source ports) sharing the load.
+        #[arg(long, default_value_t = 4)]
+        sockets: usize,
         /// Give up on a request after this many milliseconds.
         #[arg(long, default_value_t = 1_000)]
         timeout_ms: u64,
@@ -161,21 +164,30 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             target,
             requests,
             in_flight,
+            sockets,
             timeout_ms,
         } => {
             target::check(target.ip(), &config.allow_targets)?;
             let report = stun_flood::run(
                 target,
-                requests,
-                in_flight,
-                Duration::from_millis(timeout_ms),
+                stun_flood::Flood {
+                    requests,
+                    in_flight,
+                    sockets,
+                    timeout: Duration::from_millis(timeout_ms),
+                },
             )
             .await?;
             write_json(&config.json, &report)?;
             let lat = stats::Summary::line_of(report.latency_ms, 3);
             Ok(format!(
-                "STUN Binding flood against {target}\n  sent {}  answered {}  lost {}\n  {:.0} bindings/s over {:.2} s\n  latency {lat}\n",
-                report.sent, report.answered, report.lost, report.bindings_per_sec, report.seconds
+                "STUN Binding flood against {target} from {} sockets\n  sent {}  answered {}  lost {}\n  {:.0} bindings/s over {:.2} s\n  latency {lat}\n",
+                report.sockets,
+                report.sent,
+                report.answered,
+                report.lost,
+                report.bindings_per_sec,
+                report.seconds
             ))
         }
     }

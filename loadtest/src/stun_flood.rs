@@ -1,13 +1,17 @@
-//! STUN Binding load: `requests` Binding requests over UDP with at most
-//! `in_flight` outstanding, each answered or timed out; reports
-//! bindings per second, latency and loss.
+//! STUN Binding load: `requests` Binding requests over UDP from several
+//! sockets, at most `in_flight` outstanding in all, each answered or timed
+//! out; reports bindings per second, latency and loss.
+//!
+//! The client must cost less per request than the server it measures, or
+//! the figure is the client's: requests are 20 fixed bytes with the
+//! sequence number in the transaction id, answers are checked in place,
+//! and each socket drains everything that arrived per wake-up.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use stun::message::{BINDING_REQUEST, BINDING_SUCCESS, Message};
 use tokio::net::UdpSocket;
 
 use crate::stats::{Samples, Summary};
@@ -18,78 +22,191 @@ pub struct BindingReport {
     pub sent: u64,
     pub answered: u64,
     pub lost: u64,
+    pub sockets: usize,
     pub seconds: f64,
     pub bindings_per_sec: f64,
     /// Round-trip latency, milliseconds.
     pub latency_ms: Option<Summary>,
 }
 
-/// Sends `requests` Binding requests to `target`, at most `in_flight`
-/// outstanding; each unanswered request is given up after `timeout`.
-pub async fn run(
-    target: SocketAddr,
-    requests: u64,
-    in_flight: usize,
-    timeout: Duration,
-) -> std::io::Result<BindingReport> {
-    let bind: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal address");
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(target).await?;
-    let in_flight = in_flight.max(1);
-    let mut pending: HashMap<[u8; 12], Instant> = HashMap::with_capacity(in_flight);
-    let mut latency = Samples::default();
-    let (mut sent, mut answered, mut lost) = (0u64, 0u64, 0u64);
-    let mut msg = Message::new();
-    let mut resp = Message::new();
-    let mut buf = vec![0u8; 1500];
+/// The shape of a flood.
+#[derive(Debug, Clone, Copy)]
+pub struct Flood {
+    pub requests: u64,
+    /// Outstanding requests over all sockets.
+    pub in_flight: usize,
+    /// Client sockets (distinct source ports, so a server spreading
+    /// clients over cores sees several).
+    pub sockets: usize,
+    /// An unanswered request is given up after this.
+    pub timeout: Duration,
+}
+
+/// How often timed-out requests are looked for.
+const SWEEP: Duration = Duration::from_millis(10);
+const MAGIC_COOKIE: [u8; 4] = 0x2112_A442u32.to_be_bytes();
+const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
+
+/// One socket's share of the flood.
+#[derive(Default)]
+struct Part {
+    sent: u64,
+    answered: u64,
+    lost: u64,
+    latency: Samples,
+}
+
+/// Floods `target` with Binding requests; an error when not one was
+/// answered (so "is it up?" probes can use it).
+pub async fn run(target: SocketAddr, flood: Flood) -> std::io::Result<BindingReport> {
+    let sockets = flood.sockets.clamp(1, 256);
+    let in_flight = flood.in_flight.max(sockets);
     let started = Instant::now();
-    while answered + lost < requests {
-        while pending.len() < in_flight && sent < requests {
-            msg.build(&[
-                Box::new(BINDING_REQUEST),
-                Box::new(stun::agent::TransactionId::new()),
-            ])
-            .map_err(std::io::Error::other)?;
-            socket.send(&msg.raw).await?;
-            pending.insert(msg.transaction_id.0, Instant::now());
-            sent += 1;
-        }
-        let oldest = pending.values().min().copied().unwrap_or_else(Instant::now);
-        let deadline = oldest + timeout;
-        match tokio::time::timeout_at(deadline.into(), socket.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
-                resp.raw.clear();
-                resp.raw.extend_from_slice(&buf[..n]);
-                if resp.decode().is_ok()
-                    && resp.typ == BINDING_SUCCESS
-                    && let Some(at) = pending.remove(&resp.transaction_id.0)
-                {
-                    latency.record_ms(at.elapsed());
-                    answered += 1;
-                }
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                let now = Instant::now();
-                let before = pending.len();
-                pending.retain(|_, at| now.duration_since(*at) < timeout);
-                lost += (before - pending.len()) as u64;
-            }
-        }
+    let mut workers = tokio::task::JoinSet::new();
+    for i in 0..sockets {
+        let requests = flood.requests / sockets as u64
+            + u64::from((i as u64) < flood.requests % sockets as u64);
+        let window = in_flight / sockets + usize::from(i < in_flight % sockets);
+        let bind: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(target).await?;
+        workers.spawn(worker(socket, i as u32, requests, window, flood.timeout));
+    }
+    let mut total = Part::default();
+    while let Some(done) = workers.join_next().await {
+        let part = done.map_err(std::io::Error::other)??;
+        total.sent += part.sent;
+        total.answered += part.answered;
+        total.lost += part.lost;
+        total.latency.merge(&part.latency);
+    }
+    if total.answered == 0 && flood.requests > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("none of {} Binding requests was answered", total.sent),
+        ));
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(BindingReport {
-        sent,
-        answered,
-        lost,
+        sent: total.sent,
+        answered: total.answered,
+        lost: total.lost,
+        sockets,
         seconds,
-        bindings_per_sec: answered as f64 / seconds.max(1e-9),
-        latency_ms: latency.summary(),
+        bindings_per_sec: total.answered as f64 / seconds.max(1e-9),
+        latency_ms: total.latency.summary(),
     })
+}
+
+/// A Binding request whose transaction id is `worker` then `seq`.
+fn request(worker: u32, seq: u64) -> [u8; 20] {
+    let mut r = [0u8; 20];
+    r[0..2].copy_from_slice(&[0x00, 0x01]);
+    r[4..8].copy_from_slice(&MAGIC_COOKIE);
+    r[8..12].copy_from_slice(&worker.to_be_bytes());
+    r[12..20].copy_from_slice(&seq.to_be_bytes());
+    r
+}
+
+/// The sequence number a Binding success response answers, when it is one
+/// for `worker` and carries an XOR-MAPPED-ADDRESS.
+fn answered_seq(resp: &[u8], worker: u32) -> Option<u64> {
+    let header = resp.get(..20)?;
+    if header[0..2] != [0x01, 0x01]
+        || header[4..8] != MAGIC_COOKIE
+        || header[8..12] != worker.to_be_bytes()
+        || usize::from(u16::from_be_bytes([header[2], header[3]])) + 20 != resp.len()
+    {
+        return None;
+    }
+    let mut at = 20;
+    let mut mapped = false;
+    while let Some(attr) = resp.get(at..at + 4) {
+        let len = usize::from(u16::from_be_bytes([attr[2], attr[3]]));
+        mapped |= u16::from_be_bytes([attr[0], attr[1]]) == ATTR_XOR_MAPPED_ADDRESS && len >= 8;
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&header[12..20]);
+    (mapped && at == resp.len()).then_some(u64::from_be_bytes(seq))
+}
+
+async fn worker(
+    socket: UdpSocket,
+    id: u32,
+    requests: u64,
+    window: usize,
+    timeout: Duration,
+) -> std::io::Result<Part> {
+    let mut part = Part::default();
+    let mut pending: HashMap<u64, Instant> = HashMap::with_capacity(window);
+    let mut buf = vec![0u8; 1_500];
+    let mut last_sweep = Instant::now();
+    while part.answered + part.lost < requests {
+        while pending.len() < window && part.sent < requests {
+            socket.send(&request(id, part.sent)).await?;
+            pending.insert(part.sent, Instant::now());
+            part.sent += 1;
+        }
+        // One timer per wake-up, not per answer; then drain the socket.
+        if let Ok(ready) = tokio::time::timeout(SWEEP, socket.readable()).await {
+            ready?;
+        }
+        loop {
+            match socket.try_recv(&mut buf) {
+                Ok(n) => {
+                    if let Some(at) = answered_seq(&buf[..n], id).and_then(|s| pending.remove(&s)) {
+                        part.latency.record_ms(at.elapsed());
+                        part.answered += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(last_sweep) >= SWEEP {
+            last_sweep = now;
+            let before = pending.len();
+            pending.retain(|_, at| now.duration_since(*at) < timeout);
+            part.lost += (before - pending.len()) as u64;
+        }
+    }
+    Ok(part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_matched_to_their_requests_only() {
+        let req = request(7, 42);
+        let mut m = stun::message::Message::new();
+        m.raw = req.to_vec();
+        m.decode().expect("a well-formed Binding request");
+        assert_eq!(m.typ, stun::message::BINDING_REQUEST);
+
+        let resp = |worker: u32, seq: u64, attrs: &[u8]| {
+            let mut r = request(worker, seq).to_vec();
+            r[0..2].copy_from_slice(&[0x01, 0x01]);
+            r[2..4].copy_from_slice(&(attrs.len() as u16).to_be_bytes());
+            r.extend_from_slice(attrs);
+            r
+        };
+        let mapped = [0x00, 0x20, 0x00, 0x08, 0, 1, 0x12, 0x34, 1, 2, 3, 4];
+        assert_eq!(answered_seq(&resp(7, 42, &mapped), 7), Some(42));
+        // Another worker's, no XOR-MAPPED-ADDRESS, truncated, an error.
+        assert_eq!(answered_seq(&resp(8, 42, &mapped), 7), None);
+        assert_eq!(answered_seq(&resp(7, 42, &[]), 7), None);
+        assert_eq!(answered_seq(&resp(7, 42, &mapped[..8]), 7), None);
+        let mut error = resp(7, 42, &mapped);
+        error[0..2].copy_from_slice(&[0x01, 0x11]);
+        assert_eq!(answered_seq(&error, 7), None);
+        assert_eq!(answered_seq(&[1, 1, 0], 7), None);
+    }
 }

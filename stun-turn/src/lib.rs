@@ -14,6 +14,7 @@ mod config;
 pub mod framing;
 mod meter;
 mod metrics;
+mod mmsg;
 mod policy;
 mod report;
 mod server;

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::allocation::{ClientSink, Transport};
 use crate::framing::{self, Frame, MAX_FRAME};
+use crate::mmsg::{RecvBatch, SendBatch};
 use crate::turn::Turn;
 
 /// How long a TCP connection may stay silent before it is closed.
@@ -107,12 +108,16 @@ pub(crate) fn serve(
 }
 
 async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
-    let mut buf = vec![0u8; MAX_FRAME];
+    let Ok(local) = socket.local_addr() else {
+        return;
+    };
+    let mut batch = RecvBatch::new(local);
+    let mut answers = SendBatch::new();
     loop {
-        let (n, from) = tokio::select! {
+        let n = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(v) => v,
+            r = batch.recv(&socket) => match r {
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors from earlier sends surface here; keep serving.
                     tracing::debug!(error = %e, "UDP receive error");
@@ -120,27 +125,34 @@ async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
                 }
             },
         };
-        match framing::next_frame(&buf[..n], false) {
-            Ok(Some(Frame::ChannelData { channel, data, .. })) => {
-                turn.on_channel_data(from, Transport::Udp, channel, &buf[4..4 + data]);
-            }
-            Ok(Some(Frame::Stun { len })) if len == n => {
-                let sink = ClientSink::Udp {
-                    socket: socket.clone(),
-                    addr: from,
-                };
-                if let Some(resp) = turn.on_stun(&buf[..n], from, Transport::Udp, &sink).await
-                    && let Err(e) = socket.send_to(&resp, from).await
-                {
-                    tracing::debug!(error = %e, %from, "UDP send failed");
+        for i in 0..n {
+            let (buf, len, from) = batch.get_mut(i);
+            let Some(from) = from else { continue };
+            let datagram = &buf[..len];
+            match framing::next_frame(datagram, false) {
+                Ok(Some(Frame::ChannelData { channel, data, .. })) => {
+                    turn.on_channel_data(from, Transport::Udp, channel, &datagram[4..4 + data]);
+                }
+                Ok(Some(Frame::Stun { len: stun })) if stun == len => {
+                    let sink = ClientSink::Udp {
+                        socket: socket.clone(),
+                        addr: from,
+                    };
+                    if let Some(resp) = turn.on_stun(datagram, from, Transport::Udp, &sink).await {
+                        answers.push(&resp, from);
+                    }
+                }
+                _ => {
+                    turn.metrics
+                        .discarded
+                        .with_label_values(&["bad_datagram"])
+                        .inc();
                 }
             }
-            _ => {
-                turn.metrics
-                    .discarded
-                    .with_label_values(&["bad_datagram"])
-                    .inc();
-            }
+        }
+        let refused = answers.flush(&socket).await;
+        if refused > 0 {
+            tracing::debug!(refused, "UDP answers the kernel refused");
         }
     }
 }

@@ -1,0 +1,233 @@
+//! Batched UDP I/O for the listening sockets: `recvmmsg` takes up to
+//! [`BATCH`] datagrams per system call and `sendmmsg` gives the answers
+//! back the same way. Under load that turns two system calls and often a
+//! sleep and a wake-up per datagram into two per batch; when idle a batch
+//! is one datagram and nothing changes.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use std::cell::RefCell;
+
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use crate::framing::MAX_FRAME;
+
+/// Datagrams per system call.
+pub(crate) const BATCH: usize = 32;
+
+thread_local! {
+    // The kernel's message headers hold raw pointers, so they are not
+    // `Send` and cannot live in a task; they are only borrowed inside one
+    // system call, so one set per thread serves many sockets. Never one
+    // set for both directions: a send points the headers' address fields
+    // at its own (then freed) destinations, and a receive writes through
+    // them. Receives keep one set per address family, because the kernel
+    // leaves the last source's length as the room for the next.
+    static RECV: [RefCell<MultiHeaders<SockaddrStorage>>; 2] = [(); 2].map(|()| {
+        RefCell::new(MultiHeaders::preallocate(BATCH, None))
+    });
+    static SEND: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, None));
+}
+
+fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+    s.as_sockaddr_in()
+        .map(|a| SocketAddr::from(*a))
+        .or_else(|| s.as_sockaddr_in6().map(|a| SocketAddr::from(*a)))
+}
+
+fn io_error(e: nix::errno::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// Room for [`BATCH`] datagrams of any size (the memory is only touched
+/// where datagrams land) and where each came from.
+pub(crate) struct RecvBatch {
+    bufs: Vec<u8>,
+    /// Index into `RECV`: 0 for IPv4 sockets, 1 for IPv6.
+    family: usize,
+    got: Vec<(usize, Option<SocketAddr>)>,
+}
+
+impl RecvBatch {
+    /// For a socket bound to an address of `local`'s family.
+    pub fn new(local: SocketAddr) -> Self {
+        Self {
+            bufs: vec![0; BATCH * MAX_FRAME],
+            family: usize::from(local.is_ipv6()),
+            got: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Waits until the socket is readable, then takes what is queued (up
+    /// to [`BATCH`] datagrams); returns how many.
+    pub async fn recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+        socket
+            .async_io(Interest::READABLE, || self.try_recv(socket))
+            .await
+    }
+
+    fn try_recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+        self.got.clear();
+        RECV.with(|recv| {
+            let headers = &mut *recv[self.family].borrow_mut();
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
+                .bufs
+                .chunks_mut(MAX_FRAME)
+                .map(|b| [IoSliceMut::new(b)])
+                .collect();
+            let results = recvmmsg(
+                socket.as_raw_fd(),
+                headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(io_error)?;
+            for r in results {
+                self.got
+                    .push((r.bytes, r.address.as_ref().and_then(socket_addr)));
+            }
+            Ok(self.got.len())
+        })
+    }
+
+    /// Datagram `i` of the last receive: its buffer slot (the datagram is
+    /// the first `len` bytes), its length and its source (`None` only if
+    /// the kernel gave none, which UDP does not).
+    pub fn get_mut(&mut self, i: usize) -> (&mut [u8], usize, Option<SocketAddr>) {
+        let (len, from) = self.got[i];
+        (
+            &mut self.bufs[i * MAX_FRAME..(i + 1) * MAX_FRAME],
+            len,
+            from,
+        )
+    }
+}
+
+/// Answers gathered while a received batch is handled, sent together.
+pub(crate) struct SendBatch {
+    bytes: Vec<u8>,
+    spans: Vec<(usize, usize, SocketAddr)>,
+}
+
+impl SendBatch {
+    pub fn new() -> Self {
+        Self {
+            bytes: Vec::with_capacity(BATCH * 128),
+            spans: Vec::with_capacity(BATCH),
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8], to: SocketAddr) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        self.spans.push((start, self.bytes.len(), to));
+    }
+
+    /// Sends everything gathered: whole batches while the kernel takes
+    /// them, one at a time (waiting for room) when it does not. A
+    /// datagram the kernel refuses outright is skipped and counted.
+    pub async fn flush(&mut self, socket: &UdpSocket) -> usize {
+        let mut refused = 0;
+        let mut at = 0;
+        while at < self.spans.len() {
+            let end = (at + BATCH).min(self.spans.len());
+            match self.try_send(socket, at, end) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let (start, stop, to) = self.spans[at];
+                    if socket.send_to(&self.bytes[start..stop], to).await.is_err() {
+                        refused += 1;
+                    }
+                    at += 1;
+                }
+                Err(_) => {
+                    // The first datagram of the batch was refused
+                    // (sendmmsg reports an error only when none went).
+                    refused += 1;
+                    at += 1;
+                }
+            }
+        }
+        self.bytes.clear();
+        self.spans.clear();
+        refused
+    }
+
+    fn try_send(&self, socket: &UdpSocket, from: usize, to: usize) -> std::io::Result<usize> {
+        let spans = &self.spans[from..to];
+        let addrs: Vec<Option<SockaddrStorage>> = spans
+            .iter()
+            .map(|(_, _, a)| Some(SockaddrStorage::from(*a)))
+            .collect();
+        SEND.with_borrow_mut(|headers| {
+            let slices: Vec<[IoSlice<'_>; 1]> = spans
+                .iter()
+                .map(|(s, e, _)| [IoSlice::new(&self.bytes[*s..*e])])
+                .collect();
+            let sent = sendmmsg(
+                socket.as_raw_fd(),
+                headers,
+                &slices,
+                addrs,
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io_error)?
+            .count();
+            Ok(sent)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_go_out_and_come_back_whole() {
+        // IPv4 then IPv6 on one thread: sends and receives of both
+        // families share this thread's headers.
+        round_trip("127.0.0.1:0").await;
+        round_trip("[::1]:0").await;
+        round_trip("127.0.0.1:0").await;
+    }
+
+    async fn round_trip(bind: &str) {
+        let server = UdpSocket::bind(bind).await.expect("bind");
+        let client = UdpSocket::bind(bind).await.expect("bind");
+        let (saddr, caddr) = (
+            server.local_addr().expect("addr"),
+            client.local_addr().expect("addr"),
+        );
+        // More than a batch, of different sizes, one of them large.
+        let sizes: Vec<usize> = (0..BATCH + 5)
+            .map(|i| if i == 3 { 60_000 } else { 1 + i * 37 })
+            .collect();
+        let mut out = SendBatch::new();
+        for (i, n) in sizes.iter().enumerate() {
+            out.push(&vec![i as u8; *n], saddr);
+        }
+        assert_eq!(out.flush(&client).await, 0);
+        let mut batch = RecvBatch::new(saddr);
+        let mut seen = 0;
+        while seen < sizes.len() {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), batch.recv(&server))
+                .await
+                .expect("datagrams arrive")
+                .expect("recv");
+            assert!(n <= BATCH);
+            for i in 0..n {
+                let (buf, len, from) = batch.get_mut(i);
+                assert_eq!((len, from), (sizes[seen], Some(caddr)), "datagram {seen}");
+                assert!(buf[..len].iter().all(|b| *b == seen as u8));
+                seen += 1;
+            }
+        }
+    }
+}
