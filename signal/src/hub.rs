@@ -362,6 +362,13 @@ impl Hub {
     }
 
     /// Local rooms and local peers.
+    /// Rooms with a local connection: one lock per shard, no walk over
+    /// the rooms (this runs on every join and leave).
+    pub fn room_count(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Rooms and local connections (walks every room).
     pub fn counts(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(rooms, peers), s| {
             let s = lock(s);
@@ -458,6 +465,7 @@ mod tests {
             Delivery::NoPeer
         );
         assert_eq!(hub.counts(), (1, 1));
+        assert_eq!(hub.room_count(), 1);
     }
 
     #[test]

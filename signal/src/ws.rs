@@ -230,7 +230,7 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
         }
     };
     app.metrics.connections.inc();
-    app.metrics.rooms.set(app.hub.counts().0 as i64);
+    app.metrics.rooms.set(app.hub.room_count() as i64);
     tracing::debug!(room = %record.id, peer = %me.peer_id, session = %me.session_id, "peer joined");
     let ice_expires = ice.expires;
     let welcome = ServerMessage::Welcome {
@@ -263,7 +263,7 @@ async fn leave(app: &App, joined: &Joined, reason: &'static str) {
         tracing::warn!(error = %e, room = %record.id, "cannot announce a departure");
     }
     app.metrics.connections.dec();
-    app.metrics.rooms.set(app.hub.counts().0 as i64);
+    app.metrics.rooms.set(app.hub.room_count() as i64);
     tracing::debug!(room = %record.id, peer = %me.peer_id, reason, "peer left");
 }
 
