@@ -1,7 +1,7 @@
 //! Runtime glue every floe component needs, written once: the operations
 //! endpoints (`/healthz`, `/readyz`, `/metrics`), JSON error answers,
 //! serving an axum router until shutdown, the shutdown signal, secrets from
-//! configuration, rate limiting, and tracing set-up.
+//! configuration, rate limiting, tracing set-up, and batched UDP I/O.
 
 pub mod config;
 pub mod health;
@@ -10,6 +10,7 @@ pub mod ratelimit;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod udp_batch;
 
 pub use health::{Check, Health};
 

@@ -4,13 +4,15 @@
 //!
 //! The client must cost less per request than the server it measures, or
 //! the figure is the client's: requests are 20 fixed bytes with the
-//! sequence number in the transaction id, answers are checked in place,
-//! and each socket drains everything that arrived per wake-up.
+//! sequence number in the transaction id, sent in one segmented send
+//! (UDP GSO; `sendmmsg` where the kernel cannot) and received in batches
+//! (`recvmmsg`), and answers are checked in place.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use floe_common::udp_batch::{MAX_SEGMENTS, RecvBatch, SendBatch, send_segmented};
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
@@ -74,7 +76,14 @@ pub async fn run(target: SocketAddr, flood: Flood) -> std::io::Result<BindingRep
         };
         let socket = UdpSocket::bind(bind).await?;
         socket.connect(target).await?;
-        workers.spawn(worker(socket, i as u32, requests, window, flood.timeout));
+        workers.spawn(worker(
+            socket,
+            target,
+            i as u32,
+            requests,
+            window,
+            flood.timeout,
+        ));
     }
     let mut total = Part::default();
     while let Some(done) = workers.join_next().await {
@@ -137,6 +146,7 @@ fn answered_seq(resp: &[u8], worker: u32) -> Option<u64> {
 
 async fn worker(
     socket: UdpSocket,
+    target: SocketAddr,
     id: u32,
     requests: u64,
     window: usize,
@@ -144,28 +154,38 @@ async fn worker(
 ) -> std::io::Result<Part> {
     let mut part = Part::default();
     let mut pending: HashMap<u64, Instant> = HashMap::with_capacity(window);
-    let mut buf = vec![0u8; 1_500];
+    let mut answers = RecvBatch::new(socket.local_addr()?, 512);
+    let mut requests_out = SendBatch::default();
+    let mut segmented = Vec::with_capacity(20 * MAX_SEGMENTS);
+    let mut gso = true;
     let mut last_sweep = Instant::now();
     while part.answered + part.lost < requests {
-        while pending.len() < window && part.sent < requests {
-            socket.send(&request(id, part.sent)).await?;
-            pending.insert(part.sent, Instant::now());
+        let now = Instant::now();
+        while pending.len() < window && part.sent < requests && segmented.len() < 20 * MAX_SEGMENTS
+        {
+            segmented.extend_from_slice(&request(id, part.sent));
+            pending.insert(part.sent, now);
             part.sent += 1;
         }
-        // One timer per wake-up, not per answer; then drain the socket.
-        if let Ok(ready) = tokio::time::timeout(SWEEP, socket.readable()).await {
-            ready?;
+        if gso && !segmented.is_empty() && send_segmented(&socket, &segmented, 20).await.is_err() {
+            gso = false;
         }
-        loop {
-            match socket.try_recv(&mut buf) {
-                Ok(n) => {
-                    if let Some(at) = answered_seq(&buf[..n], id).and_then(|s| pending.remove(&s)) {
-                        part.latency.record_ms(at.elapsed());
-                        part.answered += 1;
-                    }
+        if !gso {
+            for r in segmented.chunks(20) {
+                requests_out.push(r, target);
+            }
+            // A request the kernel refused is never answered: it times out.
+            requests_out.flush(&socket).await;
+        }
+        segmented.clear();
+        // One timer per wake-up, not per answer.
+        if let Ok(got) = tokio::time::timeout(SWEEP, answers.recv(&socket)).await {
+            for i in 0..got? {
+                let (buf, len, _) = answers.get_mut(i);
+                if let Some(at) = answered_seq(&buf[..len], id).and_then(|s| pending.remove(&s)) {
+                    part.latency.record_ms(at.elapsed());
+                    part.answered += 1;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
             }
         }
         let now = Instant::now();

@@ -14,7 +14,6 @@ mod config;
 pub mod framing;
 mod meter;
 mod metrics;
-mod mmsg;
 mod policy;
 mod report;
 mod server;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use floe_common::Shutdown;
+use floe_common::udp_batch::{RecvBatch, SendBatch};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -19,7 +20,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::allocation::{ClientSink, Transport};
 use crate::framing::{self, Frame, MAX_FRAME};
-use crate::mmsg::{RecvBatch, SendBatch};
 use crate::turn::Turn;
 
 /// How long a TCP connection may stay silent before it is closed.
@@ -111,8 +111,8 @@ async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
     let Ok(local) = socket.local_addr() else {
         return;
     };
-    let mut batch = RecvBatch::new(local);
-    let mut answers = SendBatch::new();
+    let mut batch = RecvBatch::new(local, MAX_FRAME);
+    let mut answers = SendBatch::default();
     loop {
         let n = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1,8 +1,10 @@
-//! Batched UDP I/O for the listening sockets: `recvmmsg` takes up to
-//! [`BATCH`] datagrams per system call and `sendmmsg` gives the answers
-//! back the same way. Under load that turns two system calls and often a
-//! sleep and a wake-up per datagram into two per batch; when idle a batch
-//! is one datagram and nothing changes.
+//! Batched UDP I/O: `recvmmsg` takes up to [`BATCH`] datagrams per system
+//! call and `sendmmsg` sends what was gathered the same way. Under load
+//! that turns two system calls and often a sleep and a wake-up per
+//! datagram into two per batch; when idle a batch is one datagram and
+//! nothing changes. Used by TURN's listening sockets and by the load
+//! tester's Binding flood, which must cost less than the server it
+//! measures.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
@@ -10,14 +12,14 @@ use std::os::fd::AsRawFd;
 
 use std::cell::RefCell;
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
+};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::framing::MAX_FRAME;
-
 /// Datagrams per system call.
-pub(crate) const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 
 thread_local! {
     // The kernel's message headers hold raw pointers, so they are not
@@ -44,20 +46,23 @@ fn io_error(e: nix::errno::Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
-/// Room for [`BATCH`] datagrams of any size (the memory is only touched
-/// where datagrams land) and where each came from.
-pub(crate) struct RecvBatch {
+/// Room for [`BATCH`] datagrams and where each came from.
+pub struct RecvBatch {
     bufs: Vec<u8>,
+    slot: usize,
     /// Index into `RECV`: 0 for IPv4 sockets, 1 for IPv6.
     family: usize,
     got: Vec<(usize, Option<SocketAddr>)>,
 }
 
 impl RecvBatch {
-    /// For a socket bound to an address of `local`'s family.
-    pub fn new(local: SocketAddr) -> Self {
+    /// For a socket bound to an address of `local`'s family, taking
+    /// datagrams of up to `slot` bytes (longer ones are cut; with slots
+    /// of 64 KiB the memory is only touched where datagrams land).
+    pub fn new(local: SocketAddr, slot: usize) -> Self {
         Self {
-            bufs: vec![0; BATCH * MAX_FRAME],
+            bufs: vec![0; BATCH * slot],
+            slot,
             family: usize::from(local.is_ipv6()),
             got: Vec::with_capacity(BATCH),
         }
@@ -77,7 +82,7 @@ impl RecvBatch {
             let headers = &mut *recv[self.family].borrow_mut();
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
                 .bufs
-                .chunks_mut(MAX_FRAME)
+                .chunks_mut(self.slot)
                 .map(|b| [IoSliceMut::new(b)])
                 .collect();
             let results = recvmmsg(
@@ -102,7 +107,7 @@ impl RecvBatch {
     pub fn get_mut(&mut self, i: usize) -> (&mut [u8], usize, Option<SocketAddr>) {
         let (len, from) = self.got[i];
         (
-            &mut self.bufs[i * MAX_FRAME..(i + 1) * MAX_FRAME],
+            &mut self.bufs[i * self.slot..(i + 1) * self.slot],
             len,
             from,
         )
@@ -110,19 +115,13 @@ impl RecvBatch {
 }
 
 /// Answers gathered while a received batch is handled, sent together.
-pub(crate) struct SendBatch {
+#[derive(Default)]
+pub struct SendBatch {
     bytes: Vec<u8>,
     spans: Vec<(usize, usize, SocketAddr)>,
 }
 
 impl SendBatch {
-    pub fn new() -> Self {
-        Self {
-            bytes: Vec::with_capacity(BATCH * 128),
-            spans: Vec::with_capacity(BATCH),
-        }
-    }
-
     pub fn push(&mut self, bytes: &[u8], to: SocketAddr) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(bytes);
@@ -185,6 +184,36 @@ impl SendBatch {
     }
 }
 
+/// Most segments the kernel takes in one segmented send.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Sends `data` to the connected peer of `socket` as datagrams of
+/// `segment` bytes each (the last may be shorter) in one system call,
+/// with UDP segmentation offload (Linux 4.18+); waits for room. Errors
+/// when the kernel cannot segment, so callers can fall back to
+/// [`SendBatch`].
+pub async fn send_segmented(socket: &UdpSocket, data: &[u8], segment: u16) -> std::io::Result<()> {
+    if data.len().div_ceil(usize::from(segment.max(1))) > MAX_SEGMENTS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "more segments than one send may carry",
+        ));
+    }
+    socket
+        .async_io(Interest::WRITABLE, || {
+            sendmsg::<SockaddrStorage>(
+                socket.as_raw_fd(),
+                &[IoSlice::new(data)],
+                &[ControlMessage::UdpGsoSegments(&segment)],
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(io_error)
+        })
+        .await
+        .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +227,40 @@ mod tests {
         round_trip("127.0.0.1:0").await;
     }
 
+    #[tokio::test]
+    async fn a_segmented_send_arrives_as_separate_datagrams() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        client
+            .connect(server.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let data: Vec<u8> = (0..(20 * 10 + 7)).map(|i| (i / 20) as u8).collect();
+        send_segmented(&client, &data, 20)
+            .await
+            .expect("segmented send");
+        let mut batch = RecvBatch::new(server.local_addr().expect("addr"), 64);
+        let mut seen = Vec::new();
+        while seen.len() < 11 {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), batch.recv(&server))
+                .await
+                .expect("datagrams arrive")
+                .expect("recv");
+            for i in 0..n {
+                let (buf, len, _) = batch.get_mut(i);
+                seen.push(buf[..len].to_vec());
+            }
+        }
+        assert_eq!(seen.concat(), data);
+        assert!(seen[..10].iter().all(|d| d.len() == 20));
+        assert_eq!(seen[10].len(), 7);
+        assert!(
+            send_segmented(&client, &vec![0; 20 * (MAX_SEGMENTS + 1)], 20)
+                .await
+                .is_err()
+        );
+    }
+
     async fn round_trip(bind: &str) {
         let server = UdpSocket::bind(bind).await.expect("bind");
         let client = UdpSocket::bind(bind).await.expect("bind");
@@ -209,12 +272,12 @@ mod tests {
         let sizes: Vec<usize> = (0..BATCH + 5)
             .map(|i| if i == 3 { 60_000 } else { 1 + i * 37 })
             .collect();
-        let mut out = SendBatch::new();
+        let mut out = SendBatch::default();
         for (i, n) in sizes.iter().enumerate() {
             out.push(&vec![i as u8; *n], saddr);
         }
         assert_eq!(out.flush(&client).await, 0);
-        let mut batch = RecvBatch::new(saddr);
+        let mut batch = RecvBatch::new(saddr, 65_536);
         let mut seen = 0;
         while seen < sizes.len() {
             let n = tokio::time::timeout(std::time::Duration::from_secs(5), batch.recv(&server))
