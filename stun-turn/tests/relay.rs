@@ -254,12 +254,7 @@ async fn relays_both_ways_and_the_ledger_matches_exactly() {
     let usage = stack.await_usage("paid", bytes, bytes).await;
     assert_eq!(usage["rooms"]["room1"]["bytes_out"], bytes);
     assert_eq!(usage["total"]["packets_out"], 200);
-    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_page(&turn).await;
     assert!(
         metrics.contains(&format!(
             "floe_turn_relayed_bytes_total{{direction=\"out\",tenant=\"paid\"}} {bytes}"
@@ -269,6 +264,16 @@ async fn relays_both_ways_and_the_ledger_matches_exactly() {
     assert!(metrics.contains("floe_turn_allocations{tenant=\"paid\"} 1"));
     c.close().await.expect("close");
     turn.stop().await;
+}
+
+/// The server's Prometheus text page.
+async fn metrics_page(turn: &TurnServer) -> String {
+    reqwest::get(format!("http://{}/metrics", turn.http_addr()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
 
 /// The counter `name` (with its labels) in a Prometheus text page.
@@ -298,17 +303,9 @@ async fn two_allocations_of_one_server_relay_to_each_other() {
         // Bob permits Alice; his probe reaches her relay before she
         // permits him, so it is billed out and dropped there.
         b.send_to(b"probe", a_addr).await.expect("probe");
-        let page = || async {
-            reqwest::get(format!("http://{}/metrics", turn.http_addr()))
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("text")
-        };
         let no_permission = "floe_turn_discarded_total{reason=\"no_permission\"}";
         let deadline = Instant::now() + Duration::from_secs(5);
-        while metric(&page().await, no_permission) < 1.0 {
+        while metric(&metrics_page(&turn).await, no_permission) < 1.0 {
             assert!(Instant::now() < deadline, "the probe was never dropped");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -329,7 +326,7 @@ async fn two_allocations_of_one_server_relay_to_each_other() {
             }
         }
         let each_way = (n * size) as u64;
-        let page = page().await;
+        let page = metrics_page(&turn).await;
         let hairpinned = metric(&page, "floe_turn_hairpinned_packets_total");
         assert_eq!(
             hairpinned,
@@ -553,12 +550,7 @@ async fn every_refusal_has_its_stun_error() {
     let b = Raw::new(server, &u2, &p2).await;
     assert_eq!(code(&b.allocate(17).await), 486);
 
-    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_page(&turn).await;
     for needle in [
         "floe_turn_auth_failures_total{reason=\"bad_password\"} 1",
         "floe_turn_auth_failures_total{reason=\"expired\"} 1",
@@ -790,12 +782,7 @@ async fn stun_and_turn_over_tls() {
         MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)
     );
     assert!(ok.contains(ATTR_XOR_RELAYED_ADDRESS));
-    let metrics = reqwest::get(format!("http://{}/metrics", turn.http_addr()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_page(&turn).await;
     assert!(metrics.contains("floe_turn_stun_requests_total{method=\"binding\",result=\"success\",transport=\"tls\"} 1"), "{metrics}");
 }
 
