@@ -50,6 +50,8 @@ fn io_error(e: nix::errno::Errno) -> std::io::Error {
 pub struct RecvBatch {
     bufs: Vec<u8>,
     slot: usize,
+    /// Bytes left free at the start of each slot.
+    headroom: usize,
     /// Index into `RECV`: 0 for IPv4 sockets, 1 for IPv6.
     family: usize,
     got: Vec<(usize, Option<SocketAddr>)>,
@@ -63,9 +65,17 @@ impl RecvBatch {
         Self {
             bufs: vec![0; BATCH * slot],
             slot,
+            headroom: 0,
             family: usize::from(local.is_ipv6()),
             got: Vec::with_capacity(BATCH),
         }
+    }
+
+    /// Leaves `bytes` free at the start of every slot (room to put a header
+    /// in front of a datagram without copying it).
+    pub fn with_headroom(mut self, bytes: usize) -> Self {
+        self.headroom = bytes.min(self.slot);
+        self
     }
 
     /// Waits until the socket is readable, then takes what is queued (up
@@ -76,14 +86,17 @@ impl RecvBatch {
             .await
     }
 
-    fn try_recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+    /// Takes what is queued without waiting; for use inside the socket's
+    /// `async_io`, which waits for readiness and retries on WouldBlock.
+    pub fn try_recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+        let headroom = self.headroom;
         self.got.clear();
         RECV.with(|recv| {
             let headers = &mut *recv[self.family].borrow_mut();
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
                 .bufs
                 .chunks_mut(self.slot)
-                .map(|b| [IoSliceMut::new(b)])
+                .map(|b| [IoSliceMut::new(&mut b[headroom..])])
                 .collect();
             let results = recvmmsg(
                 socket.as_raw_fd(),
@@ -101,9 +114,9 @@ impl RecvBatch {
         })
     }
 
-    /// Datagram `i` of the last receive: its buffer slot (the datagram is
-    /// the first `len` bytes), its length and its source (`None` only if
-    /// the kernel gave none, which UDP does not).
+    /// Datagram `i` of the last receive: its buffer slot (the datagram
+    /// follows the headroom, `len` bytes), its length and its source
+    /// (`None` only if the kernel gave none, which UDP does not).
     pub fn get_mut(&mut self, i: usize) -> (&mut [u8], usize, Option<SocketAddr>) {
         let (len, from) = self.got[i];
         (
@@ -239,7 +252,8 @@ mod tests {
         send_segmented(&client, &data, 20)
             .await
             .expect("segmented send");
-        let mut batch = RecvBatch::new(server.local_addr().expect("addr"), 64);
+        // With headroom: each datagram lands after four free bytes.
+        let mut batch = RecvBatch::new(server.local_addr().expect("addr"), 64).with_headroom(4);
         let mut seen = Vec::new();
         while seen.len() < 11 {
             let n = tokio::time::timeout(std::time::Duration::from_secs(5), batch.recv(&server))
@@ -248,7 +262,7 @@ mod tests {
                 .expect("recv");
             for i in 0..n {
                 let (buf, len, _) = batch.get_mut(i);
-                seen.push(buf[..len].to_vec());
+                seen.push(buf[4..4 + len].to_vec());
             }
         }
         assert_eq!(seen.concat(), data);
