@@ -46,6 +46,8 @@ pub struct Flood {
 
 /// How often timed-out requests are looked for.
 const SWEEP: Duration = Duration::from_millis(10);
+/// A Binding request without attributes: the header alone.
+const REQUEST_LEN: usize = 20;
 const MAGIC_COOKIE: [u8; 4] = 0x2112_A442u32.to_be_bytes();
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 
@@ -112,8 +114,8 @@ pub async fn run(target: SocketAddr, flood: Flood) -> std::io::Result<BindingRep
 }
 
 /// A Binding request whose transaction id is `worker` then `seq`.
-fn request(worker: u32, seq: u64) -> [u8; 20] {
-    let mut r = [0u8; 20];
+fn request(worker: u32, seq: u64) -> [u8; REQUEST_LEN] {
+    let mut r = [0u8; REQUEST_LEN];
     r[0..2].copy_from_slice(&[0x00, 0x01]);
     r[4..8].copy_from_slice(&MAGIC_COOKIE);
     r[8..12].copy_from_slice(&worker.to_be_bytes());
@@ -156,22 +158,29 @@ async fn worker(
     let mut pending: HashMap<u64, Instant> = HashMap::with_capacity(window);
     let mut answers = RecvBatch::new(socket.local_addr()?, 512);
     let mut requests_out = SendBatch::default();
-    let mut segmented = Vec::with_capacity(20 * MAX_SEGMENTS);
+    let mut segmented = Vec::with_capacity(REQUEST_LEN * MAX_SEGMENTS);
     let mut gso = true;
     let mut last_sweep = Instant::now();
     while part.answered + part.lost < requests {
         let now = Instant::now();
-        while pending.len() < window && part.sent < requests && segmented.len() < 20 * MAX_SEGMENTS
+        while pending.len() < window
+            && part.sent < requests
+            && segmented.len() < REQUEST_LEN * MAX_SEGMENTS
         {
             segmented.extend_from_slice(&request(id, part.sent));
             pending.insert(part.sent, now);
             part.sent += 1;
         }
-        if gso && !segmented.is_empty() && send_segmented(&socket, &segmented, 20).await.is_err() {
+        if gso
+            && !segmented.is_empty()
+            && send_segmented(&socket, &segmented, REQUEST_LEN as u16)
+                .await
+                .is_err()
+        {
             gso = false;
         }
         if !gso {
-            for r in segmented.chunks(20) {
+            for r in segmented.chunks(REQUEST_LEN) {
                 requests_out.push(r, target);
             }
             // A request the kernel refused is never answered: it times out.

@@ -210,7 +210,7 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
         // A reconnect of a peer held on this node: close the old socket.
         old.close(close::REPLACED, crate::bus::REPLACED_REASON);
     }
-    let refused = match app.bus.join(&record, &me, unix_now()).await {
+    let admitted = match app.bus.join(&record, &me, unix_now()).await {
         Ok(JoinOutcome::Admitted { peers, admission }) => {
             if let Admission::Replaced { previous } = admission {
                 tracing::debug!(room = %record.id, peer = %me.peer_id, old_session = %previous.session_id, "reconnect replaced a connection");
@@ -221,7 +221,7 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
         Ok(JoinOutcome::NoRoom) => Err(SignalError::RoomNotFound),
         Err(e) => Err(e.into()),
     };
-    let peers = match refused {
+    let peers = match admitted {
         Ok(peers) => peers,
         Err(e) => {
             app.hub.unregister(&record.id, &me.peer_id, &me.session_id);
