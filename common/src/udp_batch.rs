@@ -6,11 +6,10 @@
 //! tester's Binding flood, which must cost less than the server it
 //! measures.
 
+use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-
-use std::cell::RefCell;
 
 use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,

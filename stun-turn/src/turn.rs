@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use floe_common::ratelimit::RateLimiter;
@@ -155,48 +155,37 @@ impl Turn {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// The allocation table; a panic elsewhere never locks it for good.
+    fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn allocation_count(&self) -> usize {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_client
-            .len()
+        self.table().by_client.len()
     }
 
     fn local_relay(&self, relayed: SocketAddr) -> Option<Arc<Allocation>> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_relay
-            .get(&relayed)
-            .cloned()
+        self.table().by_relay.get(&relayed).cloned()
     }
 
     fn lookup(&self, client: SocketAddr, transport: Transport) -> Option<Arc<Allocation>> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_client
-            .get(&(client, transport))
-            .cloned()
+        self.table().by_client.get(&(client, transport)).cloned()
     }
 
     /// Every allocation (for metering, expiry and enforcement sweeps).
     pub fn allocations(&self) -> Vec<Arc<Allocation>> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_client
-            .values()
-            .cloned()
-            .collect()
+        self.table().by_client.values().cloned().collect()
     }
 
     /// Removes an allocation, stops its relay task and meters what it had
     /// not reported yet.
     pub fn close(&self, a: &Allocation, reason: &str) {
         let removed = {
-            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut t = self.table_mut();
             let removed = t.by_client.remove(&(a.client, a.transport)).is_some();
             if removed {
                 t.by_relay.remove(&a.relayed);
@@ -642,7 +631,7 @@ impl Turn {
         // Reserve the slot before the await, so concurrent Allocates
         // cannot overshoot the caps.
         {
-            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut t = self.table_mut();
             if t.by_client.len() >= self.settings.max_allocations {
                 drop(t);
                 return self.refuse_allocation(
@@ -661,7 +650,7 @@ impl Turn {
             *n += 1;
         }
         let release = |this: &Self| {
-            let mut t = this.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut t = this.table_mut();
             if let Some(n) = t.per_tenant.get_mut(&user.tenant) {
                 *n -= 1;
                 if *n == 0 {
@@ -710,7 +699,7 @@ impl Turn {
             Instant::now(),
         ));
         {
-            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut t = self.table_mut();
             t.by_client.insert((from, transport), allocation.clone());
             t.by_relay.insert(allocation.relayed, allocation.clone());
         }
@@ -1095,7 +1084,7 @@ thread_local! {
 /// Reads an allocation's relay socket, a batch at a time, and hands each
 /// datagram to [`Turn::to_client`].
 async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
-    let family = usize::from(a.relay.local_addr().is_ok_and(|l| l.is_ipv6()));
+    let family = usize::from(a.relayed.is_ipv6());
     let take = || {
         RELAY_BATCH.with(|batches| {
             let batch = &mut *batches[family].borrow_mut();
