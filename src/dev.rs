@@ -219,6 +219,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             },
             exp: now + 86_400,
             iat: now,
+            nbf: None,
         },
         key.secret.as_bytes(),
     )?;

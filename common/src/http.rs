@@ -53,16 +53,16 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
             Err(rejection) => {
-                let code = match &rejection {
-                    JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-                    JsonRejection::BytesRejection(_) => "body_too_large",
-                    _ => "invalid_json",
+                let (status, code) = match &rejection {
+                    JsonRejection::MissingJsonContentType(_) => {
+                        (rejection.status(), "unsupported_media_type")
+                    }
+                    JsonRejection::BytesRejection(_) => (rejection.status(), "body_too_large"),
+                    // Syntax and shape alike are a bad request (axum says
+                    // 422 for a wrong shape; the API documents 400).
+                    _ => (StatusCode::BAD_REQUEST, "invalid_json"),
                 };
-                Err(ApiError::new(
-                    rejection.status(),
-                    code,
-                    rejection.body_text(),
-                ))
+                Err(ApiError::new(status, code, rejection.body_text()))
             }
         }
     }
@@ -89,6 +89,57 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+/// Makes every error answer of `router` a JSON `{code, message}`, with
+/// [`not_found`] for unknown routes. axum's own refusals (a method not
+/// allowed, a missing WebSocket upgrade, a malformed path or query)
+/// answer plain text or nothing otherwise.
+pub fn json_errors(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(to_json_error))
+}
+
+async fn to_json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 #[derive(Clone)]
 struct Ops {
     registry: Registry,
@@ -98,17 +149,28 @@ struct Ops {
 /// `/healthz`, `/readyz` and `/metrics` for a component.
 pub fn ops_router(registry: Registry, health: Health) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Ops {
+            registry,
+            health: health.clone(),
+        })
+        .merge(probe_router(health))
+}
+
+/// `/healthz` and `/readyz` alone: for a public port that load balancers
+/// probe, where metrics (which name tenants) do not belong.
+pub fn probe_router(health: Health) -> Router {
+    Router::new()
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(Ops { registry, health })
+        .with_state(health)
 }
 
-async fn readyz(State(ops): State<Ops>) -> Response {
-    let checks = ops.health.snapshot();
+async fn readyz(State(health): State<Health>) -> Response {
+    let checks = health.snapshot();
     let ready = checks.values().all(|ok| *ok);
     let status = if ready {
         StatusCode::OK

@@ -16,8 +16,8 @@ use base64::Engine as _;
 use floe_common::http::{JsonBody, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
-    ApiKey, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest, KeyVerification,
-    MintToken, MintedToken, Tenant, UpdateTenant,
+    ApiKey, Changes, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
+    KeyVerification, MintToken, MintedToken, Tenant, UpdateTenant,
 };
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
@@ -88,6 +88,14 @@ impl App {
             Some(t) if secret_eq(t, &self.settings.internal_token) => Ok(()),
             _ => Err(ControlError::Unauthorized),
         }
+    }
+
+    /// Puts a change that may take access away on the feed that signal
+    /// nodes poll, so they act on it within a poll interval.
+    async fn changed(&self, tenant: &str, key: Option<&str>) -> Result<()> {
+        self.timed("record_change", self.store.record_change(tenant, key))
+            .await?;
+        Ok(())
     }
 
     /// The live API key presented as HTTP Basic `key_id:secret`.
@@ -208,6 +216,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/internal/v1/tenants/{id}", get(tenant_for_service))
         .route("/internal/v1/ice-servers", post(ice_servers))
         .route("/internal/v1/enforcement", get(get_enforcement))
+        .route("/internal/v1/changes", get(changes))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .route(
             "/internal/v1/usage",
@@ -359,6 +368,7 @@ async fn update_tenant(
     }
     app.timed("put_tenant", app.store.put_tenant(&tenant))
         .await?;
+    app.changed(&tenant.id, None).await?;
     tracing::info!(tenant = %tenant.id, disabled = tenant.disabled, "tenant updated");
     Ok(Json(tenant))
 }
@@ -373,6 +383,7 @@ async fn delete_tenant(
         .timed("delete_tenant", app.store.delete_tenant(&id))
         .await?
     {
+        app.changed(&id, None).await?;
         tracing::info!(tenant = %id, "tenant deleted");
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -437,6 +448,7 @@ async fn revoke_key(
     match app.timed("get_key", app.store.get_key(&kid)).await? {
         Some(k) if k.tenant == id => {
             app.timed("revoke_key", app.store.revoke_key(&kid)).await?;
+            app.changed(&id, Some(&kid)).await?;
             tracing::info!(tenant = %id, key = %kid, "API key revoked");
             Ok(StatusCode::NO_CONTENT)
         }
@@ -528,6 +540,9 @@ async fn mint_token(
     JsonBody(req): JsonBody<MintToken>,
 ) -> Result<Json<MintedToken>> {
     let key = app.tenant_key(&headers).await?;
+    if app.tenant(&key.tenant).await?.disabled {
+        return Err(ControlError::TenantDisabled);
+    }
     id::validate("peer", &req.peer)?;
     if let Some(room) = &req.room {
         id::validate("room", room)?;
@@ -552,6 +567,7 @@ async fn mint_token(
         grants: req.grants,
         exp: now + ttl,
         iat: now,
+        nbf: None,
     };
     let token = token::mint(&claims, key.secret.as_bytes())
         .map_err(|e| ControlError::Invalid(e.to_string()))?;
@@ -580,6 +596,31 @@ async fn key_for_verification(
         plan: tenant.plan,
         tenant_disabled: tenant.disabled,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangesQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// Most change-feed entries one answer carries.
+const CHANGES_PAGE: usize = 1_000;
+
+/// The change feed signal nodes poll to drop cached tenants and keys.
+async fn changes(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<ChangesQuery>,
+) -> Result<Json<Changes>> {
+    app.require_internal(&headers)?;
+    let feed = app
+        .timed(
+            "changes_after",
+            app.store.changes_after(q.after, CHANGES_PAGE),
+        )
+        .await?;
+    Ok(Json(feed))
 }
 
 /// A tenant as signal needs it: plan and status, without secrets.

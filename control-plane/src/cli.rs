@@ -48,9 +48,12 @@ pub struct PlanArgs {
     /// Concurrent TURN allocations (0: no limit).
     #[arg(long)]
     pub max_allocations: Option<u32>,
-    /// Concurrent rooms (0: no limit).
+    /// Concurrent rooms created with join tokens (0: no limit).
     #[arg(long)]
     pub max_rooms: Option<u32>,
+    /// Concurrent public rooms, created with no token (0: no limit).
+    #[arg(long)]
+    pub max_public_rooms: Option<u32>,
     /// Peers per room (0: no limit).
     #[arg(long)]
     pub max_peers_per_room: Option<u32>,
@@ -77,6 +80,9 @@ impl PlanArgs {
         }
         if let Some(v) = self.max_rooms {
             plan.max_rooms = nonzero32(v);
+        }
+        if let Some(v) = self.max_public_rooms {
+            plan.max_public_rooms = nonzero32(v);
         }
         if let Some(v) = self.max_peers_per_room {
             plan.max_peers_per_room = nonzero32(v);

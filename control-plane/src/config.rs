@@ -181,7 +181,7 @@ impl Config {
             "--max-token-ttl-secs",
             self.max_token_ttl_secs,
             60,
-            30 * 86_400,
+            floe_proto::token::MAX_LIFETIME_SECS,
         )?;
         let redis_password = load(
             "Redis password",

@@ -13,6 +13,8 @@ pub enum ControlError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
+    #[error("the tenant is disabled")]
+    TenantDisabled,
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -36,6 +38,7 @@ impl IntoResponse for ControlError {
         let (status, code) = match &self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::TenantDisabled => (StatusCode::FORBIDDEN, "tenant_disabled"),
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }

@@ -25,6 +25,7 @@ pub(crate) fn join_token(
             },
             exp: now + TOKEN_TTL_SECS,
             iat: now,
+            nbf: None,
         },
         secret.as_bytes(),
     )

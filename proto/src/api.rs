@@ -17,8 +17,12 @@ pub struct Plan {
     pub max_bitrate_bps: Option<u64>,
     /// Concurrent TURN allocations across the tenant.
     pub max_allocations: Option<u32>,
-    /// Concurrent rooms.
+    /// Concurrent rooms created with a join token.
     pub max_rooms: Option<u32>,
+    /// Concurrent public rooms (created with no token); counted apart from
+    /// `max_rooms`, so anonymous browsers cannot use up the rooms the
+    /// tenant's own back end needs.
+    pub max_public_rooms: Option<u32>,
     /// Peers in one room.
     pub max_peers_per_room: Option<u32>,
     /// Whether browsers may create and join rooms with no join token.
@@ -153,4 +157,29 @@ pub struct IceServersRequest {
     pub tenant: String,
     pub room: String,
     pub peer: String,
+}
+
+/// One entry of the control plane's change feed: something that may take
+/// access away happened to a tenant (updated, disabled, deleted) or to one
+/// of its API keys (revoked). Services that cache tenants and keys drop
+/// those entries and check again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: u64,
+    pub tenant: String,
+    /// The API key, for a key change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Answer of the internal `GET /internal/v1/changes?after=N`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Changes {
+    /// The newest sequence number; ask with `after` set to it next time.
+    pub seq: u64,
+    /// Changes after `after` were pruned (or the feed restarted): drop
+    /// every cached tenant and key.
+    pub reset: bool,
+    /// Changes after `after`, oldest first.
+    pub changes: Vec<Change>,
 }

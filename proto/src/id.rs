@@ -15,6 +15,8 @@ pub enum IdError {
     TooLong { what: &'static str },
     #[error("{what} may contain only letters, digits, '-', '_' and '.'")]
     BadChar { what: &'static str },
+    #[error("{what} must not consist of dots only")]
+    Dots { what: &'static str },
 }
 
 /// Checks that `value` is a valid identifier; `what` names it in the error.
@@ -30,6 +32,10 @@ pub fn validate(what: &'static str, value: &str) -> Result<(), IdError> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
         return Err(IdError::BadChar { what });
+    }
+    // "." and ".." would name a folder when the id lands in a URL path.
+    if value.bytes().all(|b| b == b'.') {
+        return Err(IdError::Dots { what });
     }
     Ok(())
 }
@@ -54,5 +60,7 @@ mod tests {
             validate("tenant", &"x".repeat(65)),
             Err(IdError::TooLong { what: "tenant" })
         );
+        assert_eq!(validate("peer", ".."), Err(IdError::Dots { what: "peer" }));
+        assert!(validate("peer", "a..b").is_ok());
     }
 }

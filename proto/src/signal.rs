@@ -41,9 +41,21 @@ pub struct RoomInfo {
     pub expires_at: u64,
     pub max_peers: u32,
     pub one_time: bool,
+    /// Created with no join token (anyone with the id may join).
+    pub public: bool,
     pub has_password: bool,
-    /// Peer ids present now.
-    pub peers: Vec<String>,
+    /// Peers present now.
+    pub peer_count: usize,
+    /// Peer ids present now: shown only to the room's owner key, its
+    /// creator's join token and its tenant's API keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<String>>,
+}
+
+/// Answer to `GET /v1/rooms` (a tenant's live rooms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomList {
+    pub rooms: Vec<RoomInfo>,
 }
 
 /// Answer to `POST /v1/rooms`.
@@ -190,6 +202,10 @@ pub enum ServerMessage {
         ice_servers: IceServers,
         /// Unix seconds when the room closes.
         room_expires_at: u64,
+        /// Proof that a later connection is this client: present it as
+        /// `reconnect_secret` to replace this connection (keep it beside
+        /// the client id).
+        reconnect_secret: String,
     },
     PeerJoined {
         peer_id: String,

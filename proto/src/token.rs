@@ -35,6 +35,9 @@ pub struct JoinClaims {
     /// Issued at, Unix seconds.
     #[serde(default)]
     pub iat: u64,
+    /// Not valid before, Unix seconds (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a join token was refused.
@@ -50,12 +53,27 @@ pub enum TokenError {
     Expired,
     #[error("join token issuer does not match its key id")]
     IssuerMismatch,
+    #[error("join token is not valid yet (nbf is in the future)")]
+    NotYetValid,
+    #[error("join token lives longer than {MAX_LIFETIME_SECS} s")]
+    TooLong,
+    #[error("join token claim {claim}: {error}")]
+    BadClaim {
+        claim: &'static str,
+        error: crate::id::IdError,
+    },
     #[error("join token could not be signed: {0}")]
     Sign(String),
 }
 
-/// Clock skew tolerated on `exp`, in seconds.
+/// Clock skew tolerated on `exp` and `nbf`, in seconds (documented in
+/// `docs/signaling.md`).
 pub const LEEWAY_SECS: u64 = 30;
+
+/// Longest lifetime a join token may have, from `iat` (or from the
+/// verifier's clock) to `exp`. Minting caps at this too, and verification
+/// enforces it, so a self-signed token valid for years is refused.
+pub const MAX_LIFETIME_SECS: u64 = 86_400;
 
 /// Signs `claims` with the API key `claims.iss` whose secret is `secret`.
 pub fn mint(claims: &JoinClaims, secret: &[u8]) -> Result<String, TokenError> {
@@ -71,7 +89,9 @@ pub fn key_id(token: &str) -> Result<String, TokenError> {
     header.kid.ok_or(TokenError::NoKeyId)
 }
 
-/// Verifies signature, issuer and expiry (against `now`, Unix seconds).
+/// Verifies signature, issuer, `nbf`, expiry and lifetime (against `now`,
+/// Unix seconds), and that `sub` and `room` are valid identifiers, so every
+/// caller applies the same rules.
 pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<JoinClaims, TokenError> {
     let kid = key_id(token)?;
     let mut validation = Validation::new(Algorithm::HS256);
@@ -92,6 +112,34 @@ pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<JoinClaims, TokenE
     if claims.exp.saturating_add(LEEWAY_SECS) < now {
         return Err(TokenError::Expired);
     }
+    if claims
+        .nbf
+        .is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECS))
+    {
+        return Err(TokenError::NotYetValid);
+    }
+    // From issue (or from now, when `iat` is absent or in the future) to
+    // expiry: never more than the cap, whatever the signer claimed.
+    let start = if claims.iat == 0 {
+        now
+    } else {
+        claims.iat.min(now)
+    };
+    if claims.exp.saturating_sub(start) > MAX_LIFETIME_SECS + LEEWAY_SECS
+        || claims.exp.saturating_sub(now) > MAX_LIFETIME_SECS + LEEWAY_SECS
+    {
+        return Err(TokenError::TooLong);
+    }
+    crate::id::validate("sub", &claims.sub).map_err(|error| TokenError::BadClaim {
+        claim: "sub",
+        error,
+    })?;
+    if let Some(room) = &claims.room {
+        crate::id::validate("room", room).map_err(|error| TokenError::BadClaim {
+            claim: "room",
+            error,
+        })?;
+    }
     Ok(claims)
 }
 
@@ -110,6 +158,7 @@ mod tests {
             },
             exp,
             iat: 1,
+            nbf: None,
         }
     }
 
@@ -134,6 +183,55 @@ mod tests {
         );
         assert_eq!(verify("not.a.jwt", b"x", 0), Err(TokenError::Malformed));
         assert_eq!(key_id(""), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn honours_nbf_caps_lifetime_and_validates_claims() {
+        let secret = b"secret-secret-secret";
+        let sign = |c: &JoinClaims| mint(c, secret).expect("sign");
+        let mut c = claims(1_000);
+        c.nbf = Some(900);
+        assert_eq!(
+            verify(&sign(&c), secret, 900 - LEEWAY_SECS - 1),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(verify(&sign(&c), secret, 900 - LEEWAY_SECS).is_ok());
+
+        // Ten years, self-signed: refused at verification, not only at minting.
+        let mut long = claims(0);
+        long.iat = 1_000;
+        long.exp = 1_000 + 10 * 365 * 86_400;
+        assert_eq!(
+            verify(&sign(&long), secret, 1_000),
+            Err(TokenError::TooLong)
+        );
+        // No iat: measured from now.
+        long.iat = 0;
+        long.exp = 1_000 + MAX_LIFETIME_SECS + LEEWAY_SECS + 1;
+        assert_eq!(
+            verify(&sign(&long), secret, 1_000),
+            Err(TokenError::TooLong)
+        );
+        long.exp = 1_000 + MAX_LIFETIME_SECS;
+        assert!(verify(&sign(&long), secret, 1_000).is_ok());
+
+        for (sub, room) in [
+            ("x".repeat(1_000), None),
+            ("a/..".to_owned(), None),
+            ("..".to_owned(), None),
+            ("alice".to_owned(), Some("../r".to_owned())),
+        ] {
+            let mut c = claims(1_000);
+            c.sub = sub.clone();
+            c.room = room;
+            assert!(
+                matches!(
+                    verify(&sign(&c), secret, 900),
+                    Err(TokenError::BadClaim { .. })
+                ),
+                "{sub}"
+            );
+        }
     }
 
     #[test]

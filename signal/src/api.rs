@@ -1,159 +1,39 @@
-//! The signaling REST API (create, get, delete rooms) and the WebSocket
-//! entry point, with the checks every request goes through: origin, join
-//! token or public-room rules, rate limits.
+//! The signaling REST API (create, list, get, delete rooms) and the
+//! WebSocket entry point. Who may do what is decided in [`crate::state`];
+//! this module maps requests to it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use floe_common::Shutdown;
-use floe_common::http::{JsonBody, bearer};
-use floe_common::ratelimit::RateLimiter;
-use floe_proto::api::Tenant;
-use floe_proto::signal::{CreateRoom, CreatedRoom, RoomInfo};
+use floe_common::http::{ApiError, JsonBody};
+use floe_proto::signal::{CreateRoom, CreatedRoom, RoomInfo, RoomList};
 use floe_proto::time::unix_now;
-use floe_proto::token::{self, JoinClaims};
 use serde::Deserialize;
 
-use crate::bus::{Bus, Creation};
-use crate::config::Settings;
-use crate::control::Control;
+use crate::bus::Creation;
 use crate::error::SignalError;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
 use crate::room::{RoomRecord, Salted};
+use crate::state::{App, Caller};
+use crate::ws::JoinQuery;
 
 type Result<T> = std::result::Result<T, SignalError>;
 
 /// Longest room password.
 const MAX_PASSWORD: usize = 256;
-
-/// Shared state of every handler and connection.
-pub(crate) struct App {
-    pub settings: Settings,
-    pub bus: Arc<dyn Bus>,
-    pub hub: Arc<Hub>,
-    pub control: Control,
-    pub metrics: Arc<Metrics>,
-    /// Fires when the node starts draining.
-    pub draining: Shutdown,
-    create_limiter: Mutex<RateLimiter<IpAddr>>,
-}
-
-/// A verified join token and the tenant its key belongs to.
-pub(crate) struct TokenHolder {
-    pub claims: JoinClaims,
-    pub tenant: String,
-}
-
-impl App {
-    pub fn new(
-        settings: Settings,
-        bus: Arc<dyn Bus>,
-        hub: Arc<Hub>,
-        control: Control,
-        metrics: Arc<Metrics>,
-        draining: Shutdown,
-    ) -> Self {
-        let per_min = f64::from(settings.public_rooms_per_min.max(1));
-        let create_limiter = Mutex::new(RateLimiter::new(
-            per_min / 60.0,
-            settings.public_rooms_per_min.max(1),
-            100_000,
-        ));
-        Self {
-            settings,
-            bus,
-            hub,
-            control,
-            metrics,
-            draining,
-            create_limiter,
-        }
-    }
-
-    pub fn refuse(&self, e: SignalError) -> SignalError {
-        self.metrics.refusals.with_label_values(&[e.code()]).inc();
-        e
-    }
-
-    /// Verifies a join token with its API key (fetched from the control
-    /// plane and cached).
-    pub async fn verify_token(&self, token: &str) -> Result<TokenHolder> {
-        let kid = token::key_id(token)?;
-        let key = self
-            .control
-            .key(&kid)
-            .await?
-            .ok_or_else(|| SignalError::InvalidToken("unknown or revoked API key".into()))?;
-        if key.tenant_disabled {
-            return Err(SignalError::Forbidden(
-                "tenant_disabled",
-                "the tenant is disabled".into(),
-            ));
-        }
-        let claims = token::verify(token, key.secret.as_bytes(), unix_now())?;
-        Ok(TokenHolder {
-            claims,
-            tenant: key.tenant,
-        })
-    }
-
-    /// The tenant `id`, enabled.
-    pub async fn tenant(&self, id: &str) -> Result<Tenant> {
-        let t = self
-            .control
-            .tenant(id)
-            .await?
-            .ok_or_else(|| SignalError::UnknownTenant(id.to_owned()))?;
-        if t.disabled {
-            return Err(SignalError::Forbidden(
-                "tenant_disabled",
-                "the tenant is disabled".into(),
-            ));
-        }
-        Ok(t)
-    }
-
-    /// Whether a browser `Origin` may use the API.
-    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
-        if self.settings.allowed_origins.is_empty() {
-            return true;
-        }
-        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-            // Non-browser clients send no Origin.
-            None => true,
-            Some(origin) => self.settings.allowed_origins.iter().any(|a| a == origin),
-        }
-    }
-
-    pub async fn room_info(&self, record: &RoomRecord) -> Result<RoomInfo> {
-        let mut peers: Vec<String> = self
-            .bus
-            .members(&record.id)
-            .await?
-            .into_iter()
-            .map(|m| m.peer_id)
-            .collect();
-        peers.sort();
-        Ok(RoomInfo {
-            room_id: record.id.clone(),
-            tenant: record.tenant.clone(),
-            expires_at: record.expires_at,
-            max_peers: record.max_peers,
-            one_time: record.one_time,
-            has_password: record.password.is_some(),
-            peers,
-        })
-    }
-}
+/// Largest request body.
+pub(crate) const BODY_LIMIT: usize = 16 * 1024;
+/// Tries to find a free random room id before giving up.
+const ID_ATTEMPTS: usize = 4;
 
 /// A short, unguessable room id: 96 random bits, base64url.
 fn new_room_id() -> String {
@@ -165,11 +45,14 @@ fn new_room_id() -> String {
 /// The routes of the signaling API (without the ops routes).
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/rooms", axum::routing::post(create_room))
+        .route(
+            "/v1/rooms",
+            axum::routing::post(create_room).get(list_rooms),
+        )
         .route("/v1/rooms/{id}", get(get_room).delete(delete_room))
         .route("/v1/rooms/{id}/ws", get(websocket))
         .route("/v1/openapi.json", get(openapi))
-        .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }
 
@@ -205,9 +88,8 @@ async fn create(
         ));
     }
     let now = unix_now();
-    let (tenant, creator, room_id) = match bearer(headers) {
-        Some(t) => {
-            let holder = app.verify_token(t).await?;
+    let (tenant, creator, named) = match app.caller(headers).await? {
+        Caller::Token(holder) => {
             if !holder.claims.grants.create {
                 return Err(SignalError::Forbidden(
                     "grant_missing",
@@ -215,10 +97,9 @@ async fn create(
                 ));
             }
             let tenant = app.tenant(&holder.tenant).await?;
-            let id = holder.claims.room.clone().unwrap_or_else(new_room_id);
-            (tenant, Some(holder.claims.sub), id)
+            (tenant, Some(holder.claims.sub), holder.claims.room)
         }
-        None => {
+        Caller::Anonymous => {
             let id = req.tenant.as_deref().ok_or_else(|| {
                 SignalError::Invalid("give a join token, or the tenant of a public room".into())
             })?;
@@ -238,23 +119,29 @@ async fn create(
             if !allowed {
                 return Err(SignalError::RateLimited);
             }
-            (tenant, None, new_room_id())
+            (tenant, None, None)
+        }
+        Caller::ApiKey { .. } | Caller::OwnerKey(_) => {
+            return Err(SignalError::InvalidToken(
+                "creating a room takes a join token (Bearer) or none".into(),
+            ));
         }
     };
-    floe_proto::id::validate("room", &room_id)?;
+    let public = creator.is_none();
     let s = &app.settings;
-    let ttl = req.ttl_secs.unwrap_or(s.room_ttl_secs);
-    if ttl == 0 || ttl > s.max_room_ttl_secs {
-        return Err(SignalError::Invalid(format!(
-            "ttl_secs must be between 1 and {}",
-            s.max_room_ttl_secs
-        )));
+    // Over the caps is capped, as documented; the answer shows the values used.
+    let ttl = req
+        .ttl_secs
+        .unwrap_or(s.room_ttl_secs)
+        .min(s.max_room_ttl_secs);
+    if ttl == 0 {
+        return Err(SignalError::Invalid("ttl_secs must be at least 1".into()));
     }
     let cap = tenant.plan.max_peers_per_room.unwrap_or(1_000);
-    let max_peers = req.max_peers.unwrap_or(s.default_max_peers.min(cap));
-    if max_peers < 2 || max_peers > cap {
+    let max_peers = req.max_peers.unwrap_or(s.default_max_peers).min(cap);
+    if max_peers < 2 {
         return Err(SignalError::Invalid(format!(
-            "max_peers must be between 2 and {cap}"
+            "max_peers must be at least 2 (this tenant's cap is {cap})"
         )));
     }
     if let Some(p) = &req.password
@@ -264,149 +151,175 @@ async fn create(
             "password must be 1 to {MAX_PASSWORD} bytes"
         )));
     }
+    let limit = if public {
+        tenant.plan.max_public_rooms
+    } else {
+        tenant.plan.max_rooms
+    };
     let owner_key = floe_common::secret::random_token(24);
-    let record = RoomRecord {
-        id: room_id,
+    let mut record = RoomRecord {
+        id: named.clone().unwrap_or_else(new_room_id),
         tenant: tenant.id.clone(),
         created_at: now,
         expires_at: now + ttl,
         max_peers,
         one_time: req.one_time,
+        public,
+        named: named.is_some(),
         password: req.password.as_deref().map(Salted::new),
         owner: Salted::new(&owner_key),
         creator,
     };
-    match app
-        .bus
-        .create_room(&record, tenant.plan.max_rooms, now)
-        .await?
-    {
-        Creation::Done => {}
-        Creation::TenantFull => return Err(SignalError::RoomLimit),
-        Creation::Exists => return Err(SignalError::RoomExists),
+    let mut attempts = 0;
+    loop {
+        match app.bus.create_room(&record, limit, now).await? {
+            Creation::Done => break,
+            Creation::TenantFull => return Err(SignalError::RoomLimit { public }),
+            Creation::Exists if record.named => return Err(SignalError::RoomExists),
+            Creation::Exists => {
+                attempts += 1;
+                if attempts >= ID_ATTEMPTS {
+                    return Err(SignalError::RoomExists);
+                }
+                record.id = new_room_id();
+            }
+        }
     }
     app.metrics
         .rooms_created
         .with_label_values(&[tenant.id.as_str()])
         .inc();
-    tracing::info!(tenant = %tenant.id, ttl, max_peers, one_time = req.one_time, "room created");
+    tracing::info!(tenant = %tenant.id, public, ttl, max_peers, one_time = req.one_time, "room created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedRoom {
-            room: app.room_info(&record).await?,
+            room: app.room_info(&record, true).await?,
             owner_key,
         }),
     ))
 }
 
-async fn room_or_404(app: &App, id: &str) -> Result<RoomRecord> {
-    if floe_proto::id::validate("room", id).is_err() {
-        return Err(SignalError::RoomNotFound);
-    }
-    match app.bus.room(id).await? {
-        Some(r) if r.expires_at > unix_now() => Ok(r),
-        _ => Err(SignalError::RoomNotFound),
-    }
+/// Query of `GET`/`DELETE /v1/rooms/{id}`.
+#[derive(Debug, Deserialize)]
+struct RoomQuery {
+    /// The tenant, for a room id its tenant chose (a join token's `room`
+    /// claim) addressed with an owner key.
+    tenant: Option<String>,
 }
 
-async fn get_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<RoomInfo>> {
-    let record = room_or_404(&app, &id).await?;
-    Ok(Json(app.room_info(&record).await?))
+/// The room `id` as `caller` (or the query's tenant) names it.
+async fn room_for(app: &App, caller: &Caller, id: &str, q: &RoomQuery) -> Result<RoomRecord> {
+    let tenant = caller.tenant().or(q.tenant.as_deref());
+    app.find_room(id, tenant).await
+}
+
+fn query<T>(q: std::result::Result<Query<T>, QueryRejection>) -> Result<T> {
+    q.map(|Query(q)| q)
+        .map_err(|e| SignalError::Invalid(e.body_text()))
+}
+
+async fn get_room(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: std::result::Result<Query<RoomQuery>, QueryRejection>,
+) -> Result<Json<RoomInfo>> {
+    let q = query(q)?;
+    let caller = app.caller(&headers).await?;
+    let record = room_for(&app, &caller, &id, &q).await?;
+    let owns = caller.owns(&record);
+    Ok(Json(app.room_info(&record, owns).await?))
+}
+
+/// A tenant's live rooms, with their peers; for its API keys.
+async fn list_rooms(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<RoomList>> {
+    let Caller::ApiKey { tenant } = app.caller(&headers).await? else {
+        return Err(app.refuse(SignalError::Unauthorized));
+    };
+    let mut rooms = Vec::new();
+    for record in app.bus.rooms(&tenant, unix_now()).await? {
+        rooms.push(app.room_info(&record, true).await?);
+    }
+    Ok(Json(RoomList { rooms }))
 }
 
 /// Deletes a room: with its owner key, a join token of its creator, or an
-/// API key (HTTP Basic) of its tenant.
+/// API key (HTTP Basic) of its tenant. Credentials are checked before the
+/// room is looked up, so an anonymous caller learns nothing.
 async fn delete_room(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    q: std::result::Result<Query<RoomQuery>, QueryRejection>,
 ) -> Result<StatusCode> {
-    let record = room_or_404(&app, &id).await?;
-    if !may_delete(&app, &record, &headers).await? {
+    let q = query(q)?;
+    let caller = app.caller(&headers).await?;
+    if matches!(caller, Caller::Anonymous) {
+        return Err(app.refuse(SignalError::Unauthorized));
+    }
+    let record = room_for(&app, &caller, &id, &q).await?;
+    if !caller.owns(&record) {
         return Err(app.refuse(SignalError::Forbidden(
             "not_owner",
             "only the room's owner key, its creator or its tenant may delete it".into(),
         )));
     }
-    app.bus.delete_room(&id, "deleted").await?;
+    app.bus.delete_room(&record, "deleted").await?;
     tracing::info!(tenant = %record.tenant, "room deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn may_delete(app: &App, record: &RoomRecord, headers: &HeaderMap) -> Result<bool> {
-    if let Some(b) = bearer(headers) {
-        if record.owner.verify(b) {
-            return Ok(true);
-        }
-        if let Ok(holder) = app.verify_token(b).await {
-            return Ok(holder.tenant == record.tenant
-                && record.creator.as_deref() == Some(holder.claims.sub.as_str()));
-        }
-        return Ok(false);
-    }
-    let basic = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|v| {
-            base64::engine::general_purpose::STANDARD
-                .decode(v.trim())
-                .ok()
-        })
-        .and_then(|v| String::from_utf8(v).ok());
-    if let Some((kid, secret)) = basic.as_deref().and_then(|s| s.split_once(':'))
-        && let Some(key) = app.control.key(kid).await?
-    {
-        return Ok(key.tenant == record.tenant && floe_common::http::secret_eq(secret, &key.secret));
-    }
-    Ok(false)
-}
-
-/// Query of the WebSocket URL.
-#[derive(Debug, Deserialize)]
-pub(crate) struct JoinQuery {
-    /// Join token (browsers cannot set headers on WebSockets).
-    pub token: Option<String>,
-    /// Room password, for public rooms that have one.
-    pub password: Option<String>,
-    /// Stable id of this client: a reconnect with the same id replaces its
-    /// previous connection.
-    pub client_id: Option<String>,
-}
-
+/// Opens a peer's WebSocket. Every refusal (origin, draining, too many
+/// connections, then room and credentials) is told after the upgrade as
+/// an `error` message and a close code, which a browser can read; only a
+/// request that is not a WebSocket upgrade gets an HTTP error.
 async fn websocket(
     State(app): State<Arc<App>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(room): Path<String>,
-    Query(query): Query<JoinQuery>,
-    upgrade: WebSocketUpgrade,
+    q: std::result::Result<Query<JoinQuery>, QueryRejection>,
+    upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if !app.origin_allowed(&headers) {
-        return app
-            .refuse(SignalError::Forbidden(
-                "origin_not_allowed",
-                "origin not allowed".into(),
-            ))
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                format!("this endpoint is a WebSocket: {}", e.body_text()),
+            )
             .into_response();
-    }
-    if app.draining.is_cancelled() {
-        return SignalError::Unavailable("node draining; connect to another".into())
-            .into_response();
-    }
-    let Some(slot) = IpSlot::acquire(&app, client.ip()) else {
-        return app.refuse(SignalError::TooManyConnections).into_response();
+        }
     };
-    // Room and auth are checked after the upgrade so a browser sees the
-    // reason as an `error` message, not as an opaque failed handshake.
+    let refusal = if !app.origin_allowed(&headers) {
+        Some(SignalError::Forbidden(
+            "origin_not_allowed",
+            "origin not allowed".into(),
+        ))
+    } else if app.draining.is_cancelled() {
+        Some(SignalError::Unavailable(
+            "node draining; connect to another".into(),
+        ))
+    } else {
+        None
+    };
+    let slot = IpSlot::acquire(&app, client.ip());
+    let refusal = refusal.or_else(|| slot.is_none().then_some(SignalError::TooManyConnections));
     let max = app.settings.max_message_bytes;
     upgrade
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .max_message_size(2 * max)
-        .max_frame_size(2 * max)
+        // Exactly the limit: a larger message is refused by the WebSocket
+        // layer, and answered below with `message_too_large` and 1009.
+        .max_message_size(max)
+        .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            crate::ws::serve(app, socket, room, query).await;
+            let query = query(q);
+            match (refusal, query) {
+                (Some(e), _) | (None, Err(e)) => crate::ws::refuse(&app, socket, e).await,
+                (None, Ok(query)) => crate::ws::serve(app, socket, room, query).await,
+            }
             drop(slot);
         })
 }

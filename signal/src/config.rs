@@ -4,13 +4,20 @@
 use floe_common::config::in_range;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Flags of `floe signal`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Address of the HTTP/WebSocket API and the ops endpoints.
+    /// Address of the HTTP/WebSocket API (it also answers /healthz and
+    /// /readyz, for load balancers).
     #[arg(long = "listen", env = "FLOE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Address of the ops endpoints (/metrics, /healthz, /readyz). Metrics
+    /// name tenants, so keep this off the public network.
+    #[arg(long, env = "FLOE_OPS_LISTEN", default_value = "0.0.0.0:9080")]
+    pub ops_listen: SocketAddr,
 
     /// Base URL of the control plane's API.
     #[arg(
@@ -90,15 +97,31 @@ pub struct Config {
     #[arg(long, env = "FLOE_DEFAULT_MAX_PEERS", default_value_t = 8)]
     pub default_max_peers: u32,
 
-    /// Seconds between WebSocket pings; a peer silent for two is dropped.
+    /// Seconds between WebSocket pings; a peer silent for two is dropped,
+    /// and one whose writes stall for one is closed as too slow.
     #[arg(long, env = "FLOE_HEARTBEAT_SECS", default_value_t = 20)]
     pub heartbeat_secs: u64,
+
+    /// Milliseconds between this node's heartbeats on the Redis bus.
+    #[arg(long, env = "FLOE_NODE_BEAT_MS", default_value_t = 1_000)]
+    pub node_beat_ms: u64,
+
+    /// Milliseconds without a heartbeat after which a node counts as dead
+    /// and its peers leave their rooms.
+    #[arg(long, env = "FLOE_NODE_DEAD_AFTER_MS", default_value_t = 5_000)]
+    pub node_dead_after_ms: u64,
+
+    /// Milliseconds between polls of the control plane's change feed: how
+    /// soon a disabled tenant or a revoked API key closes its connections.
+    #[arg(long, env = "FLOE_CHANGES_POLL_MS", default_value_t = 1_000)]
+    pub changes_poll_ms: u64,
 }
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
     pub control_url: String,
     pub internal_token: String,
     pub redis_url: Option<String>,
@@ -114,6 +137,9 @@ pub struct Settings {
     pub max_room_ttl_secs: u64,
     pub default_max_peers: u32,
     pub heartbeat_secs: u64,
+    pub node_beat: Duration,
+    pub node_dead_after: Duration,
+    pub changes_poll: Duration,
 }
 
 impl Settings {
@@ -122,6 +148,7 @@ impl Settings {
     pub fn new(listen: SocketAddr, control_url: &str, internal_token: &str) -> Self {
         Self {
             listen,
+            ops_listen: SocketAddr::new(listen.ip(), 0),
             control_url: control_url.trim_end_matches('/').to_owned(),
             internal_token: internal_token.to_owned(),
             redis_url: None,
@@ -137,6 +164,9 @@ impl Settings {
             max_room_ttl_secs: 86_400,
             default_max_peers: 8,
             heartbeat_secs: 20,
+            node_beat: Duration::from_secs(1),
+            node_dead_after: Duration::from_secs(5),
+            changes_poll: Duration::from_secs(1),
         }
     }
 }
@@ -241,8 +271,17 @@ impl Config {
             1_000,
         )?;
         in_range("--heartbeat-secs", self.heartbeat_secs, 1, 300)?;
+        in_range("--node-beat-ms", self.node_beat_ms, 50, 60_000)?;
+        in_range(
+            "--node-dead-after-ms",
+            self.node_dead_after_ms,
+            3 * self.node_beat_ms,
+            600_000,
+        )?;
+        in_range("--changes-poll-ms", self.changes_poll_ms, 100, 60_000)?;
         Ok(Settings {
             listen: self.listen,
+            ops_listen: self.ops_listen,
             control_url: url.to_owned(),
             internal_token,
             redis_url,
@@ -258,6 +297,9 @@ impl Config {
             max_room_ttl_secs: self.max_room_ttl_secs,
             default_max_peers: self.default_max_peers,
             heartbeat_secs: self.heartbeat_secs,
+            node_beat: Duration::from_millis(self.node_beat_ms),
+            node_dead_after: Duration::from_millis(self.node_dead_after_ms),
+            changes_poll: Duration::from_millis(self.changes_poll_ms),
         })
     }
 }

@@ -1,12 +1,14 @@
 //! The control plane as signal sees it: API keys (to verify join tokens
 //! locally), tenant plans, and ICE servers with fresh TURN credentials.
-//! Keys and plans are cached briefly so joins do not each cost a round trip.
+//! Keys and plans are cached briefly so joins do not each cost a round trip;
+//! the change feed ([`Control::changes`]) tells which entries to drop
+//! early, so a disable or a revocation does not wait for the cache.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use floe_proto::api::{IceServers, IceServersRequest, KeyVerification, Tenant};
+use floe_proto::api::{Changes, IceServers, IceServersRequest, KeyVerification, Tenant};
 
 /// How long a fetched key or tenant is trusted.
 const FRESH: Duration = Duration::from_secs(30);
@@ -21,6 +23,10 @@ const MAX_ENTRIES: usize = 100_000;
 pub(crate) struct Unavailable(pub String);
 
 type Cache<T> = Mutex<HashMap<String, (Instant, Option<T>)>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Client of the control plane's internal API.
 pub(crate) struct Control {
@@ -54,7 +60,7 @@ impl Control {
         id: &str,
         path: String,
     ) -> Result<Option<T>, Unavailable> {
-        if let Some((at, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+        if let Some((at, v)) = lock(cache).get(id) {
             let ttl = if v.is_some() { FRESH } else { NEGATIVE };
             if at.elapsed() < ttl {
                 return Ok(v.clone());
@@ -76,12 +82,44 @@ impl Control {
             404 => None,
             s => return Err(Unavailable(format!("answered {s}"))),
         };
-        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock(cache);
         if c.len() >= MAX_ENTRIES {
             c.retain(|_, (at, _)| at.elapsed() < FRESH);
         }
         c.insert(id.to_owned(), (Instant::now(), value.clone()));
         Ok(value)
+    }
+
+    /// Drops the cached tenant `id` and every cached key of it.
+    pub fn forget_tenant(&self, id: &str) {
+        lock(&self.tenants).remove(id);
+        lock(&self.keys).retain(|_, (_, k)| k.as_ref().is_some_and(|k| k.tenant != id));
+    }
+
+    /// Drops the cached key `kid`.
+    pub fn forget_key(&self, kid: &str) {
+        lock(&self.keys).remove(kid);
+    }
+
+    /// Drops every cached tenant and key.
+    pub fn forget_all(&self) {
+        lock(&self.tenants).clear();
+        lock(&self.keys).clear();
+    }
+
+    /// The control plane's change feed after `after`.
+    pub async fn changes(&self, after: u64) -> Result<Changes, Unavailable> {
+        let resp = self
+            .http
+            .get(format!("{}/internal/v1/changes?after={after}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(Unavailable(format!("changes: answered {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| Unavailable(e.to_string()))
     }
 
     /// The API key `kid`, with its tenant's plan; `None` if unknown or revoked.

@@ -17,8 +17,16 @@ pub(crate) enum SignalError {
     InvalidToken(String),
     #[error("join token has expired")]
     TokenExpired,
+    #[error("missing or invalid credentials")]
+    Unauthorized,
     #[error("{1}")]
     Forbidden(&'static str, String),
+    #[error("the tenant is disabled")]
+    TenantDisabled,
+    #[error(
+        "this client_id is connected already; reconnecting as it needs its reconnect_secret (or a join token)"
+    )]
+    PeerIdTaken,
     #[error("wrong room password")]
     WrongPassword,
     #[error("no such room (it may have expired)")]
@@ -29,8 +37,8 @@ pub(crate) enum SignalError {
     RoomFull,
     #[error("this one-time room is already in use")]
     RoomSealed,
-    #[error("the tenant has reached its room limit")]
-    RoomLimit,
+    #[error("the tenant has reached its limit of {} rooms", if *public { "public" } else { "token" })]
+    RoomLimit { public: bool },
     #[error("a room with this id exists already")]
     RoomExists,
     #[error("too many requests; retry later")]
@@ -47,6 +55,9 @@ impl SignalError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::TenantDisabled => (StatusCode::FORBIDDEN, "tenant_disabled"),
+            Self::PeerIdTaken => (StatusCode::CONFLICT, "peer_id_taken"),
             Self::TokenExpired => (StatusCode::UNAUTHORIZED, "token_expired"),
             Self::Forbidden(code, _) => (StatusCode::FORBIDDEN, code),
             Self::WrongPassword => (StatusCode::FORBIDDEN, "wrong_password"),
@@ -54,7 +65,10 @@ impl SignalError {
             Self::UnknownTenant(_) => (StatusCode::NOT_FOUND, "unknown_tenant"),
             Self::RoomFull => (StatusCode::CONFLICT, "room_full"),
             Self::RoomSealed => (StatusCode::CONFLICT, "room_sealed"),
-            Self::RoomLimit => (StatusCode::FORBIDDEN, "room_limit_reached"),
+            Self::RoomLimit { public: false } => (StatusCode::FORBIDDEN, "room_limit_reached"),
+            Self::RoomLimit { public: true } => {
+                (StatusCode::FORBIDDEN, "public_room_limit_reached")
+            }
             Self::RoomExists => (StatusCode::CONFLICT, "room_exists"),
             Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::TooManyConnections => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
@@ -83,6 +97,7 @@ impl From<Refusal> for SignalError {
             Refusal::Full => Self::RoomFull,
             Refusal::Sealed => Self::RoomSealed,
             Refusal::Expired => Self::RoomNotFound,
+            Refusal::PeerIdTaken => Self::PeerIdTaken,
         }
     }
 }

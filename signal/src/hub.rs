@@ -1,10 +1,14 @@
 //! The WebSocket connections this node holds, by room and peer, and
 //! delivery of ready-made message text to them.
 //!
-//! Every connection task owns a [`Mailbox`]: a bounded queue that
-//! delivery fills without ever waiting on a socket. A peer whose mailbox
-//! is full is too slow to keep: it is closed, and the sender hears that
-//! the message could not be delivered.
+//! Every connection task owns a [`Mailbox`]: a queue bounded in messages
+//! and bytes that delivery fills without ever waiting on a socket. A peer
+//! whose mailbox is full is too slow to keep: it is removed at once, its
+//! task is woken even if it is stuck writing to the socket, and the sender
+//! hears that the message could not be delivered.
+//!
+//! Rooms are keyed by room key (`tenant/id`, see
+//! [`RoomRecord::key`](crate::room::RoomRecord::key)).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -18,7 +22,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::room::RoomRecord;
+use crate::room::{Member, RoomRecord};
 
 /// Messages queued for one connection.
 #[derive(Debug)]
@@ -37,6 +41,11 @@ pub(crate) mod close {
     pub const SLOW: u16 = 4002;
     /// The room closed (expired or deleted).
     pub const ROOM_CLOSED: u16 = 4004;
+    /// Access revoked: the tenant was disabled or deleted, or the API key
+    /// that signed the join token was revoked.
+    pub const REVOKED: u16 = 4005;
+    /// A message over the size limit (RFC 6455 "message too big").
+    pub const TOO_BIG: u16 = 1009;
     /// Refused at join; the `error` message before it says why.
     pub const REFUSED: u16 = 4003;
     /// No heartbeat answer.
@@ -49,20 +58,28 @@ pub(crate) mod close {
 
 /// Messages queued per connection before it counts as too slow.
 pub(crate) const QUEUE: usize = 256;
+/// Bytes queued per connection before it counts as too slow: what a
+/// connection holds in memory, whatever its peers send it.
+pub(crate) const QUEUE_BYTES: usize = 4 << 20;
 
-/// A connection's outgoing queue: texts up to [`QUEUE`], then the close.
-/// It allocates only while messages wait (an idle connection's mailbox
-/// is a few dozen bytes; a channel would hold a block of slots).
+/// A connection's outgoing queue: texts up to [`QUEUE`] and
+/// [`QUEUE_BYTES`], then the close. It allocates only while messages wait
+/// (an idle connection's mailbox is a few dozen bytes; a channel would
+/// hold a block of slots).
 #[derive(Default)]
 pub(crate) struct Mailbox {
     state: Mutex<MailboxState>,
     ready: Notify,
+    /// Wakes a task stuck writing to its socket when the mailbox aborts.
+    aborted: Notify,
 }
 
 #[derive(Default)]
 struct MailboxState {
     queue: VecDeque<Utf8Bytes>,
+    bytes: usize,
     close: Option<(u16, String)>,
+    aborted: bool,
 }
 
 impl Mailbox {
@@ -73,9 +90,10 @@ impl Mailbox {
     /// Queues a text; `false` when full or closing.
     pub fn push(&self, text: Utf8Bytes) -> bool {
         let mut s = lock(&self.state);
-        if s.close.is_some() || s.queue.len() >= QUEUE {
+        if s.close.is_some() || s.queue.len() >= QUEUE || s.bytes + text.len() > QUEUE_BYTES {
             return false;
         }
+        s.bytes += text.len();
         s.queue.push_back(text);
         drop(s);
         self.ready.notify_one();
@@ -94,15 +112,33 @@ impl Mailbox {
     pub fn abort(&self, code: u16, reason: &str) {
         let mut s = lock(&self.state);
         s.queue = VecDeque::new();
+        s.bytes = 0;
+        s.aborted = true;
         s.close.get_or_insert_with(|| (code, reason.to_owned()));
         drop(s);
         self.ready.notify_one();
+        self.aborted.notify_waiters();
+    }
+
+    /// Resolves once [`abort`](Self::abort) was called.
+    pub async fn aborted(&self) {
+        loop {
+            let notified = self.aborted.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an abort in between wakes us.
+            notified.as_mut().enable();
+            if lock(&self.state).aborted {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The next thing to send, if any: queued texts first, then the close.
     pub fn try_next(&self) -> Option<Outbound> {
         let mut s = lock(&self.state);
         if let Some(t) = s.queue.pop_front() {
+            s.bytes -= t.len();
             if s.queue.is_empty() && s.queue.capacity() > 16 {
                 // A burst is over: give its memory back.
                 s.queue = VecDeque::new();
@@ -127,6 +163,10 @@ impl Mailbox {
 
 struct LocalPeer {
     session: String,
+    /// Hash of the reconnect secret (restored into Redis on a resync).
+    secret: String,
+    /// API key that signed the peer's join token, if it had one.
+    key_id: Option<String>,
     mailbox: Arc<Mailbox>,
 }
 
@@ -210,21 +250,24 @@ impl Hub {
     pub fn register(
         &self,
         record: RoomRecord,
-        peer: &str,
-        session: &str,
+        member: &Member,
+        key_id: Option<String>,
         mailbox: Arc<Mailbox>,
     ) -> (Arc<RoomRecord>, Option<Arc<Mailbox>>) {
-        let mut shard = lock(self.shard(&record.id));
-        let room = shard.entry(record.id.clone()).or_insert_with(|| LocalRoom {
+        let key = record.key();
+        let mut shard = lock(self.shard(&key));
+        let room = shard.entry(key).or_insert_with(|| LocalRoom {
             record: Arc::new(record),
             peers: HashMap::new(),
         });
         let old = room
             .peers
             .insert(
-                peer.to_owned(),
+                member.peer_id.clone(),
                 LocalPeer {
-                    session: session.to_owned(),
+                    session: member.session_id.clone(),
+                    secret: member.secret.clone(),
+                    key_id,
                     mailbox,
                 },
             )
@@ -327,34 +370,79 @@ impl Hub {
         }
     }
 
-    /// Ids of local rooms that have expired at `now`.
+    /// Keys of local rooms that have expired at `now`.
     pub fn expired(&self, now: u64) -> Vec<String> {
         self.shards
             .iter()
             .flat_map(|s| {
                 lock(s)
-                    .values()
-                    .filter(|r| r.record.expires_at <= now)
-                    .map(|r| r.record.id.clone())
+                    .iter()
+                    .filter(|(_, r)| r.record.expires_at <= now)
+                    .map(|(k, _)| k.clone())
                     .collect::<Vec<_>>()
             })
             .collect()
     }
 
-    /// Every local room with its local (peer, session) pairs.
-    pub fn snapshot(&self) -> Vec<(RoomRecord, Vec<(String, String)>)> {
+    /// Closes, with `code`, every local connection whose room and signing
+    /// key match `revoked`; returns how many.
+    pub fn close_where(
+        &self,
+        revoked: impl Fn(&RoomRecord, Option<&str>) -> bool,
+        code: u16,
+        reason: &str,
+    ) -> usize {
+        let mut closed = 0;
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            for room in shard.values_mut() {
+                room.peers.retain(|_, p| {
+                    if revoked(&room.record, p.key_id.as_deref()) {
+                        p.mailbox.close(code, reason);
+                        closed += 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            shard.retain(|_, r| !r.peers.is_empty());
+        }
+        closed
+    }
+
+    /// Tenants with a local connection.
+    pub fn tenants(&self) -> std::collections::BTreeSet<String> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                lock(s)
+                    .values()
+                    .map(|r| r.record.tenant.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every local room with its local members (as on `node`).
+    pub fn snapshot(&self, node: &str) -> Vec<(RoomRecord, Vec<Member>)> {
         self.shards
             .iter()
             .flat_map(|s| {
                 lock(s)
                     .values()
                     .map(|r| {
-                        let peers = r
+                        let members = r
                             .peers
                             .iter()
-                            .map(|(id, p)| (id.clone(), p.session.clone()))
+                            .map(|(id, p)| Member {
+                                peer_id: id.clone(),
+                                session_id: p.session.clone(),
+                                node: node.to_owned(),
+                                secret: p.secret.clone(),
+                            })
                             .collect();
-                        ((*r.record).clone(), peers)
+                        ((*r.record).clone(), members)
                     })
                     .collect::<Vec<_>>()
             })
@@ -383,7 +471,9 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::room::tests::record;
+    use crate::room::tests::{member, record};
+
+    const R: &str = "t/r";
 
     fn text(s: &str) -> Utf8Bytes {
         Utf8Bytes::from(s.to_owned())
@@ -401,8 +491,12 @@ mod tests {
         let hub = Hub::new();
         let room = record(4, false);
         let (a, b) = (Mailbox::new(), Mailbox::new());
-        assert!(hub.register(room.clone(), "a", "s1", a.clone()).1.is_none());
-        let (shared, old) = hub.register(room, "b", "s2", b.clone());
+        assert!(
+            hub.register(room.clone(), &member("a", "s1"), None, a.clone())
+                .1
+                .is_none()
+        );
+        let (shared, old) = hub.register(room, &member("b", "s2"), None, b.clone());
         assert!(old.is_none());
         assert_eq!(
             std::sync::Arc::strong_count(&shared),
@@ -412,17 +506,17 @@ mod tests {
 
         let to_a = |session| Target::Peer { peer: "a", session };
         assert_eq!(
-            hub.deliver("r", to_a(Some("s1")), &text("1")),
+            hub.deliver(R, to_a(Some("s1")), &text("1")),
             Delivery::Delivered
         );
         assert_eq!(text_of(a.try_next()).as_deref(), Some("1"));
         assert_eq!(
-            hub.deliver("r", to_a(Some("old")), &text("x")),
+            hub.deliver(R, to_a(Some("old")), &text("x")),
             Delivery::StaleSession
         );
         assert_eq!(
             hub.deliver(
-                "r",
+                R,
                 Target::Peer {
                     peer: "zz",
                     session: None
@@ -437,7 +531,7 @@ mod tests {
         );
 
         // Room-wide, except the sender.
-        hub.deliver("r", Target::Room { except: Some("a") }, &text("all"));
+        hub.deliver(R, Target::Room { except: Some("a") }, &text("all"));
         assert_eq!(text_of(b.try_next()).as_deref(), Some("all"));
         assert!(a.try_next().is_none());
 
@@ -445,12 +539,12 @@ mod tests {
         // at once (its backlog discarded).
         for i in 0..QUEUE {
             assert_eq!(
-                hub.deliver("r", to_a(None), &text(&i.to_string())),
+                hub.deliver(R, to_a(None), &text(&i.to_string())),
                 Delivery::Delivered
             );
         }
         assert_eq!(
-            hub.deliver("r", to_a(None), &text("overflow")),
+            hub.deliver(R, to_a(None), &text("overflow")),
             Delivery::Dropped
         );
         assert!(matches!(
@@ -460,10 +554,7 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(
-            hub.deliver("r", to_a(None), &text("gone")),
-            Delivery::NoPeer
-        );
+        assert_eq!(hub.deliver(R, to_a(None), &text("gone")), Delivery::NoPeer);
         assert_eq!(hub.counts(), (1, 1));
         assert_eq!(hub.room_count(), 1);
     }
@@ -473,16 +564,18 @@ mod tests {
         let hub = Hub::new();
         let room = record(4, false);
         let (m1, m2) = (Mailbox::new(), Mailbox::new());
-        hub.register(room.clone(), "a", "s1", m1);
+        hub.register(room.clone(), &member("a", "s1"), None, m1);
         assert!(
-            hub.register(room, "a", "s2", m2.clone()).1.is_some(),
+            hub.register(room, &member("a", "s2"), None, m2.clone())
+                .1
+                .is_some(),
             "old mailbox returned"
         );
         assert!(
-            !hub.unregister("r", "a", "s1"),
+            !hub.unregister(R, "a", "s1"),
             "stale session cannot unregister"
         );
-        hub.close_room("r", Some(&text("bye")), close::ROOM_CLOSED, "expired");
+        hub.close_room(R, Some(&text("bye")), close::ROOM_CLOSED, "expired");
         assert_eq!(
             text_of(m2.try_next()).as_deref(),
             Some("bye"),
@@ -514,6 +607,69 @@ mod tests {
         }
         m.close(1000, "bye");
         assert!(!m.push(text("late")), "nothing queues after close");
+    }
+
+    #[tokio::test]
+    async fn a_byte_budget_bounds_the_queue_and_abort_wakes_a_stuck_writer() {
+        let m = Mailbox::new();
+        let half = text(&"x".repeat(QUEUE_BYTES / 2));
+        assert!(m.push(half.clone()));
+        assert!(m.push(half));
+        assert!(!m.push(text("one byte too many")), "over the byte budget");
+        assert!(matches!(m.try_next(), Some(Outbound::Text(_))));
+        assert!(m.push(text("room again")), "sending frees budget");
+
+        // A task blocked elsewhere (writing to its socket) waits on
+        // `aborted`; an overflow's abort must wake it.
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.aborted().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        m.abort(close::SLOW, "too slow");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("join");
+        m.aborted().await;
+        assert!(matches!(
+            m.try_next(),
+            Some(Outbound::Close {
+                code: close::SLOW,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn close_where_closes_only_the_revoked() {
+        let hub = Hub::new();
+        let (a, b) = (Mailbox::new(), Mailbox::new());
+        hub.register(
+            record(4, false),
+            &member("a", "s1"),
+            Some("k1".into()),
+            a.clone(),
+        );
+        hub.register(
+            record(4, false),
+            &member("b", "s2"),
+            Some("k2".into()),
+            b.clone(),
+        );
+        let closed = hub.close_where(|_, key| key == Some("k1"), close::REVOKED, "revoked");
+        assert_eq!(closed, 1);
+        assert!(matches!(
+            a.try_next(),
+            Some(Outbound::Close {
+                code: close::REVOKED,
+                ..
+            })
+        ));
+        assert!(b.try_next().is_none());
+        assert_eq!(hub.counts(), (1, 1));
+        assert_eq!(hub.tenants().into_iter().collect::<Vec<_>>(), ["t"]);
     }
 
     #[test]

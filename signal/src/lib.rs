@@ -2,9 +2,11 @@
 //! WebSocket, scaled out through a Redis room bus.
 //!
 //! Room rules live in [`room`] as plain functions; [`hub`] holds this
-//! node's sockets; [`bus`] shares rooms between nodes; [`ws`] and [`api`]
-//! are the network edges. The public API: [`Config`] / [`Settings`],
-//! [`start`] / [`run`] and the running [`Signal`] handle.
+//! node's sockets; [`bus`] shares rooms between nodes; [`state`] is the
+//! node's shared state and access checks; [`ws`] and [`api`] are the
+//! network edges; [`revoke`] follows the control plane's change feed. The
+//! public API: [`Config`] / [`Settings`], [`start`] / [`run`] and the
+//! running [`Signal`] handle.
 
 mod api;
 mod bus;
@@ -13,7 +15,9 @@ mod control;
 mod error;
 mod hub;
 mod metrics;
+mod revoke;
 mod room;
+mod state;
 mod ws;
 
 use std::net::SocketAddr;
@@ -45,6 +49,7 @@ pub enum StartError {
 /// A running signal node. Dropping it shuts it down (draining first).
 pub struct Signal {
     addr: SocketAddr,
+    ops_addr: SocketAddr,
     node_id: String,
     running: Running,
 }
@@ -53,6 +58,11 @@ impl Signal {
     /// Address of the HTTP/WebSocket API.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Address of the ops endpoints (/metrics, /healthz, /readyz).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
     }
 
     /// This node's id on the room bus.
@@ -102,9 +112,8 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     let hub = Arc::new(hub::Hub::new());
     let bus: Arc<dyn bus::Bus> = match &settings.redis_url {
         Some(url) => bus::redis::RedisBus::start(
+            &settings,
             url,
-            &settings.redis_prefix,
-            &settings.node_id,
             hub.clone(),
             metrics.clone(),
             &health,
@@ -115,32 +124,48 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
         None => Arc::new(bus::local::LocalBus::new(hub.clone())),
     };
     let control = control::Control::new(&settings.control_url, &settings.internal_token)?;
-    let listener = floe_common::http::bind("signal API", settings.listen).await?;
+    let listener = floe_common::http::bind("signal API (--listen)", settings.listen).await?;
     let addr = listener.local_addr()?;
+    let ops_listener =
+        floe_common::http::bind("signal ops (--ops-listen)", settings.ops_listen).await?;
+    let ops_addr = ops_listener.local_addr()?;
     let node_id = settings.node_id.clone();
-    let app = Arc::new(api::App::new(
-        settings.clone(),
+    let per_min = f64::from(settings.public_rooms_per_min.max(1));
+    let app = Arc::new(state::App {
+        settings: settings.clone(),
         bus,
-        hub.clone(),
+        hub: hub.clone(),
         control,
-        metrics.clone(),
-        draining.clone(),
-    ));
-    let router = api::router(app.clone())
-        .layer(cors(&settings.allowed_origins))
-        .merge(floe_common::http::ops_router(
-            metrics.registry.clone(),
-            health,
-        ))
-        .fallback(floe_common::http::not_found);
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+        create_limiter: std::sync::Mutex::new(floe_common::ratelimit::RateLimiter::new(
+            per_min / 60.0,
+            settings.public_rooms_per_min.max(1),
+            100_000,
+        )),
+    });
+    // The public port answers health checks (load balancers probe it) but
+    // not /metrics, which names tenants.
+    let router = floe_common::http::json_errors(
+        api::router(app.clone())
+            .layer(cors(&settings.allowed_origins))
+            .merge(floe_common::http::probe_router(health.clone())),
+    );
+    let ops = floe_common::http::ops_router(metrics.registry.clone(), health);
     let server = floe_common::http::serve(listener, router, stop.clone());
+    let ops_server = floe_common::http::serve(
+        ops_listener,
+        floe_common::http::json_errors(ops),
+        stop.clone(),
+    );
     tokio::spawn(watch_control_plane(
         settings.control_url.clone(),
         control_ok,
         stop.clone(),
     ));
     tokio::spawn(close_expired_rooms(app.clone(), stop.clone()));
-    tracing::info!(%addr, node = %node_id, bus = if settings.redis_url.is_some() { "redis" } else { "local" }, "signal node listening");
+    tokio::spawn(revoke::follow_changes(app.clone(), stop.clone()));
+    tracing::info!(%addr, %ops_addr, node = %node_id, bus = if settings.redis_url.is_some() { "redis" } else { "local" }, "signal node listening");
 
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -159,10 +184,12 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
             }
             stop.cancel();
             let _ = server.await;
+            let _ = ops_server.await;
         }
     });
     Ok(Signal {
         addr,
+        ops_addr,
         node_id,
         running: Running::new(shutdown, task),
     })
@@ -176,7 +203,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
 }
 
 /// Closes this node's connections in rooms whose time is up.
-async fn close_expired_rooms(app: Arc<api::App>, stop: Shutdown) {
+async fn close_expired_rooms(app: Arc<state::App>, stop: Shutdown) {
     let closed = bus::room_closed("expired");
     loop {
         tokio::select! {

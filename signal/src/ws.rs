@@ -1,57 +1,107 @@
 //! One peer's WebSocket: authenticate, join, then relay until the peer
-//! leaves, goes silent, is replaced, the room closes or the node drains.
-//! One task per connection does reading, writing and timers, so an idle
-//! peer costs one small task, one queue and the socket buffers.
+//! leaves, goes silent, is too slow, is replaced, loses access, the room
+//! closes or the node drains. One task per connection does reading,
+//! writing and timers, so an idle peer costs one small task, one queue and
+//! the socket buffers.
+//!
+//! The handler is generic over the socket ([`Socket`]: any `Stream` of
+//! messages and `Sink` for them), so its rules are unit-tested with
+//! channels as well as over real connections.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use floe_common::ratelimit::TokenBucket;
 use floe_proto::signal::{ClientMessage, ServerMessage};
 use floe_proto::time::unix_now;
+use futures_util::{Sink, SinkExt as _, Stream, StreamExt as _};
+use serde::Deserialize;
 
-use crate::api::{App, JoinQuery};
 use crate::bus::JoinOutcome;
 use crate::error::SignalError;
 use crate::hub::{Mailbox, Outbound, close};
-use crate::room::{Admission, Member, RoomRecord};
+use crate::room::{Admission, Member, RoomRecord, SECRET_LEN, secret_hash};
+use crate::state::App;
 
 /// Largest `broadcast` payload.
 const MAX_BROADCAST: usize = 8 * 1024;
 /// Refresh ICE servers this long before the credentials expire.
 const REFRESH_BEFORE: u64 = 60;
-/// How long to wait for a client to answer our close frame.
+/// Longest a closing handshake may take (sending our close frame and
+/// waiting for the client's answer).
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Largest byte count one `stats` report may claim.
-const MAX_STATS_BYTES: u64 = 1 << 40;
+/// How long a connection that sent an oversized message stays open after
+/// its close frame (see [`end`]).
+const LINGER: Duration = Duration::from_secs(1);
+/// Largest byte count one `stats` report may claim, per path.
+pub(crate) const MAX_STATS_REPORT: u64 = 1 << 36;
+/// Sustained rate of reported bytes a connection may claim (10 Gbit/s), in
+/// MiB per second, and the burst (a minute of it).
+const STATS_MIB_PER_SEC: f64 = 1_192.0;
+const STATS_BURST_MIB: u32 = 60 * 1_192;
+
+/// A WebSocket as this module needs it.
+pub(crate) trait Socket:
+    Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send
+{
+}
+
+impl<T> Socket for T where
+    T: Stream<Item = Result<Message, axum::Error>>
+        + Sink<Message, Error = axum::Error>
+        + Unpin
+        + Send
+{
+}
+
+/// Query of the WebSocket URL.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct JoinQuery {
+    /// Join token (browsers cannot set headers on WebSockets).
+    pub token: Option<String>,
+    /// Room password, for public rooms that have one.
+    pub password: Option<String>,
+    /// Stable id of this client: in public rooms, also its peer id.
+    pub client_id: Option<String>,
+    /// The secret a previous `welcome` gave this client: needed to replace
+    /// a connection of the same peer without a join token.
+    pub reconnect_secret: Option<String>,
+}
 
 /// Who is joining, after authentication.
 struct Joiner {
     record: RoomRecord,
     peer_id: String,
+    /// API key of the join token, when there was one.
+    key_id: Option<String>,
+    secret: String,
 }
 
 async fn authenticate(app: &App, room: &str, q: &JoinQuery) -> Result<Joiner, SignalError> {
-    if floe_proto::id::validate("room", room).is_err() {
-        return Err(SignalError::RoomNotFound);
-    }
-    let record = match app.bus.room(room).await? {
-        Some(r) if r.expires_at > unix_now() => r,
-        _ => return Err(SignalError::RoomNotFound),
-    };
     if let Some(cid) = &q.client_id {
         floe_proto::id::validate("client_id", cid)?;
     }
-    let peer_id = match &q.token {
+    let secret = match &q.reconnect_secret {
+        Some(s) => {
+            let ok = SECRET_LEN.contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(SignalError::Invalid(format!(
+                    "reconnect_secret must be {} to {} letters, digits, '-' or '_'",
+                    SECRET_LEN.start(),
+                    SECRET_LEN.end()
+                )));
+            }
+            s.clone()
+        }
+        None => floe_common::secret::random_token(16),
+    };
+    match &q.token {
         Some(token) => {
             let holder = app.verify_token(token).await?;
-            if holder.tenant != record.tenant {
-                return Err(SignalError::Forbidden(
-                    "wrong_room",
-                    "the join token is for another tenant".into(),
-                ));
-            }
+            let record = app.find_room(room, Some(&holder.tenant)).await?;
             if holder
                 .claims
                 .room
@@ -69,12 +119,17 @@ async fn authenticate(app: &App, room: &str, q: &JoinQuery) -> Result<Joiner, Si
                     "the join token does not allow joining".into(),
                 ));
             }
-            floe_proto::id::validate("peer", &holder.claims.sub)?;
-            holder.claims.sub
+            Ok(Joiner {
+                record,
+                peer_id: holder.claims.sub,
+                key_id: Some(holder.claims.iss),
+                secret,
+            })
         }
         None => {
+            let record = app.find_room(room, None).await?;
             let tenant = app.tenant(&record.tenant).await?;
-            if !tenant.plan.public_rooms {
+            if !record.public || !tenant.plan.public_rooms {
                 return Err(SignalError::Forbidden(
                     "token_required",
                     "this room needs a join token".into(),
@@ -86,31 +141,42 @@ async fn authenticate(app: &App, room: &str, q: &JoinQuery) -> Result<Joiner, Si
                     return Err(SignalError::WrongPassword);
                 }
             }
-            q.client_id
+            let peer_id = q
+                .client_id
                 .clone()
-                .unwrap_or_else(|| format!("p_{}", floe_common::secret::random_token(6)))
+                .unwrap_or_else(|| format!("p_{}", floe_common::secret::random_token(6)));
+            Ok(Joiner {
+                record,
+                peer_id,
+                key_id: None,
+                secret,
+            })
         }
-    };
-    Ok(Joiner { record, peer_id })
+    }
 }
 
-async fn send_text(socket: &mut WebSocket, text: Utf8Bytes) -> bool {
+async fn send_text(socket: &mut impl Socket, text: Utf8Bytes) -> bool {
     socket.send(Message::Text(text)).await.is_ok()
 }
 
 /// Starts the closing handshake and waits (briefly) for the client's
-/// answer, so the client reads the close code instead of a reset.
-async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
+/// answer, so the client reads the close code instead of a reset. Bounded
+/// as a whole: a peer that reads nothing cannot hold it up.
+async fn close_with(socket: &mut impl Socket, code: u16, reason: &str) {
     let frame = Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from(reason.to_owned()),
     }));
-    if socket.send(frame).await.is_err() {
-        return;
-    }
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        while let Some(Ok(m)) = socket.recv().await {
-            if matches!(m, Message::Close(_)) {
+        if socket.send(frame).await.is_err() {
+            return;
+        }
+        // Read until the client's close (or the end), discarding what
+        // comes first; after a refused oversized frame this also drains
+        // its rest, so closing does not reset the connection under the
+        // error the client has yet to read.
+        while let Some(m) = socket.next().await {
+            if matches!(m, Ok(Message::Close(_))) {
                 break;
             }
         }
@@ -118,17 +184,18 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     .await;
 }
 
-/// Sends an `error` message and closes.
-async fn refuse(app: &App, socket: &mut WebSocket, err: SignalError) {
+/// Sends an `error` message and closes: 1013 for "try again later", 1012
+/// while draining, 4003 for every other refusal.
+pub(crate) async fn refuse(app: &App, mut socket: impl Socket, err: SignalError) {
     let err = app.refuse(err);
-    let code = if matches!(err, SignalError::Unavailable(_)) {
-        close::TRY_AGAIN
-    } else {
-        close::REFUSED
+    let code = match &err {
+        SignalError::Unavailable(_) if app.draining.is_cancelled() => close::DRAINING,
+        SignalError::Unavailable(_) => close::TRY_AGAIN,
+        _ => close::REFUSED,
     };
     let text = ServerMessage::error(err.code(), err.to_string()).to_json();
-    send_text(socket, text.into()).await;
-    close_with(socket, code, err.code()).await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, send_text(&mut socket, text.into())).await;
+    close_with(&mut socket, code, err.code()).await;
 }
 
 /// A deadline for a timer that is disabled.
@@ -148,12 +215,12 @@ fn refresh_at(expires: u64) -> Option<tokio::time::Instant> {
 }
 
 /// A peer that has joined its room.
-struct Joined {
-    record: Arc<RoomRecord>,
-    me: Member,
-    mailbox: Arc<Mailbox>,
+pub(crate) struct Joined {
+    pub record: Arc<RoomRecord>,
+    pub me: Member,
+    pub mailbox: Arc<Mailbox>,
     /// When the ICE credentials in the welcome expire.
-    ice_expires: u64,
+    pub ice_expires: u64,
 }
 
 /// Serves one WebSocket until it ends.
@@ -162,7 +229,7 @@ struct Joined {
 /// connection's lifetime; joining and leaving await HTTP and Redis
 /// futures several KiB large, so they are boxed and freed when done
 /// (unboxed, they made every connection task about 3.8 KiB).
-pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q: JoinQuery) {
+pub(crate) async fn serve(app: Arc<App>, mut socket: impl Socket, room: String, q: JoinQuery) {
     let Some(joined) = Box::pin(join(&app, &mut socket, room, q)).await else {
         return;
     };
@@ -172,7 +239,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, room: String, q:
 
 /// Authenticates, fetches ICE servers, joins the room and sends the
 /// welcome; `None` when the peer was refused (and told why) or is gone.
-async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> Option<Joined> {
+async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -> Option<Joined> {
     let joiner = match authenticate(app, &room, &q).await {
         Ok(j) => j,
         Err(e) => {
@@ -184,7 +251,12 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
     // authentication; free them instead of holding them per connection.
     drop(q);
     drop(room);
-    let Joiner { record, peer_id } = joiner;
+    let Joiner {
+        record,
+        peer_id,
+        key_id,
+        secret,
+    } = joiner;
     let ice = match app
         .control
         .ice_servers(&record.tenant, &record.id, &peer_id)
@@ -196,42 +268,44 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
             return None;
         }
     };
+    let by_token = key_id.is_some();
     let me = Member {
         peer_id,
         session_id: format!("s_{}", floe_common::secret::random_token(6)),
         node: app.settings.node_id.clone(),
+        secret: secret_hash(&secret),
     };
     let mailbox = Mailbox::new();
-    // Registered before joining, so replies to our peer-joined find us.
-    let (record, old) = app
-        .hub
-        .register(record, &me.peer_id, &me.session_id, mailbox.clone());
-    if let Some(old) = old {
-        // A reconnect of a peer held on this node: close the old socket.
-        old.close(close::REPLACED, crate::bus::REPLACED_REASON);
-    }
-    let admitted = match app.bus.join(&record, &me, unix_now()).await {
-        Ok(JoinOutcome::Admitted { peers, admission }) => {
-            if let Admission::Replaced { previous } = admission {
-                tracing::debug!(room = %record.id, peer = %me.peer_id, old_session = %previous.session_id, "reconnect replaced a connection");
-            }
-            Ok(peers)
-        }
+    // Admitted before registering locally: a refused joiner (say, one
+    // without the reconnect secret) must not displace the connection it
+    // claims to replace.
+    let now = unix_now();
+    let admitted = match app.bus.join(&record, &me, by_token, now).await {
+        Ok(JoinOutcome::Admitted { peers, admission }) => Ok((peers, admission)),
         Ok(JoinOutcome::Refused(r)) => Err(r.into()),
         Ok(JoinOutcome::NoRoom) => Err(SignalError::RoomNotFound),
         Err(e) => Err(e.into()),
     };
-    let peers = match admitted {
-        Ok(peers) => peers,
+    let (peers, admission) = match admitted {
+        Ok(a) => a,
         Err(e) => {
-            app.hub.unregister(&record.id, &me.peer_id, &me.session_id);
             refuse(app, socket, e).await;
             return None;
         }
     };
+    let key = record.key();
+    let (record, old) = app.hub.register(record, &me, key_id, mailbox.clone());
+    if let Some(old) = old {
+        // A reconnect of a peer held on this node whose close the bus has
+        // not reached yet.
+        old.close(close::REPLACED, crate::bus::REPLACED_REASON);
+    }
+    if let Admission::Replaced { previous } = admission {
+        tracing::debug!(room = %key, peer = %me.peer_id, old_session = %previous.session_id, "reconnect replaced a connection");
+    }
     app.metrics.connections.inc();
     app.metrics.rooms.set(app.hub.room_count() as i64);
-    tracing::debug!(room = %record.id, peer = %me.peer_id, session = %me.session_id, "peer joined");
+    tracing::debug!(room = %key, peer = %me.peer_id, session = %me.session_id, "peer joined");
     let ice_expires = ice.expires;
     let welcome = ServerMessage::Welcome {
         room_id: record.id.clone(),
@@ -240,6 +314,7 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
         peers,
         room_expires_at: record.expires_at,
         ice_servers: ice,
+        reconnect_secret: secret,
     };
     let joined = Joined {
         record,
@@ -257,18 +332,51 @@ async fn join(app: &App, socket: &mut WebSocket, room: String, q: JoinQuery) -> 
 /// Unregisters a peer that had joined and tells its room.
 async fn leave(app: &App, joined: &Joined, reason: &'static str) {
     let Joined { record, me, .. } = joined;
-    app.hub.unregister(&record.id, &me.peer_id, &me.session_id);
-    if let Err(e) = app.bus.leave(&record.id, me, reason).await {
+    let key = record.key();
+    app.hub.unregister(&key, &me.peer_id, &me.session_id);
+    if let Err(e) = app.bus.leave(&key, me, reason).await {
         // Peers elsewhere learn it when this node's entry is reaped or resynced.
-        tracing::warn!(error = %e, room = %record.id, "cannot announce a departure");
+        tracing::warn!(error = %e, room = %key, "cannot announce a departure");
     }
     app.metrics.connections.dec();
     app.metrics.rooms.set(app.hub.room_count() as i64);
-    tracing::debug!(room = %record.id, peer = %me.peer_id, reason, "peer left");
+    tracing::debug!(room = %key, peer = %me.peer_id, reason, "peer left");
+}
+
+/// How a bounded send ended.
+enum Sent {
+    Ok,
+    /// The socket failed.
+    Gone,
+    /// The peer reads too slowly: its mailbox overflowed while we waited,
+    /// or one write took longer than a heartbeat interval.
+    Slow,
+}
+
+/// Sends `msg` unless the peer is too slow to take it.
+async fn send_bounded(
+    socket: &mut impl Socket,
+    msg: Message,
+    mailbox: &Mailbox,
+    limit: Duration,
+) -> Sent {
+    tokio::select! {
+        r = socket.send(msg) => if r.is_ok() { Sent::Ok } else { Sent::Gone },
+        _ = mailbox.aborted() => Sent::Slow,
+        _ = tokio::time::sleep(limit) => Sent::Slow,
+    }
+}
+
+/// What `on_text` and the reader decided.
+enum Step {
+    /// Keep going, answering with this message if any.
+    Continue(Option<Utf8Bytes>),
+    /// End the connection (after closing it) for this reason.
+    End(&'static str),
 }
 
 /// The connection's main loop; returns why it ended.
-async fn relay(app: &App, socket: &mut WebSocket, joined: &Joined) -> &'static str {
+pub(crate) async fn relay(app: &App, socket: &mut impl Socket, joined: &Joined) -> &'static str {
     let Joined {
         record,
         me,
@@ -279,7 +387,10 @@ async fn relay(app: &App, socket: &mut WebSocket, joined: &Joined) -> &'static s
     let heartbeat = Duration::from_secs(s.heartbeat_secs);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
-    let mut bucket = TokenBucket::new(s.messages_per_sec, s.message_burst, Instant::now());
+    let mut limits = Limits {
+        messages: TokenBucket::new(s.messages_per_sec, s.message_burst, Instant::now()),
+        stats: TokenBucket::new(STATS_MIB_PER_SEC, STATS_BURST_MIB, Instant::now()),
+    };
     // The timer and the drain signal live across iterations; made afresh
     // per message they registered and cleared a timer entry and a waiter
     // every time (2.6% of the profile, though below the noise of the
@@ -290,42 +401,39 @@ async fn relay(app: &App, socket: &mut WebSocket, joined: &Joined) -> &'static s
     let draining = app.draining.cancelled();
     tokio::pin!(draining);
     loop {
-        tokio::select! {
-            incoming = socket.recv() => {
-                let msg = match incoming {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
+        let step = tokio::select! {
+            incoming = socket.next() => match incoming {
+                Some(Ok(m)) => {
+                    last_heard = Instant::now();
+                    match m {
+                        // Boxed: message handling state lives only while a message is handled.
+                        Message::Text(text) => Box::pin(on_text(app, record, me, &mut limits, text)).await,
+                        Message::Binary(_) => Step::Continue(Some(refused(
+                            app,
+                            "binary_not_supported",
+                            "send JSON text messages".into(),
+                        ))),
+                        Message::Close(_) => return "closed",
+                        Message::Ping(_) | Message::Pong(_) => Step::Continue(None),
+                    }
+                }
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("too long") || text.contains("too big") {
+                        Step::End("message_too_large")
+                    } else {
                         tracing::debug!(error = %e, "WebSocket error");
-                        if e.to_string().contains("too long") || e.to_string().contains("too big") {
-                            app.metrics.refusals.with_label_values(&["message_too_large"]).inc();
-                        }
                         return "error";
                     }
-                    None => return "closed",
-                };
-                last_heard = Instant::now();
-                match msg {
-                    Message::Text(text) => {
-                        // Boxed: message handling state lives only while a message is handled.
-                        if let Some(reason) = Box::pin(on_text(app, socket, record, me, &mut bucket, text)).await {
-                            return reason;
-                        }
-                    }
-                    Message::Binary(_) => {
-                        let err = ServerMessage::error("binary_not_supported", "send JSON text messages");
-                        app.metrics.refusals.with_label_values(&["binary_not_supported"]).inc();
-                        if !send_text(socket, err.to_json().into()).await {
-                            return "gone";
-                        }
-                    }
-                    Message::Close(_) => return "closed",
-                    Message::Ping(_) | Message::Pong(_) => {}
                 }
-            }
+                None => return "closed",
+            },
             out = mailbox.next() => match out {
                 Outbound::Text(t) => {
-                    if !send_text(socket, t).await {
-                        return "gone";
+                    match send_bounded(socket, Message::Text(t), mailbox, heartbeat).await {
+                        Sent::Ok => Step::Continue(None),
+                        Sent::Gone => return "gone",
+                        Sent::Slow => Step::End("slow"),
                     }
                 }
                 Outbound::Close { code, reason } => {
@@ -335,6 +443,7 @@ async fn relay(app: &App, socket: &mut WebSocket, joined: &Joined) -> &'static s
                         close::REPLACED => "replaced",
                         close::ROOM_CLOSED => "room_closed",
                         close::SLOW => "slow",
+                        close::REVOKED => "revoked",
                         _ => "closed_by_server",
                     };
                 }
@@ -344,73 +453,133 @@ async fn relay(app: &App, socket: &mut WebSocket, joined: &Joined) -> &'static s
                     Box::pin(close_with(socket, close::DEAD, "no heartbeat")).await;
                     return "timeout";
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return "gone";
+                match send_bounded(socket, Message::Ping(Default::default()), mailbox, heartbeat).await {
+                    Sent::Ok => Step::Continue(None),
+                    Sent::Gone => return "gone",
+                    Sent::Slow => Step::End("slow"),
                 }
             }
             _ = &mut refresh_sleep, if refresh.is_some() => {
-                match Box::pin(app.control.ice_servers(&record.tenant, &record.id, &me.peer_id)).await {
+                let answer = match Box::pin(app.control.ice_servers(&record.tenant, &record.id, &me.peer_id)).await {
                     Ok(fresh) => {
                         refresh = refresh_at(fresh.expires);
-                        let msg = ServerMessage::IceServers { ice_servers: fresh };
-                        if !send_text(socket, msg.to_json().into()).await {
-                            return "gone";
-                        }
+                        Some(ServerMessage::IceServers { ice_servers: fresh }.to_json().into())
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ICE server refresh failed; retrying");
                         refresh = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                        None
                     }
-                }
+                };
                 refresh_sleep.as_mut().reset(refresh.unwrap_or_else(far_future));
+                Step::Continue(answer)
             }
             _ = &mut draining => {
                 Box::pin(close_with(socket, close::DRAINING, "node draining; reconnect")).await;
                 return "node_draining";
             }
+        };
+        match step {
+            Step::Continue(None) => {}
+            Step::Continue(Some(answer)) => {
+                match send_bounded(socket, Message::Text(answer), mailbox, heartbeat).await {
+                    Sent::Ok => {}
+                    Sent::Gone => return "gone",
+                    Sent::Slow => return Box::pin(end(app, socket, record, me, "slow")).await,
+                }
+            }
+            Step::End(reason) => return Box::pin(end(app, socket, record, me, reason)).await,
         }
     }
 }
 
-/// Handles one text message; `Some(reason)` ends the connection.
-async fn on_text(
+/// Ends a connection from this side with the documented close: 1000 when
+/// the peer sent `leave`, 4002 for a slow reader, `message_too_large`
+/// then 1009 for an oversized message (at every size).
+async fn end(
     app: &App,
-    socket: &mut WebSocket,
+    socket: &mut impl Socket,
     record: &RoomRecord,
     me: &Member,
-    bucket: &mut TokenBucket,
-    text: Utf8Bytes,
-) -> Option<&'static str> {
-    let reply = |code: &str, message: String| -> Utf8Bytes {
-        app.metrics.refusals.with_label_values(&[code]).inc();
-        ServerMessage::error(code, message).to_json().into()
-    };
-    if text.len() > app.settings.max_message_bytes {
-        let r = reply(
-            "message_too_large",
-            format!(
-                "messages are limited to {} bytes",
-                app.settings.max_message_bytes
-            ),
-        );
-        return (!send_text(socket, r).await).then_some("gone");
+    reason: &'static str,
+) -> &'static str {
+    // Off the hub first, so nothing more is queued for it.
+    app.hub.close_peer(
+        &record.key(),
+        &me.peer_id,
+        Some(&me.session_id),
+        close::SLOW,
+        reason,
+    );
+    match reason {
+        "message_too_large" => {
+            let text = refused(
+                app,
+                "message_too_large",
+                format!(
+                    "messages are limited to {} bytes",
+                    app.settings.max_message_bytes
+                ),
+            );
+            let _ = tokio::time::timeout(CLOSE_WAIT, send_text(socket, text)).await;
+            close_with(socket, close::TOO_BIG, "message too large").await;
+            // The WebSocket layer stops reading after refusing the frame,
+            // so the rest of it stays unread in the kernel, and closing
+            // the socket now would send a reset that can overtake the
+            // error and the close frame on their way to the client. Keep
+            // the connection a moment so the client reads both first.
+            tokio::time::sleep(LINGER).await;
+        }
+        "left" => close_with(socket, 1000, "left").await,
+        _ => {
+            app.metrics.refusals.with_label_values(&["slow"]).inc();
+            close_with(socket, close::SLOW, "too slow to read messages").await;
+        }
     }
-    if !bucket.take(1.0, Instant::now()) {
-        let r = reply("rate_limited", "too many messages; slow down".into());
-        return (!send_text(socket, r).await).then_some("gone");
+    reason
+}
+
+/// Per-connection budgets.
+pub(crate) struct Limits {
+    messages: TokenBucket,
+    /// Reported bytes, in MiB.
+    stats: TokenBucket,
+}
+
+/// An `error` message, counted as a refusal.
+fn refused(app: &App, code: &str, message: String) -> Utf8Bytes {
+    app.metrics.refusals.with_label_values(&[code]).inc();
+    ServerMessage::error(code, message).to_json().into()
+}
+
+/// Handles one text message.
+async fn on_text(
+    app: &App,
+    record: &RoomRecord,
+    me: &Member,
+    limits: &mut Limits,
+    text: Utf8Bytes,
+) -> Step {
+    if text.len() > app.settings.max_message_bytes {
+        return Step::End("message_too_large");
+    }
+    if !limits.messages.take(1.0, Instant::now()) {
+        return Step::Continue(Some(refused(
+            app,
+            "rate_limited",
+            "too many messages; slow down".into(),
+        )));
     }
     let msg = match ClientMessage::parse(&text) {
         Ok(m) => m,
-        Err(e) => {
-            let r = reply("bad_message", e.to_string());
-            return (!send_text(socket, r).await).then_some("gone");
-        }
+        Err(e) => return Step::Continue(Some(refused(app, "bad_message", e.to_string()))),
     };
     app.metrics.message(&msg).inc();
-    let answer: Option<Utf8Bytes> = match msg {
+    let key = record.key();
+    let answer = match msg {
         ClientMessage::Signal { to, sid, payload } => {
             if to == me.peer_id {
-                Some(reply("bad_message", "cannot signal yourself".into()))
+                Some(refused(app, "bad_message", "cannot signal yourself".into()))
             } else {
                 let out = ServerMessage::Signal {
                     from: me.peer_id.clone(),
@@ -419,11 +588,12 @@ async fn on_text(
                 };
                 match app
                     .bus
-                    .send_to_peer(&record.id, me, &to, sid.as_deref(), out.to_json().into())
+                    .send_to_peer(&key, me, &to, sid.as_deref(), out.to_json().into())
                     .await
                 {
                     Ok(()) => None,
-                    Err(e) => Some(reply(
+                    Err(e) => Some(refused(
+                        app,
                         e.code(),
                         format!("message to {to} not delivered: {e}"),
                     )),
@@ -432,7 +602,8 @@ async fn on_text(
         }
         ClientMessage::Broadcast { payload } => {
             if payload.get().len() > MAX_BROADCAST {
-                Some(reply(
+                Some(refused(
+                    app,
                     "message_too_large",
                     format!("broadcast payloads are limited to {MAX_BROADCAST} bytes"),
                 ))
@@ -443,34 +614,54 @@ async fn on_text(
                 };
                 match app
                     .bus
-                    .broadcast(&record.id, &me.peer_id, out.to_json().into())
+                    .broadcast(&key, &me.peer_id, out.to_json().into())
                     .await
                 {
                     Ok(()) => None,
-                    Err(e) => Some(reply("bus_unavailable", e.to_string())),
+                    Err(e) => Some(refused(app, "bus_unavailable", e.to_string())),
                 }
             }
         }
-        ClientMessage::Leave => {
-            close_with(socket, 1000, "left").await;
-            return Some("left");
-        }
+        ClientMessage::Leave => return Step::End("left"),
         ClientMessage::Stats {
             direct_bytes,
             relayed_bytes,
-        } => {
-            for (path, bytes) in [("direct", direct_bytes), ("relayed", relayed_bytes)] {
-                app.metrics
-                    .reported_bytes
-                    .with_label_values(&[record.tenant.as_str(), path])
-                    .inc_by(bytes.min(MAX_STATS_BYTES));
-            }
-            None
-        }
+        } => stats(app, &record.tenant, limits, direct_bytes, relayed_bytes),
         ClientMessage::Ping => Some(ServerMessage::Pong.to_json().into()),
     };
-    match answer {
-        Some(a) => (!send_text(socket, a).await).then_some("gone"),
-        None => None,
+    Step::Continue(answer)
+}
+
+/// Counts a `stats` report, or refuses one that claims more than a peer
+/// connection can have moved: over [`MAX_STATS_REPORT`] per path, or past
+/// the connection's budget of 10 Gbit/s sustained.
+fn stats(
+    app: &App,
+    tenant: &str,
+    limits: &mut Limits,
+    direct: u64,
+    relayed: u64,
+) -> Option<Utf8Bytes> {
+    let total = direct.saturating_add(relayed);
+    if direct > MAX_STATS_REPORT
+        || relayed > MAX_STATS_REPORT
+        || !limits
+            .stats
+            .take(total as f64 / f64::from(1 << 20), Instant::now())
+    {
+        return Some(refused(
+            app,
+            "invalid_stats",
+            format!(
+                "a stats report counts bytes since the previous one: at most {MAX_STATS_REPORT} per path, and no more than 10 Gbit/s on average"
+            ),
+        ));
     }
+    for (path, bytes) in [("direct", direct), ("relayed", relayed)] {
+        app.metrics
+            .reported_bytes
+            .with_label_values(&[tenant, path])
+            .inc_by(bytes);
+    }
+    None
 }

@@ -23,6 +23,9 @@ async fn cluster(stack: &Stack, url: &str, n: usize) -> Vec<Signal> {
         s.redis_url = Some(url.to_owned());
         s.redis_prefix = prefix.clone();
         s.node_id = format!("node{i}");
+        // Settings, not constants: a dead node is noticed in a second.
+        s.node_beat = Duration::from_millis(200);
+        s.node_dead_after = Duration::from_secs(1);
         nodes.push(stack.node(s).await);
     }
     nodes
@@ -85,7 +88,7 @@ async fn peers_on_three_nodes_share_rooms_presence_and_relay() {
     assert_eq!(a.expect("error").await["code"], "peer_not_found");
 
     // b reconnects through node 2: its node-1 socket is replaced.
-    let b2 = Client::join(&nodes[2], id, "client_id=b").await;
+    let b2 = Client::join(&nodes[2], id, &b.reconnect_query()).await;
     assert_eq!(b.next().await["code"], 4001);
     assert_eq!(a.expect("peer-joined").await["session_id"], b2.session_id());
     let mut b2 = b2;
@@ -93,14 +96,19 @@ async fn peers_on_three_nodes_share_rooms_presence_and_relay() {
         .await;
     assert_eq!(b2.expect("signal").await["payload"]["again"], true);
 
-    // The REST view from any node.
-    let info: serde_json::Value = reqwest::get(format!("http://{}/v1/rooms/{id}", nodes[1].addr()))
+    // The REST view from any node (peer ids for the owner only).
+    let info: serde_json::Value = stack
+        .http
+        .get(format!("http://{}/v1/rooms/{id}", nodes[1].addr()))
+        .bearer_auth(room["owner_key"].as_str().expect("owner key"))
+        .send()
         .await
         .expect("get")
         .json()
         .await
         .expect("json");
     assert_eq!(info["peers"], json!(["a", "b", "c"]));
+    assert_eq!(info["peer_count"], 3);
 
     // c leaves: everyone hears it.
     c.send(json!({"type": "leave"})).await;

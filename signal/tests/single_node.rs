@@ -127,7 +127,13 @@ async fn bad_input_is_answered_with_errors() {
     a.send(json!({"type": "signal", "to": "x", "payload": "y".repeat(3_000)}))
         .await;
     assert_eq!(a.expect("error").await["code"], "message_too_large");
+    let closed = a.next().await;
+    assert_eq!(
+        closed["code"], 1009,
+        "an oversized message closes: {closed}"
+    );
     // The burst allows 30 messages; the rest of a flood is refused.
+    let mut a = Client::join(&node, id, "").await;
     let mut limited = 0;
     for _ in 0..40 {
         a.send(json!({"type": "ping"})).await;
@@ -186,7 +192,11 @@ async fn bad_input_is_answered_with_errors() {
         .send()
         .await
         .expect("req");
-    assert_eq!(r.status(), 422);
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "invalid_json"
+    );
     let r = stack
         .http
         .get(format!("{base}/v1/rooms/zzz"))
@@ -234,8 +244,14 @@ async fn passwords_one_time_rooms_capacity_and_reconnects() {
     // Sealed after the first pair.
     let (_c, first) = Client::connect_raw(&node, id, "password=s3cret&client_id=c").await;
     assert_eq!(first["code"], "room_sealed");
-    // But b may reconnect: the old connection is closed, a sees the new session.
-    let b2 = Client::join(&node, id, "password=s3cret&client_id=b").await;
+    // But b may reconnect (with its secret): the old connection is
+    // closed, a sees the new session.
+    let b2 = Client::join(
+        &node,
+        id,
+        &format!("password=s3cret&{}", b.reconnect_query()),
+    )
+    .await;
     let closed = b.next().await;
     assert_eq!(closed["code"], 4001, "{closed}");
     let rejoined = a.expect("peer-joined").await;
@@ -251,17 +267,22 @@ async fn passwords_one_time_rooms_capacity_and_reconnects() {
     let _p2 = Client::join(&node, sid, "").await;
     let (_p3, first) = Client::connect_raw(&node, sid, "").await;
     assert_eq!(first["code"], "room_full");
-    // Above the plan's cap of 10.
+    // Above the plan's cap of 10: capped, as documented.
     let r = stack
         .http
         .post(format!("http://{}/v1/rooms", node.addr()))
-        .json(&json!({"tenant": "t1", "max_peers": 11}))
+        .json(&json!({"tenant": "t1", "max_peers": 11, "ttl_secs": 999_999_999}))
         .send()
         .await
         .expect("req");
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 201);
+    let capped: Value = r.json().await.expect("json");
+    assert_eq!(capped["max_peers"], 10);
+    assert!(
+        capped["expires_at"].as_u64().expect("expiry") <= floe_proto::time::unix_now() + 86_400
+    );
 
-    // Rooms per tenant: "tiny" may have one.
+    // Public rooms per tenant: "tiny" may have one.
     let url = format!("http://{}/v1/rooms", node.addr());
     let r = stack
         .http
@@ -281,7 +302,7 @@ async fn passwords_one_time_rooms_capacity_and_reconnects() {
     assert_eq!(r.status(), 403);
     assert_eq!(
         r.json::<Value>().await.expect("json")["code"],
-        "room_limit_reached"
+        "public_room_limit_reached"
     );
     let m = metrics(&node).await;
     assert!(
@@ -418,9 +439,11 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
                 .as_u64()
                 .expect("expiry")
     );
+    let url = format!("http://{}/v1/rooms/{id}", node.addr());
     let info: Value = stack
         .http
-        .get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .get(&url)
+        .bearer_auth(owner)
         .send()
         .await
         .expect("req")
@@ -428,9 +451,21 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
         .await
         .expect("json");
     assert_eq!(info["peers"], json!([b.peer_id()]));
-    let url = format!("http://{}/v1/rooms/{id}", node.addr());
+    // No credentials: 401 before anything is looked up; a wrong owner
+    // key: 403.
     assert_eq!(
         stack.http.delete(&url).send().await.expect("req").status(),
+        401
+    );
+    assert_eq!(
+        stack
+            .http
+            .delete(&url)
+            .bearer_auth("not-the-owner-key")
+            .send()
+            .await
+            .expect("req")
+            .status(),
         403
     );
     assert_eq!(
@@ -483,7 +518,8 @@ async fn origin_allowlist_refuses_other_sites() {
         "https://app.example.com"
     );
     let room: Value = r.json().await.expect("json");
-    // The WebSocket handshake from another site is refused before upgrading.
+    // The WebSocket from another site is refused with an `error` message
+    // a browser can read, and a close.
     let mut req =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
             "ws://{}/v1/rooms/{}/ws",
@@ -493,10 +529,15 @@ async fn origin_allowlist_refuses_other_sites() {
         .expect("request");
     req.headers_mut()
         .insert("origin", "https://evil.example".parse().expect("header"));
-    let err = tokio_tungstenite::connect_async(req)
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
-        .expect_err("refused");
-    assert!(err.to_string().contains("403"), "{err}");
+        .expect("upgraded");
+    let first = futures_util::StreamExt::next(&mut ws)
+        .await
+        .expect("message")
+        .expect("ok");
+    let first: Value = serde_json::from_str(first.to_text().expect("text")).expect("json");
+    assert_eq!(first["code"], "origin_not_allowed");
 }
 
 #[tokio::test]

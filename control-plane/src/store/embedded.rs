@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use floe_proto::api::Tenant;
+use floe_proto::api::{Change, Changes, Tenant};
 use floe_proto::usage::{Revocation, UsageBatch};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,8 @@ const MONTHS: TableDefinition<&str, u64> = TableDefinition::new("usage_months");
 const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
 /// Alerts raised, by `tenant/month/level`.
 const ALERTS: TableDefinition<&str, u64> = TableDefinition::new("alerts");
+/// The change feed: sequence number to `[tenant, key]` JSON.
+const CHANGES: TableDefinition<u64, &str> = TableDefinition::new("changes");
 /// Webhook events waiting for delivery, by id.
 const OUTBOX: TableDefinition<&str, &str> = TableDefinition::new("webhook_outbox");
 
@@ -85,6 +87,7 @@ impl EmbeddedStore {
         txn.open_table(REVOCATIONS).map_err(backend)?;
         txn.open_table(ALERTS).map_err(backend)?;
         txn.open_table(OUTBOX).map_err(backend)?;
+        txn.open_table(CHANGES).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -418,6 +421,54 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn record_change(&self, tenant: &str, key: Option<&str>) -> Result<u64> {
+        let entry = serde_json::to_string(&(tenant, key))?;
+        self.write(move |txn| {
+            let mut t = txn.open_table(CHANGES).map_err(backend)?;
+            let seq = match t.last().map_err(backend)? {
+                Some((k, _)) => k.value() + 1,
+                None => 1,
+            };
+            t.insert(seq, entry.as_str()).map_err(backend)?;
+            // Sequence numbers are contiguous: dropping the one that fell
+            // out of the window keeps exactly the newest CHANGES_KEPT.
+            if let Some(old) = seq.checked_sub(super::CHANGES_KEPT as u64) {
+                t.remove(old).map_err(backend)?;
+            }
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Changes> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(CHANGES).map_err(backend)?;
+            let oldest = t.first().map_err(backend)?.map(|(k, _)| k.value());
+            let newest = t.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+            let mut changes = Vec::new();
+            for entry in t
+                .range(after.saturating_add(1)..)
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, v) = entry.map_err(backend)?;
+                let (tenant, key): (String, Option<String>) = serde_json::from_str(v.value())?;
+                changes.push(Change {
+                    seq: k.value(),
+                    tenant,
+                    key,
+                });
+            }
+            Ok(Changes {
+                seq: newest,
+                reset: super::feed_reset(after, oldest, newest),
+                changes,
+            })
+        })
+        .await
+    }
+
     async fn push_outbox(&self, event: &OutboxEvent) -> Result<()> {
         let (id, json) = (event.id.clone(), serde_json::to_string(event)?);
         self.write(move |txn| {
@@ -492,6 +543,12 @@ mod tests {
     async fn suite_ledger_concurrent_duplicates() {
         let (_d, s) = open();
         suite::ledger_concurrent_duplicates(Arc::new(s), "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_change_feed() {
+        let (_d, s) = open();
+        suite::change_feed(&s, "").await;
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ pub mod redis;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use floe_proto::api::Tenant;
+use floe_proto::api::{Changes, Tenant};
 use floe_proto::usage::{Revocation, UsageBatch};
 use serde::{Deserialize, Serialize};
 
@@ -163,6 +163,16 @@ pub trait Store: Send + Sync + 'static {
     /// if it had been raised before.
     async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool>;
 
+    /// Appends to the change feed that a tenant (`key: None`) or one of its
+    /// API keys changed in a way that may take access away; returns the
+    /// change's sequence number. The feed keeps the newest
+    /// [`CHANGES_KEPT`] entries.
+    async fn record_change(&self, tenant: &str, key: Option<&str>) -> Result<u64>;
+    /// Up to `limit` changes after `after`, oldest first, with the newest
+    /// sequence number; `reset` when changes after `after` were pruned or
+    /// the feed is behind `after` (it was wiped).
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Changes>;
+
     /// Queues a webhook event for delivery; an event with the same id
     /// replaces the queued one (so re-queuing is idempotent).
     async fn push_outbox(&self, event: &OutboxEvent) -> Result<()>;
@@ -170,6 +180,15 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox(&self) -> Result<Vec<OutboxEvent>>;
     /// Removes a delivered (or abandoned) event.
     async fn remove_outbox(&self, id: &str) -> Result<()>;
+}
+
+/// How many change-feed entries a store keeps.
+pub const CHANGES_KEPT: usize = 10_000;
+
+/// Whether a reader at `after` missed changes, given the feed's oldest
+/// kept and newest sequence numbers.
+pub(crate) fn feed_reset(after: u64, oldest: Option<u64>, newest: u64) -> bool {
+    after > newest || oldest.is_some_and(|o| o > after + 1)
 }
 
 /// A webhook event waiting for delivery.
@@ -359,6 +378,36 @@ pub(crate) mod suite {
         assert_eq!(applied, 25, "each distinct batch applied exactly once");
         let sum: u64 = (1..=25u64).map(|s| 3 * s).sum();
         assert_eq!(store.month_bytes(&t, "2026-11").await.expect("month"), sum);
+    }
+
+    pub async fn change_feed(store: &dyn Store, prefix: &str) {
+        let t = format!("{prefix}ct");
+        let start = store.changes_after(0, 10).await.expect("feed").seq;
+        let first = store.record_change(&t, None).await.expect("record");
+        let second = store.record_change(&t, Some("k9")).await.expect("record");
+        assert!(first > start && second == first + 1);
+        let feed = store.changes_after(start, 10).await.expect("feed");
+        assert!(!feed.reset);
+        assert_eq!(feed.seq, second);
+        assert_eq!(
+            feed.changes
+                .iter()
+                .map(|c| (c.seq, c.tenant.as_str(), c.key.as_deref()))
+                .collect::<Vec<_>>(),
+            [(first, t.as_str(), None), (second, t.as_str(), Some("k9"))]
+        );
+        let limited = store.changes_after(start, 1).await.expect("feed");
+        assert_eq!(limited.changes.len(), 1);
+        let after = store.changes_after(second, 10).await.expect("feed");
+        assert!(after.changes.is_empty() && !after.reset);
+        // A reader ahead of the feed (which was wiped) must start over.
+        assert!(
+            store
+                .changes_after(second + 1_000, 10)
+                .await
+                .expect("feed")
+                .reset
+        );
     }
 
     pub async fn revocations_and_alerts(store: &dyn Store, prefix: &str) {

@@ -6,7 +6,7 @@
 //! the same moment apply it once.
 
 use async_trait::async_trait;
-use floe_proto::api::Tenant;
+use floe_proto::api::{Change, Changes, Tenant};
 use floe_proto::usage::{Revocation, UsageBatch};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -18,6 +18,7 @@ use std::sync::LazyLock;
 /// Scripts are hashed once; Redis caches them by SHA after the first call.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     create_tenant: redis::Script::new(CREATE_TENANT),
+    record_change: redis::Script::new(RECORD_CHANGE),
     create_key: redis::Script::new(CREATE_KEY),
     delete_tenant: redis::Script::new(DELETE_TENANT),
     apply_batch: redis::Script::new(APPLY_BATCH),
@@ -25,6 +26,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 struct Scripts {
     create_tenant: redis::Script,
+    record_change: redis::Script,
     create_key: redis::Script,
     delete_tenant: redis::Script,
     apply_batch: redis::Script,
@@ -51,6 +53,14 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   return 1
 end
 return 0";
+
+/// KEYS sequence counter, feed (sorted set by sequence); ARGV entry JSON,
+/// entries kept. Returns the new sequence number.
+const RECORD_CHANGE: &str = r"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, seq .. ' ' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[2]))
+return seq";
 
 const CREATE_KEY: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
@@ -422,6 +432,56 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn record_change(&self, tenant: &str, key: Option<&str>) -> Result<u64> {
+        SCRIPTS
+            .record_change
+            .key(self.key(&["changes", "seq"]))
+            .key(self.key(&["changes"]))
+            .arg(serde_json::to_string(&(tenant, key))?)
+            .arg(super::CHANGES_KEPT)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)
+    }
+
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Changes> {
+        let feed = self.key(&["changes"]);
+        let (newest, oldest, entries): (Option<u64>, Vec<(String, u64)>, Vec<String>) =
+            redis::pipe()
+                .get(self.key(&["changes", "seq"]))
+                .zrange_withscores(&feed, 0, 0)
+                .cmd("ZRANGEBYSCORE")
+                .arg(&feed)
+                .arg(format!("({after}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(backend)?;
+        let newest = newest.unwrap_or(0);
+        let mut changes = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let (seq, json) = entry
+                .split_once(' ')
+                .ok_or_else(|| StoreError::Corrupt(format!("change feed entry {entry:?}")))?;
+            let (tenant, key): (String, Option<String>) = serde_json::from_str(json)?;
+            changes.push(Change {
+                seq: seq
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("change feed entry {entry:?}")))?,
+                tenant,
+                key,
+            });
+        }
+        Ok(Changes {
+            seq: newest,
+            reset: super::feed_reset(after, oldest.first().map(|(_, s)| *s), newest),
+            changes,
+        })
+    }
+
     async fn mark_alert(&self, tenant: &str, month: &str, level: &str) -> Result<bool> {
         let set: Option<String> = redis::cmd("SET")
             .arg(self.key(&["alert", tenant, month, level]))
@@ -470,6 +530,12 @@ mod tests {
     async fn suite_ledger_concurrent_duplicates() {
         let (s, _) = test_store().await;
         suite::ledger_concurrent_duplicates(Arc::new(s), "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_change_feed() {
+        let (s, _) = test_store().await;
+        suite::change_feed(&s, "").await;
     }
 
     #[tokio::test]

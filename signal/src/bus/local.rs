@@ -8,33 +8,50 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
 use super::{
-    Bus, BusError, Creation, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
-    peer_left, room_closed,
+    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, REPLACED_REASON, SendError, peer_info,
+    peer_joined, peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
-use crate::room::{self, Admission, Member, RoomRecord};
+use crate::room::{self, Admission, Member, RoomRecord, RoomState};
 
 struct Room {
     record: RoomRecord,
-    sealed: bool,
-    members: Vec<Member>,
+    state: RoomState,
+}
+
+#[derive(Default)]
+struct Rooms {
+    /// By room key.
+    by_key: HashMap<String, Room>,
+    /// Tenant of each server-chosen room id.
+    global: HashMap<String, String>,
+}
+
+impl Rooms {
+    fn remove(&mut self, key: &str) -> Option<Room> {
+        let room = self.by_key.remove(key)?;
+        if !room.record.named {
+            self.global.remove(&room.record.id);
+        }
+        Some(room)
+    }
 }
 
 /// The in-process [`Bus`].
 pub(crate) struct LocalBus {
     hub: Arc<Hub>,
-    rooms: Mutex<HashMap<String, Room>>,
+    rooms: Mutex<Rooms>,
 }
 
 impl LocalBus {
     pub fn new(hub: Arc<Hub>) -> Self {
         Self {
             hub,
-            rooms: Mutex::new(HashMap::new()),
+            rooms: Mutex::default(),
         }
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, Rooms> {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -44,52 +61,83 @@ impl Bus for LocalBus {
     async fn create_room(
         &self,
         room: &RoomRecord,
-        max_rooms: Option<u32>,
+        limit: Option<u32>,
         now: u64,
     ) -> Result<Creation, BusError> {
         let mut rooms = self.rooms();
-        rooms.retain(|_, r| r.record.expires_at > now);
-        if rooms.contains_key(&room.id) {
+        let expired: Vec<String> = rooms
+            .by_key
+            .iter()
+            .filter(|(_, r)| r.record.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            rooms.remove(&key);
+        }
+        let key = room.key();
+        if rooms.by_key.contains_key(&key) || (!room.named && rooms.global.contains_key(&room.id)) {
             return Ok(Creation::Exists);
         }
-        if let Some(max) = max_rooms {
+        if let Some(max) = limit {
             let live = rooms
+                .by_key
                 .values()
-                .filter(|r| r.record.tenant == room.tenant)
+                .filter(|r| r.record.tenant == room.tenant && r.record.public == room.public)
                 .count();
             if live >= max as usize {
                 return Ok(Creation::TenantFull);
             }
         }
-        rooms.insert(
-            room.id.clone(),
+        if !room.named {
+            rooms.global.insert(room.id.clone(), room.tenant.clone());
+        }
+        rooms.by_key.insert(
+            key,
             Room {
                 record: room.clone(),
-                sealed: false,
-                members: Vec::new(),
+                state: RoomState::default(),
             },
         );
         Ok(Creation::Done)
     }
 
-    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError> {
-        Ok(self.rooms().get(id).map(|r| r.record.clone()))
+    async fn resolve(&self, id: &str) -> Result<Option<String>, BusError> {
+        Ok(self.rooms().global.get(id).cloned())
     }
 
-    async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError> {
-        let existed = self.rooms().remove(id).is_some();
+    async fn room(&self, key: &str) -> Result<Option<RoomRecord>, BusError> {
+        Ok(self.rooms().by_key.get(key).map(|r| r.record.clone()))
+    }
+
+    async fn rooms(&self, tenant: &str, now: u64) -> Result<Vec<RoomRecord>, BusError> {
+        let mut out: Vec<RoomRecord> = self
+            .rooms()
+            .by_key
+            .values()
+            .filter(|r| r.record.tenant == tenant && r.record.expires_at > now)
+            .map(|r| r.record.clone())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.truncate(MAX_LISTED_ROOMS);
+        Ok(out)
+    }
+
+    async fn delete_room(&self, room: &RoomRecord, reason: &str) -> Result<bool, BusError> {
+        let key = room.key();
+        let existed = self.rooms().remove(&key).is_some();
         if existed {
             self.hub
-                .close_room(id, Some(&room_closed(reason)), close::ROOM_CLOSED, reason);
+                .close_room(&key, Some(&room_closed(reason)), close::ROOM_CLOSED, reason);
         }
         Ok(existed)
     }
 
-    async fn members(&self, id: &str) -> Result<Vec<Member>, BusError> {
+    async fn members(&self, key: &str) -> Result<Vec<Member>, BusError> {
         Ok(self
             .rooms()
-            .get(id)
-            .map(|r| r.members.clone())
+            .by_key
+            .get(key)
+            .map(|r| r.state.members.clone())
             .unwrap_or_default())
     }
 
@@ -97,27 +145,31 @@ impl Bus for LocalBus {
         &self,
         record: &RoomRecord,
         member: &Member,
+        by_token: bool,
         now: u64,
     ) -> Result<JoinOutcome, BusError> {
+        let key = record.key();
         let (admission, others) = {
             let mut rooms = self.rooms();
-            let Some(room) = rooms.get_mut(&record.id) else {
+            let Some(room) = rooms.by_key.get_mut(&key) else {
                 return Ok(JoinOutcome::NoRoom);
             };
-            let (admission, seal) =
-                match room::admit(&room.record, &room.members, room.sealed, member, now) {
-                    Ok(v) => v,
-                    Err(refusal) => return Ok(JoinOutcome::Refused(refusal)),
-                };
-            room.sealed = seal;
-            room.members.retain(|m| m.peer_id != member.peer_id);
-            let others: Vec<_> = room.members.iter().map(peer_info).collect();
-            room.members.push(member.clone());
-            (admission, others)
+            let decision = match room::admit(&room.record, &room.state, member, by_token, now) {
+                Ok(d) => d,
+                Err(refusal) => return Ok(JoinOutcome::Refused(refusal)),
+            };
+            if let Some(pair) = decision.pair {
+                room.state.pair = pair;
+            }
+            let members = &mut room.state.members;
+            members.retain(|m| m.peer_id != member.peer_id);
+            let others: Vec<_> = members.iter().map(peer_info).collect();
+            members.push(member.clone());
+            (decision.admission, others)
         };
         if let Admission::Replaced { previous } = &admission {
             self.hub.close_peer(
-                &record.id,
+                &key,
                 &previous.peer_id,
                 Some(&previous.session_id),
                 close::REPLACED,
@@ -125,7 +177,7 @@ impl Bus for LocalBus {
             );
         }
         self.hub.deliver(
-            &record.id,
+            &key,
             Target::Room {
                 except: Some(&member.peer_id),
             },
@@ -137,23 +189,21 @@ impl Bus for LocalBus {
         })
     }
 
-    async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError> {
-        let removed = {
-            let mut rooms = self.rooms();
-            match rooms.get_mut(room) {
-                Some(r) => {
-                    let before = r.members.len();
-                    r.members.retain(|m| {
-                        !(m.peer_id == member.peer_id && m.session_id == member.session_id)
-                    });
-                    before != r.members.len()
-                }
-                None => false,
+    async fn leave(&self, key: &str, member: &Member, reason: &str) -> Result<(), BusError> {
+        let removed = match self.rooms().by_key.get_mut(key) {
+            Some(r) => {
+                let members = &mut r.state.members;
+                let before = members.len();
+                members.retain(|m| {
+                    !(m.peer_id == member.peer_id && m.session_id == member.session_id)
+                });
+                before != members.len()
             }
+            None => false,
         };
         if removed {
             self.hub.deliver(
-                room,
+                key,
                 Target::Room {
                     except: Some(&member.peer_id),
                 },
@@ -165,14 +215,14 @@ impl Bus for LocalBus {
 
     async fn send_to_peer(
         &self,
-        room: &str,
+        key: &str,
         _from: &Member,
         to: &str,
         sid: Option<&str>,
         text: Utf8Bytes,
     ) -> Result<(), SendError> {
         SendError::from_delivery(self.hub.deliver(
-            room,
+            key,
             Target::Peer {
                 peer: to,
                 session: sid,
@@ -181,9 +231,9 @@ impl Bus for LocalBus {
         ))
     }
 
-    async fn broadcast(&self, room: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError> {
+    async fn broadcast(&self, key: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError> {
         self.hub
-            .deliver(room, Target::Room { except: Some(from) }, &text);
+            .deliver(key, Target::Room { except: Some(from) }, &text);
         Ok(())
     }
 }

@@ -3,8 +3,11 @@
 //! (`floe dev`, single nodes); [`redis`] shares rooms between nodes through
 //! Redis keys with leases and pub/sub, so any node serves any peer.
 //!
-//! Both apply the rules of [`crate::room`] and deliver through the local
-//! [`Hub`](crate::hub::Hub) of whichever node holds the target socket.
+//! Both decide joins with [`crate::room::admit`] and deliver through the
+//! local [`Hub`](crate::hub::Hub) of whichever node holds the target socket.
+//! Rooms are addressed by their key ([`RoomRecord::key`]: tenant and id);
+//! server-chosen ids are also indexed globally, so [`Bus::resolve`] finds
+//! their tenant.
 
 pub mod local;
 pub mod redis;
@@ -78,42 +81,53 @@ pub(crate) enum Creation {
     Exists,
 }
 
-/// Rooms, membership and routing.
+/// Most rooms one listing returns.
+pub(crate) const MAX_LISTED_ROOMS: usize = 1_000;
+
+/// Rooms, membership and routing. `key` is always a room key
+/// ([`RoomRecord::key`]).
 #[async_trait]
 pub(crate) trait Bus: Send + Sync + 'static {
-    /// Stores a new room unless the tenant has `max_rooms` live rooms or
-    /// the id is taken.
+    /// Stores a new room unless the tenant has `limit` live rooms of the
+    /// same kind (public or token rooms are counted apart) or the id is
+    /// taken (in the tenant, or globally for a server-chosen id).
     async fn create_room(
         &self,
         room: &RoomRecord,
-        max_rooms: Option<u32>,
+        limit: Option<u32>,
         now: u64,
     ) -> Result<Creation, BusError>;
-    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError>;
+    /// The tenant of the room with the server-chosen id `id`.
+    async fn resolve(&self, id: &str) -> Result<Option<String>, BusError>;
+    async fn room(&self, key: &str) -> Result<Option<RoomRecord>, BusError>;
+    /// The tenant's live rooms (at most [`MAX_LISTED_ROOMS`]), by id.
+    async fn rooms(&self, tenant: &str, now: u64) -> Result<Vec<RoomRecord>, BusError>;
     /// Deletes a room and closes it for every member, wherever connected.
-    async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError>;
-    async fn members(&self, id: &str) -> Result<Vec<Member>, BusError>;
-    /// Admits `member` (already registered in the local hub) and tells the
-    /// others; a replaced connection is closed wherever it is.
+    async fn delete_room(&self, room: &RoomRecord, reason: &str) -> Result<bool, BusError>;
+    async fn members(&self, key: &str) -> Result<Vec<Member>, BusError>;
+    /// Admits `member` (already registered in the local hub) by the rules
+    /// of [`crate::room::admit`] and tells the others; a replaced
+    /// connection is closed wherever it is.
     async fn join(
         &self,
         room: &RoomRecord,
         member: &Member,
+        by_token: bool,
         now: u64,
     ) -> Result<JoinOutcome, BusError>;
     /// Removes `member` if its session is still current, telling the others.
-    async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError>;
+    async fn leave(&self, key: &str, member: &Member, reason: &str) -> Result<(), BusError>;
     /// Routes `text` to peer `to` (whose session must be `sid` if given).
     async fn send_to_peer(
         &self,
-        room: &str,
+        key: &str,
         from: &Member,
         to: &str,
         sid: Option<&str>,
         text: Utf8Bytes,
     ) -> Result<(), SendError>;
     /// Routes `text` to every member but `from`.
-    async fn broadcast(&self, room: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError>;
+    async fn broadcast(&self, key: &str, from: &str, text: Utf8Bytes) -> Result<(), BusError>;
 }
 
 pub(crate) fn peer_joined(m: &Member) -> Utf8Bytes {

@@ -1,15 +1,21 @@
 //! The Redis bus: rooms and membership as Redis keys that expire with the
 //! room, one pub/sub channel per node for routing, and node heartbeats.
 //!
-//! - `room:{id}` (record JSON), `sealed:{id}` and `members:{id}` (peer →
-//!   member JSON) expire when the room does; `trooms:{tenant}` counts a
-//!   tenant's live rooms.
+//! - Per room key (`tenant/id`): `room:{key}` (record JSON),
+//!   `members:{key}` (peer → member JSON), `pair:{key}` (a one-time room's
+//!   two clients) and `ver:{key}` (bumped on every membership change) expire
+//!   when the room does. `trooms:{tenant}` and `prooms:{tenant}` hold a
+//!   tenant's live token and public rooms; `rid:{id}` maps a server-chosen
+//!   id to its tenant.
+//! - A join reads the room's state, decides with `room::admit`, and
+//!   commits only if `ver` is unchanged (else it reads again), so the join
+//!   rule is written once, in Rust.
 //! - A message for a peer on another node is published on that node's
 //!   channel `node:{id}`; zero receivers means the node is gone, and the
 //!   sender is told. A node that cannot deliver bounces an error back.
-//! - Every node beats `nodes` once a second. A node silent for
-//!   [`DEAD_AFTER`] is reaped by whichever live node takes its lock: its
-//!   peers leave their rooms and the others are told.
+//! - Every node beats `nodes` every `--node-beat-ms`. A node silent for
+//!   `--node-dead-after-ms` is reaped by whichever live node takes its
+//!   lock: its peers leave their rooms and the others are told.
 //! - When Redis comes back (or forgot this node), the node re-registers its
 //!   rooms and peers from its hub: the state rebuilds itself.
 
@@ -26,73 +32,69 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
-    Bus, BusError, Creation, JoinOutcome, REPLACED_REASON, SendError, peer_info, peer_joined,
-    peer_left, room_closed,
+    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, REPLACED_REASON, SendError, peer_info,
+    peer_joined, peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
 use crate::metrics::Metrics;
-use crate::room::{Admission, Member, Refusal, RoomRecord};
+use crate::room::{Admission, Member, RoomRecord, RoomState};
 
-/// A node not heard from for this long is considered dead.
-pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(5);
-/// Heartbeat and reaper period.
-const BEAT: Duration = Duration::from_secs(1);
-
-/// Mirrors `room::admit`: KEYS room, sealed, members, this node's member
-/// index; ARGV member JSON, peer id, max peers, one-time ("1"), expiry
-/// (ms), index entry, key prefix. Returns {status, previous member JSON,
-/// other members' JSON…}.
-const JOIN: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'noroom', ''} end
-local prev = redis.call('HGET', KEYS[3], ARGV[2])
-if not prev then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return {'sealed', ''} end
-  if redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then return {'full', ''} end
-end
-local out = {'ok', prev or ''}
-for _, m in ipairs(redis.call('HVALS', KEYS[3])) do
-  if m ~= prev then table.insert(out, m) end
-end
-if prev then
-  local p = cjson.decode(prev)
-  redis.call('SREM', ARGV[7] .. 'nodemembers:' .. p.node, ARGV[8] .. '\t' .. p.peer_id .. '\t' .. p.session_id)
-end
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
+/// Commits a join decided by `room::admit` if the room's membership has
+/// not changed since it was read. KEYS room, version, members, pair, this
+/// node's member index; ARGV version read, peer id, member JSON, new pair
+/// JSON (empty: unchanged), expiry (ms), index entry, the replaced
+/// member's node index key and entry (empty: none). Returns 'ok',
+/// 'retry' (changed meanwhile: read and decide again) or 'noroom'.
+const COMMIT_JOIN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'noroom' end
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 'retry' end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIREAT', KEYS[2], ARGV[5])
+if ARGV[7] ~= '' then redis.call('SREM', ARGV[7], ARGV[8]) end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('PEXPIREAT', KEYS[3], ARGV[5])
-redis.call('SADD', KEYS[4], ARGV[6])
-if (not prev) and ARGV[4] == '1' and redis.call('HLEN', KEYS[3]) >= 2 then
-  redis.call('SET', KEYS[2], '1', 'PXAT', ARGV[5])
-end
-return out";
+if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PXAT', ARGV[5]) end
+redis.call('SADD', KEYS[5], ARGV[6])
+return 'ok'";
 
-/// KEYS members, member index of the member's node; ARGV peer, session,
-/// index entry. Removes the member if the session is current.
+/// KEYS members, member index of the member's node, version; ARGV peer,
+/// session, index entry. Removes the member if the session is current.
 const LEAVE: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[3])
 if not cur then return 0 end
 if cjson.decode(cur).session_id ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCR', KEYS[3]) end
 return 1";
 
-/// KEYS room, tenant room set; ARGV record JSON, expiry (ms), now (s),
-/// room id, expiry (s), max rooms (0: none).
+/// KEYS room, the tenant's set of rooms of this kind, global id index;
+/// ARGV record JSON, expiry (ms), now (s), room id, expiry (s), limit (0:
+/// none), tenant, "1" when the id is global.
 const CREATE: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 if tonumber(ARGV[6]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 0 end
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[2]) then return -1 end
+if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[7], 'PXAT', ARGV[2]) end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+end
 return 1";
 
+/// How often a join reads, decides and tries to commit before giving up
+/// (each retry means another join or leave of the same room won a race).
+const JOIN_ATTEMPTS: usize = 32;
+
 struct Scripts {
-    join: redis::Script,
+    commit_join: redis::Script,
     leave: redis::Script,
     create: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    join: redis::Script::new(JOIN),
+    commit_join: redis::Script::new(COMMIT_JOIN),
     leave: redis::Script::new(LEAVE),
     create: redis::Script::new(CREATE),
 });
@@ -210,6 +212,10 @@ pub(crate) struct RedisBus {
     client: redis::Client,
     prefix: String,
     node: String,
+    /// Heartbeat and reaper period.
+    beat: Duration,
+    /// A node not heard from for this long is considered dead.
+    dead_after: Duration,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     /// Set when the state in Redis may lack this node's rooms and peers.
@@ -219,9 +225,8 @@ pub(crate) struct RedisBus {
 impl RedisBus {
     /// Connects and starts the node's heartbeat, reaper and subscriber.
     pub async fn start(
+        settings: &crate::config::Settings,
         url: &str,
-        prefix: &str,
-        node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         health: &floe_common::Health,
@@ -243,8 +248,10 @@ impl RedisBus {
         let bus = Arc::new(Self {
             conn,
             client,
-            prefix: prefix.to_owned(),
-            node: node.to_owned(),
+            prefix: settings.redis_prefix.clone(),
+            node: settings.node_id.clone(),
+            beat: settings.node_beat,
+            dead_after: settings.node_dead_after,
             hub,
             metrics,
             needs_resync: AtomicBool::new(false),
@@ -264,6 +271,12 @@ impl RedisBus {
 
     fn channel(&self, node: &str) -> String {
         self.key(&["node", node])
+    }
+
+    /// The set of the tenant's live rooms of `room`'s kind.
+    fn rooms_set(&self, room: &RoomRecord) -> String {
+        let kind = if room.public { "prooms" } else { "trooms" };
+        self.key(&[kind, &room.tenant])
     }
 
     fn index_entry(room: &str, peer: &str, session: &str) -> String {
@@ -333,6 +346,7 @@ impl RedisBus {
             .leave
             .key(self.key(&["members", room]))
             .key(self.key(&["nodemembers", &member.node]))
+            .key(self.key(&["ver", room]))
             .arg(&member.peer_id)
             .arg(&member.session_id)
             .arg(Self::index_entry(room, &member.peer_id, &member.session_id))
@@ -506,7 +520,7 @@ impl RedisBus {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(BEAT) => {}
+                _ = tokio::time::sleep(self.beat) => {}
             }
         }
         // Leaving cleanly: forget this node; its peers left already.
@@ -517,47 +531,55 @@ impl RedisBus {
     async fn resync(&self) -> Result<(), BusError> {
         let now = floe_proto::time::unix_now();
         let mut restored = 0;
-        for (record, peers) in self.hub.snapshot() {
+        for (record, members) in self.hub.snapshot(&self.node) {
             if record.expires_at <= now {
                 continue;
             }
+            let key = record.key();
             let expiry_ms = record.expires_at * 1_000;
             let json = serde_json::to_string(&record).map_err(|e| BusError(e.to_string()))?;
             let mut pipe = redis::pipe();
             pipe.cmd("SET")
-                .arg(self.key(&["room", &record.id]))
+                .arg(self.key(&["room", &key]))
                 .arg(json)
                 .arg("NX")
                 .arg("PXAT")
                 .arg(expiry_ms)
                 .ignore();
+            if !record.named {
+                pipe.cmd("SET")
+                    .arg(self.key(&["rid", &record.id]))
+                    .arg(&record.tenant)
+                    .arg("NX")
+                    .arg("PXAT")
+                    .arg(expiry_ms)
+                    .ignore();
+            }
             pipe.cmd("ZADD")
-                .arg(self.key(&["trooms", &record.tenant]))
+                .arg(self.rooms_set(&record))
                 .arg(record.expires_at)
                 .arg(&record.id)
                 .ignore();
-            for (peer, session) in &peers {
-                let m = Member {
-                    peer_id: peer.clone(),
-                    session_id: session.clone(),
-                    node: self.node.clone(),
-                };
-                let json = serde_json::to_string(&m).map_err(|e| BusError(e.to_string()))?;
+            for m in &members {
+                let json = serde_json::to_string(m).map_err(|e| BusError(e.to_string()))?;
                 pipe.cmd("HSET")
-                    .arg(self.key(&["members", &record.id]))
-                    .arg(peer)
+                    .arg(self.key(&["members", &key]))
+                    .arg(&m.peer_id)
                     .arg(json)
                     .ignore();
                 pipe.cmd("SADD")
                     .arg(self.key(&["nodemembers", &self.node]))
-                    .arg(Self::index_entry(&record.id, peer, session))
+                    .arg(Self::index_entry(&key, &m.peer_id, &m.session_id))
                     .ignore();
                 restored += 1;
             }
-            pipe.cmd("PEXPIREAT")
-                .arg(self.key(&["members", &record.id]))
-                .arg(expiry_ms)
-                .ignore();
+            pipe.cmd("INCR").arg(self.key(&["ver", &key])).ignore();
+            for k in ["members", "ver"] {
+                pipe.cmd("PEXPIREAT")
+                    .arg(self.key(&[k, &key]))
+                    .arg(expiry_ms)
+                    .ignore();
+            }
             pipe.query_async::<()>(&mut self.conn.clone())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -566,7 +588,7 @@ impl RedisBus {
         Ok(())
     }
 
-    /// Removes the peers of nodes silent for longer than [`DEAD_AFTER`].
+    /// Removes the peers of nodes silent for longer than `dead_after`.
     async fn reap(&self) -> Result<(), BusError> {
         let nodes_key = self.key(&["nodes"]);
         let beats: HashMap<String, u64> = self
@@ -575,7 +597,7 @@ impl RedisBus {
             .hgetall(&nodes_key)
             .await
             .map_err(|e| self.err(e))?;
-        let cutoff = now_ms().saturating_sub(DEAD_AFTER.as_millis() as u64);
+        let cutoff = now_ms().saturating_sub(self.dead_after.as_millis() as u64);
         for (node, last) in beats {
             if node == self.node || last >= cutoff {
                 continue;
@@ -610,6 +632,7 @@ impl RedisBus {
                     peer_id: peer.to_owned(),
                     session_id: session.to_owned(),
                     node: node.clone(),
+                    secret: String::new(),
                 };
                 if self.remove_member(room, &member).await? {
                     self.to_room(room, Some(peer), &peer_left(&member, "node_lost"))
@@ -643,20 +666,23 @@ impl Bus for RedisBus {
     async fn create_room(
         &self,
         room: &RoomRecord,
-        max_rooms: Option<u32>,
+        limit: Option<u32>,
         now: u64,
     ) -> Result<Creation, BusError> {
         let json = serde_json::to_string(room).map_err(|e| BusError(e.to_string()))?;
         let created: i32 = SCRIPTS
             .create
-            .key(self.key(&["room", &room.id]))
-            .key(self.key(&["trooms", &room.tenant]))
+            .key(self.key(&["room", &room.key()]))
+            .key(self.rooms_set(room))
+            .key(self.key(&["rid", &room.id]))
             .arg(json)
             .arg(room.expires_at * 1_000)
             .arg(now)
             .arg(&room.id)
             .arg(room.expires_at)
-            .arg(max_rooms.unwrap_or(0))
+            .arg(limit.unwrap_or(0))
+            .arg(&room.tenant)
+            .arg(if room.named { "0" } else { "1" })
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.err(e))?;
@@ -667,11 +693,19 @@ impl Bus for RedisBus {
         }
     }
 
-    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, BusError> {
+    async fn resolve(&self, id: &str) -> Result<Option<String>, BusError> {
+        self.conn
+            .clone()
+            .get(self.key(&["rid", id]))
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn room(&self, key: &str) -> Result<Option<RoomRecord>, BusError> {
         let json: Option<String> = self
             .conn
             .clone()
-            .get(self.key(&["room", id]))
+            .get(self.key(&["room", key]))
             .await
             .map_err(|e| self.err(e))?;
         json.map(|j| {
@@ -680,20 +714,56 @@ impl Bus for RedisBus {
         .transpose()
     }
 
-    async fn delete_room(&self, id: &str, reason: &str) -> Result<bool, BusError> {
-        let Some(record) = self.room(id).await? else {
-            return Ok(false);
-        };
-        let members = self.members(id).await?;
-        let _: () = redis::pipe()
-            .del(self.key(&["room", id]))
-            .ignore()
-            .del(self.key(&["members", id]))
-            .ignore()
-            .del(self.key(&["sealed", id]))
-            .ignore()
-            .zrem(self.key(&["trooms", &record.tenant]), id)
-            .ignore()
+    async fn rooms(&self, tenant: &str, now: u64) -> Result<Vec<RoomRecord>, BusError> {
+        let mut ids = Vec::new();
+        for kind in ["trooms", "prooms"] {
+            let some: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.key(&[kind, tenant]))
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(MAX_LISTED_ROOMS)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| self.err(e))?;
+            ids.extend(some);
+        }
+        ids.sort();
+        ids.dedup();
+        ids.truncate(MAX_LISTED_ROOMS);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| self.key(&["room", &crate::room::room_key(tenant, id)]))
+            .collect();
+        let records: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(records
+            .into_iter()
+            .flatten()
+            .filter_map(|j| serde_json::from_str(&j).ok())
+            .collect())
+    }
+
+    async fn delete_room(&self, room: &RoomRecord, reason: &str) -> Result<bool, BusError> {
+        let key = room.key();
+        let members = self.members(&key).await?;
+        let mut pipe = redis::pipe();
+        pipe.del(self.key(&["room", &key]));
+        for k in ["members", "pair", "ver"] {
+            pipe.del(self.key(&[k, &key])).ignore();
+        }
+        if !room.named {
+            pipe.del(self.key(&["rid", &room.id])).ignore();
+        }
+        pipe.zrem(self.rooms_set(room), &room.id).ignore();
+        let (deleted,): (i64,) = pipe
             .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.err(e))?;
@@ -702,20 +772,20 @@ impl Bus for RedisBus {
         for node in nodes {
             if node == self.node {
                 self.hub
-                    .close_room(id, Some(&body), close::ROOM_CLOSED, reason);
+                    .close_room(&key, Some(&body), close::ROOM_CLOSED, reason);
             } else {
-                self.publish(node, &self.envelope(Kind::Close, id, body.as_str()))
+                self.publish(node, &self.envelope(Kind::Close, &key, body.as_str()))
                     .await?;
             }
         }
-        Ok(true)
+        Ok(deleted > 0)
     }
 
-    async fn members(&self, id: &str) -> Result<Vec<Member>, BusError> {
+    async fn members(&self, key: &str) -> Result<Vec<Member>, BusError> {
         let all: Vec<String> = self
             .conn
             .clone()
-            .hvals(self.key(&["members", id]))
+            .hvals(self.key(&["members", key]))
             .await
             .map_err(|e| self.err(e))?;
         Ok(all
@@ -728,72 +798,103 @@ impl Bus for RedisBus {
         &self,
         room: &RoomRecord,
         member: &Member,
-        _now: u64,
+        by_token: bool,
+        now: u64,
     ) -> Result<JoinOutcome, BusError> {
+        let key = room.key();
         let json = serde_json::to_string(member).map_err(|e| BusError(e.to_string()))?;
-        let out: Vec<String> = SCRIPTS
-            .join
-            .key(self.key(&["room", &room.id]))
-            .key(self.key(&["sealed", &room.id]))
-            .key(self.key(&["members", &room.id]))
-            .key(self.key(&["nodemembers", &self.node]))
-            .arg(json)
-            .arg(&member.peer_id)
-            .arg(room.max_peers)
-            .arg(if room.one_time { "1" } else { "0" })
-            .arg(room.expires_at * 1_000)
-            .arg(Self::index_entry(
-                &room.id,
-                &member.peer_id,
-                &member.session_id,
-            ))
-            .arg(&self.prefix)
-            .arg(&room.id)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.err(e))?;
-        let status = out.first().map(String::as_str).unwrap_or("");
-        let refused = |r| Ok(JoinOutcome::Refused(r));
-        match status {
-            "ok" => {}
-            "noroom" => return Ok(JoinOutcome::NoRoom),
-            "sealed" => return refused(Refusal::Sealed),
-            "full" => return refused(Refusal::Full),
-            other => return Err(BusError(format!("unexpected join answer {other:?}"))),
-        }
-        let others: Vec<Member> = out
-            .iter()
-            .skip(2)
-            .filter_map(|j| serde_json::from_str(j).ok())
-            .collect();
-        let admission = match out.get(1).filter(|p| !p.is_empty()) {
-            Some(prev) => {
-                let previous: Member =
-                    serde_json::from_str(prev).map_err(|e| BusError(e.to_string()))?;
+        let index_entry = Self::index_entry(&key, &member.peer_id, &member.session_id);
+        for _ in 0..JOIN_ATTEMPTS {
+            // The version first (atomically with the rest): a change after
+            // this read makes the commit below retry.
+            let (version, members, pair): (Option<String>, Vec<String>, Option<String>) =
+                redis::pipe()
+                    .atomic()
+                    .get(self.key(&["ver", &key]))
+                    .hvals(self.key(&["members", &key]))
+                    .get(self.key(&["pair", &key]))
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(|e| self.err(e))?;
+            let state = RoomState {
+                members: members
+                    .iter()
+                    .filter_map(|j| serde_json::from_str(j).ok())
+                    .collect(),
+                pair: pair
+                    .and_then(|j| serde_json::from_str(&j).ok())
+                    .unwrap_or_default(),
+            };
+            let decision = match crate::room::admit(room, &state, member, by_token, now) {
+                Ok(d) => d,
+                Err(refusal) => return Ok(JoinOutcome::Refused(refusal)),
+            };
+            let previous = match &decision.admission {
+                Admission::Replaced { previous } => Some(previous),
+                Admission::Joined => None,
+            };
+            let pair_json = match &decision.pair {
+                Some(p) => serde_json::to_string(p).map_err(|e| BusError(e.to_string()))?,
+                None => String::new(),
+            };
+            let answer: String = SCRIPTS
+                .commit_join
+                .key(self.key(&["room", &key]))
+                .key(self.key(&["ver", &key]))
+                .key(self.key(&["members", &key]))
+                .key(self.key(&["pair", &key]))
+                .key(self.key(&["nodemembers", &self.node]))
+                .arg(version.as_deref().unwrap_or("0"))
+                .arg(&member.peer_id)
+                .arg(&json)
+                .arg(pair_json)
+                .arg(room.expires_at * 1_000)
+                .arg(&index_entry)
+                .arg(previous.map_or(String::new(), |p| self.key(&["nodemembers", &p.node])))
+                .arg(previous.map_or(String::new(), |p| {
+                    Self::index_entry(&key, &p.peer_id, &p.session_id)
+                }))
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| self.err(e))?;
+            match answer.as_str() {
+                "ok" => {}
+                "retry" => continue,
+                "noroom" => return Ok(JoinOutcome::NoRoom),
+                other => return Err(BusError(format!("unexpected join answer {other:?}"))),
+            }
+            if let Some(previous) = previous {
                 if previous.node == self.node {
                     self.hub.close_peer(
-                        &room.id,
+                        &key,
                         &previous.peer_id,
                         Some(&previous.session_id),
                         close::REPLACED,
                         REPLACED_REASON,
                     );
                 } else {
-                    let mut env = self.envelope(Kind::Kick, &room.id, "");
+                    let mut env = self.envelope(Kind::Kick, &key, "");
                     env.peer = &previous.peer_id;
                     env.session = &previous.session_id;
                     self.publish(&previous.node, &env).await?;
                 }
-                Admission::Replaced { previous }
             }
-            None => Admission::Joined,
-        };
-        self.to_room(&room.id, Some(&member.peer_id), &peer_joined(member))
-            .await?;
-        Ok(JoinOutcome::Admitted {
-            admission,
-            peers: others.iter().map(peer_info).collect(),
-        })
+            self.to_room(&key, Some(&member.peer_id), &peer_joined(member))
+                .await?;
+            let peers = state
+                .members
+                .iter()
+                .filter(|m| m.peer_id != member.peer_id)
+                .map(peer_info)
+                .collect();
+            return Ok(JoinOutcome::Admitted {
+                admission: decision.admission,
+                peers,
+            });
+        }
+        Err(BusError(format!(
+            "room {key} changed under {JOIN_ATTEMPTS} join attempts in a row"
+        )))
     }
 
     async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError> {

@@ -57,7 +57,7 @@ impl Stack {
                 json!({"turn": true, "public_rooms": true, "max_peers_per_room": 10, "max_rooms": 20}),
             ),
             ("private", json!({"turn": false, "public_rooms": false})),
-            ("tiny", json!({"public_rooms": true, "max_rooms": 1})),
+            ("tiny", json!({"public_rooms": true, "max_public_rooms": 1})),
         ] {
             let r = http
                 .post(format!("{}/v1/tenants", cp.url()))
@@ -112,6 +112,7 @@ impl Stack {
                 grants: Grants { create, join: true },
                 exp: (now as i64 + exp_in) as u64,
                 iat: now,
+                nbf: None,
             },
             self.key.secret.as_bytes(),
         )
@@ -185,6 +186,16 @@ impl Client {
             .as_str()
             .expect("peer id")
             .to_owned()
+    }
+
+    /// The query that reconnects as this client: its peer id as
+    /// `client_id` and the `reconnect_secret` its welcome gave.
+    pub fn reconnect_query(&self) -> String {
+        format!(
+            "client_id={}&reconnect_secret={}",
+            self.peer_id(),
+            self.welcome["reconnect_secret"].as_str().expect("secret")
+        )
     }
 
     pub fn session_id(&self) -> String {
@@ -282,8 +293,9 @@ impl Client {
     }
 }
 
-pub async fn metrics(node: &impl Node) -> String {
-    reqwest::get(format!("http://{}/metrics", node.addr()))
+/// The metrics page of a node, from its ops listener.
+pub async fn metrics(node: &Signal) -> String {
+    reqwest::get(format!("http://{}/metrics", node.ops_addr()))
         .await
         .expect("metrics")
         .text()
