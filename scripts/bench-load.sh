@@ -65,7 +65,7 @@ urls=()
 signal_pids=()
 for n in 0 1; do
   port=$(free_port)
-  FLOE_LOG=warn "$floe" signal --listen "127.0.0.1:$port" --control-url "http://127.0.0.1:$cp" \
+  FLOE_LOG=warn "$floe" signal --listen "127.0.0.1:$port" --ops-listen 127.0.0.1:0 --control-url "http://127.0.0.1:$cp" \
     --internal-token "$INTERNAL" --redis-url "redis://127.0.0.1:$rport" --node-id "node$n" \
     --max-connections-per-ip 100000 2>>"$work/signal.log" &
   pids+=($!)

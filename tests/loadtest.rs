@@ -138,7 +138,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_components_expose() {
     assert_eq!(report.transfers_verified, 4, "{report:?}");
 
     let mut exposed = std::collections::BTreeSet::new();
-    for base in [s("signal_url"), s("control_url"), s("turn_ops_url")] {
+    for base in [s("signal_ops_url"), s("control_url"), s("turn_ops_url")] {
         let body = reqwest::get(format!("{base}/metrics"))
             .await
             .expect("metrics")

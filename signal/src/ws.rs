@@ -276,9 +276,10 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         secret: secret_hash(&secret),
     };
     let mailbox = Mailbox::new();
-    // Admitted before registering locally: a refused joiner (say, one
-    // without the reconnect secret) must not displace the connection it
-    // claims to replace.
+    // Admitted before registering locally, so a refused joiner (say, one
+    // without the reconnect secret) cannot displace the connection it
+    // claims to replace; announced after, so answers to the announcement
+    // find this connection.
     let now = unix_now();
     let admitted = match app.bus.join(&record, &me, by_token, now).await {
         Ok(JoinOutcome::Admitted { peers, admission }) => Ok((peers, admission)),
@@ -299,6 +300,10 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         // A reconnect of a peer held on this node whose close the bus has
         // not reached yet.
         old.close(close::REPLACED, crate::bus::REPLACED_REASON);
+    }
+    if let Err(e) = app.bus.announce(&record, &me, &admission).await {
+        // The join stands; peers learn of it at their next listing or resync.
+        tracing::warn!(error = %e, room = %key, "cannot announce a join");
     }
     if let Admission::Replaced { previous } = admission {
         tracing::debug!(room = %key, peer = %me.peer_id, old_session = %previous.session_id, "reconnect replaced a connection");

@@ -167,7 +167,20 @@ impl Bus for LocalBus {
             members.push(member.clone());
             (decision.admission, others)
         };
-        if let Admission::Replaced { previous } = &admission {
+        Ok(JoinOutcome::Admitted {
+            admission,
+            peers: others,
+        })
+    }
+
+    async fn announce(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        admission: &Admission,
+    ) -> Result<(), BusError> {
+        let key = room.key();
+        if let Admission::Replaced { previous } = admission {
             self.hub.close_peer(
                 &key,
                 &previous.peer_id,
@@ -183,10 +196,7 @@ impl Bus for LocalBus {
             },
             &peer_joined(member),
         );
-        Ok(JoinOutcome::Admitted {
-            admission,
-            peers: others,
-        })
+        Ok(())
     }
 
     async fn leave(&self, key: &str, member: &Member, reason: &str) -> Result<(), BusError> {
@@ -235,5 +245,27 @@ impl Bus for LocalBus {
         self.hub
             .deliver(key, Target::Room { except: Some(from) }, &text);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::suite;
+
+    #[tokio::test]
+    async fn suite_rooms() {
+        suite::rooms(&LocalBus::new(Arc::new(Hub::new())), "t").await;
+    }
+
+    #[tokio::test]
+    async fn suite_joins() {
+        let hub = Arc::new(Hub::new());
+        suite::joins(&LocalBus::new(hub.clone()), &hub, "t").await;
+    }
+
+    #[tokio::test]
+    async fn suite_concurrent_joins() {
+        suite::concurrent_joins(Arc::new(LocalBus::new(Arc::new(Hub::new()))), "t").await;
     }
 }

@@ -11,6 +11,8 @@
 
 pub mod local;
 pub mod redis;
+#[cfg(test)]
+pub(crate) mod suite;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
@@ -105,9 +107,10 @@ pub(crate) trait Bus: Send + Sync + 'static {
     /// Deletes a room and closes it for every member, wherever connected.
     async fn delete_room(&self, room: &RoomRecord, reason: &str) -> Result<bool, BusError>;
     async fn members(&self, key: &str) -> Result<Vec<Member>, BusError>;
-    /// Admits `member` (already registered in the local hub) by the rules
-    /// of [`crate::room::admit`] and tells the others; a replaced
-    /// connection is closed wherever it is.
+    /// Admits `member` by the rules of [`crate::room::admit`]. Nobody is
+    /// told yet: the caller registers the connection in its hub, then
+    /// calls [`announce`](Bus::announce), so that answers to the
+    /// announcement find it.
     async fn join(
         &self,
         room: &RoomRecord,
@@ -115,6 +118,14 @@ pub(crate) trait Bus: Send + Sync + 'static {
         by_token: bool,
         now: u64,
     ) -> Result<JoinOutcome, BusError>;
+    /// Tells the room that `member` joined, and closes the connection it
+    /// replaced, wherever that is.
+    async fn announce(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        admission: &Admission,
+    ) -> Result<(), BusError>;
     /// Removes `member` if its session is still current, telling the others.
     async fn leave(&self, key: &str, member: &Member, reason: &str) -> Result<(), BusError>;
     /// Routes `text` to peer `to` (whose session must be `sid` if given).

@@ -863,24 +863,6 @@ impl Bus for RedisBus {
                 "noroom" => return Ok(JoinOutcome::NoRoom),
                 other => return Err(BusError(format!("unexpected join answer {other:?}"))),
             }
-            if let Some(previous) = previous {
-                if previous.node == self.node {
-                    self.hub.close_peer(
-                        &key,
-                        &previous.peer_id,
-                        Some(&previous.session_id),
-                        close::REPLACED,
-                        REPLACED_REASON,
-                    );
-                } else {
-                    let mut env = self.envelope(Kind::Kick, &key, "");
-                    env.peer = &previous.peer_id;
-                    env.session = &previous.session_id;
-                    self.publish(&previous.node, &env).await?;
-                }
-            }
-            self.to_room(&key, Some(&member.peer_id), &peer_joined(member))
-                .await?;
             let peers = state
                 .members
                 .iter()
@@ -895,6 +877,33 @@ impl Bus for RedisBus {
         Err(BusError(format!(
             "room {key} changed under {JOIN_ATTEMPTS} join attempts in a row"
         )))
+    }
+
+    async fn announce(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        admission: &Admission,
+    ) -> Result<(), BusError> {
+        let key = room.key();
+        if let Admission::Replaced { previous } = admission {
+            if previous.node == self.node {
+                self.hub.close_peer(
+                    &key,
+                    &previous.peer_id,
+                    Some(&previous.session_id),
+                    close::REPLACED,
+                    REPLACED_REASON,
+                );
+            } else {
+                let mut env = self.envelope(Kind::Kick, &key, "");
+                env.peer = &previous.peer_id;
+                env.session = &previous.session_id;
+                self.publish(&previous.node, &env).await?;
+            }
+        }
+        self.to_room(&key, Some(&member.peer_id), &peer_joined(member))
+            .await
     }
 
     async fn leave(&self, room: &str, member: &Member, reason: &str) -> Result<(), BusError> {
@@ -962,6 +971,54 @@ impl Bus for RedisBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::suite;
+
+    /// A bus on the test Redis under a fresh prefix, as node "n1" (the
+    /// node of the suite's members), and its hub.
+    async fn test_bus() -> (Arc<RedisBus>, Arc<Hub>, Shutdown) {
+        let url = std::env::var("FLOE_TEST_REDIS_URL").expect(
+            "FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh, \
+             which starts a private Redis",
+        );
+        let mut settings =
+            crate::config::Settings::new("127.0.0.1:0".parse().expect("addr"), "http://x", "t");
+        settings.redis_prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+        settings.node_id = "n1".into();
+        let hub = Arc::new(Hub::new());
+        let stop = Shutdown::new();
+        let bus = RedisBus::start(
+            &settings,
+            &url,
+            hub.clone(),
+            Arc::new(Metrics::new()),
+            &floe_common::Health::new("signal"),
+            stop.clone(),
+        )
+        .await
+        .expect("connect to the test Redis");
+        (bus, hub, stop)
+    }
+
+    #[tokio::test]
+    async fn suite_rooms() {
+        let (bus, _hub, stop) = test_bus().await;
+        suite::rooms(bus.as_ref(), "t").await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn suite_joins() {
+        let (bus, hub, stop) = test_bus().await;
+        suite::joins(bus.as_ref(), &hub, "t").await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn suite_concurrent_joins() {
+        let (bus, _hub, stop) = test_bus().await;
+        suite::concurrent_joins(bus, "t").await;
+        stop.cancel();
+    }
 
     #[test]
     fn envelopes_round_trip_with_newlines_in_the_body() {

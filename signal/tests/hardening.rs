@@ -1,0 +1,524 @@
+//! What an outside tester found: ghosts, hijacks, tenant isolation,
+//! revocation, token rules, oversized messages, poisoned stats, and the
+//! places where server and docs disagreed. Each test names the hole it
+//! keeps closed; one node, the in-process bus, a real control plane.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ADMIN, Client, Stack, metrics, public_room};
+use floe_proto::api::CreatedApiKey;
+use floe_proto::token::{Grants, JoinClaims};
+use serde_json::{Value, json};
+
+/// An API key for tenant `id`, created (with the tenant) by the admin.
+async fn tenant_with_key(stack: &Stack, id: &str, plan: Value) -> CreatedApiKey {
+    let r = stack
+        .http
+        .post(format!("{}/v1/tenants", stack.cp.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": id, "name": id, "plan": plan}))
+        .send()
+        .await
+        .expect("create tenant");
+    assert_eq!(r.status(), 201);
+    stack
+        .http
+        .post(format!("{}/v1/tenants/{id}/keys", stack.cp.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("create key")
+        .json()
+        .await
+        .expect("key")
+}
+
+fn token_of(key: &CreatedApiKey, claims: impl FnOnce(&mut JoinClaims)) -> String {
+    let now = floe_proto::time::unix_now();
+    let mut c = JoinClaims {
+        iss: key.id.clone(),
+        sub: "alice".into(),
+        room: None,
+        grants: Grants {
+            create: true,
+            join: true,
+        },
+        exp: now + 600,
+        iat: now,
+        nbf: None,
+    };
+    claims(&mut c);
+    floe_proto::token::mint(&c, key.secret.as_bytes()).expect("mint")
+}
+
+async fn create_with_token(
+    stack: &Stack,
+    node: &impl common::Node,
+    token: &str,
+) -> reqwest::Response {
+    stack
+        .http
+        .post(format!("http://{}/v1/rooms", node.addr()))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("create")
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_is_closed_and_leaves_within_a_heartbeat() {
+    let stack = Stack::new().await;
+    let mut s = stack.settings();
+    s.heartbeat_secs = 2;
+    let node = stack.node(s).await;
+    let room = public_room(&stack.http, &node, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let owner = room["owner_key"].as_str().expect("owner");
+    // The ghost joins, then never reads again.
+    let ghost = Client::join(&node, id, "client_id=ghost").await;
+    let mut senders = Vec::new();
+    for name in ["a", "b", "c"] {
+        senders.push(Client::join(&node, id, &format!("client_id={name}")).await);
+    }
+    let started = Instant::now();
+    let payload = json!({"blob": "x".repeat(60_000)});
+    let mut errors = Vec::new();
+    'flood: for _ in 0..600 {
+        for c in &mut senders {
+            c.signal("ghost", None, payload.clone()).await;
+            if let Some(m) = c.next_or_timeout(Duration::ZERO).await {
+                errors.push(m.clone());
+                if m["type"] == "peer-left" {
+                    break 'flood;
+                }
+            }
+        }
+    }
+    // Everyone else hears that the ghost left as too slow, within a
+    // heartbeat or so of the flood.
+    let left = if errors.iter().any(|m| m["type"] == "peer-left") {
+        errors
+            .into_iter()
+            .find(|m| m["type"] == "peer-left")
+            .expect("left")
+    } else {
+        senders[0]
+            .expect_within("peer-left", Duration::from_secs(4))
+            .await
+    };
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!("ghost"), json!("slow"))
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let info: Value = stack
+        .http
+        .get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .bearer_auth(owner)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["peers"], json!(["a", "b", "c"]));
+    let fresh = Client::join(&node, id, "client_id=d").await;
+    assert!(
+        !fresh.welcome["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .any(|p| p["peer_id"] == "ghost")
+    );
+    drop(ghost);
+}
+
+#[tokio::test]
+async fn knowing_a_peer_id_is_not_enough_to_take_its_place() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let room = public_room(&stack.http, &node, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut victim = Client::join(&node, id, "client_id=victim").await;
+    let mut other = Client::join(&node, id, "client_id=other").await;
+    victim.expect("peer-joined").await;
+
+    // Anonymous listings show how many, not who.
+    let info: Value = reqwest::get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["peer_count"], 2);
+    assert!(info.get("peers").is_none(), "{info}");
+
+    // The attacker's connection with the victim's id is refused ...
+    for query in [
+        "client_id=victim".to_owned(),
+        "client_id=victim&reconnect_secret=0123456789abcdef0123".to_owned(),
+    ] {
+        let (mut attacker, first) = Client::connect_raw(&node, id, &query).await;
+        assert_eq!(first["code"], "peer_id_taken", "{first}");
+        assert_eq!(attacker.next().await["code"], 4003);
+    }
+    // ... and the victim still gets its signals.
+    other.signal("victim", None, json!({"still": "mine"})).await;
+    assert_eq!(victim.expect("signal").await["payload"]["still"], "mine");
+
+    // The real client, reloading with its secret, replaces its socket.
+    let reloaded = Client::join(&node, id, &victim.reconnect_query()).await;
+    assert_eq!(victim.next().await["code"], 4001);
+    assert_eq!(
+        reloaded.welcome["reconnect_secret"], victim.welcome["reconnect_secret"],
+        "the secret stays the same across reconnects"
+    );
+}
+
+#[tokio::test]
+async fn public_rooms_have_their_own_limit_and_tenants_manage_their_rooms() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let key = tenant_with_key(
+        &stack,
+        "shop",
+        json!({"public_rooms": true, "max_rooms": 2, "max_public_rooms": 2}),
+    )
+    .await;
+    let url = format!("http://{}/v1/rooms", node.addr());
+    for _ in 0..2 {
+        let r = stack
+            .http
+            .post(&url)
+            .json(&json!({"tenant": "shop"}))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(r.status(), 201);
+    }
+    let r = stack
+        .http
+        .post(&url)
+        .json(&json!({"tenant": "shop"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "public_room_limit_reached"
+    );
+    // The back end's own rooms are unaffected.
+    let token = token_of(&key, |_| {});
+    assert_eq!(create_with_token(&stack, &node, &token).await.status(), 201);
+
+    // The tenant lists its rooms, with peers, and deletes one.
+    let list: Value = stack
+        .http
+        .get(&url)
+        .basic_auth(&key.id, Some(&key.secret))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let rooms = list["rooms"].as_array().expect("rooms");
+    assert_eq!(rooms.len(), 3);
+    assert_eq!(rooms.iter().filter(|r| r["public"] == true).count(), 2);
+    let victim = rooms[0]["room_id"].as_str().expect("id");
+    let r = stack
+        .http
+        .delete(format!("{url}/{victim}"))
+        .basic_auth(&key.id, Some(&key.secret))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    // Without the key: no list.
+    assert_eq!(
+        stack.http.get(&url).send().await.expect("list").status(),
+        401
+    );
+    // Another tenant's key cannot delete it.
+    let r = stack
+        .http
+        .delete(format!(
+            "{url}/{}",
+            rooms[1]["room_id"].as_str().expect("id")
+        ))
+        .basic_auth(&stack.key.id, Some(&stack.key.secret))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 404, "invisible from another tenant");
+}
+
+#[tokio::test]
+async fn room_names_belong_to_their_tenant() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let other = tenant_with_key(&stack, "other", json!({})).await;
+    let theirs = token_of(&other, |c| c.room = Some("shared-name".into()));
+    assert_eq!(
+        create_with_token(&stack, &node, &theirs).await.status(),
+        201
+    );
+    // The same name in t1: no 409, no hint that it exists elsewhere.
+    let ours = stack.token("alice", Some("shared-name"), true, 600);
+    let r = create_with_token(&stack, &node, &ours).await;
+    assert_eq!(r.status(), 201);
+    let mut a = Client::join(&node, "shared-name", &format!("token={ours}")).await;
+    let b = Client::join(&node, "shared-name", &format!("token={theirs}")).await;
+    assert_eq!(b.welcome["peers"], json!([]), "two different rooms");
+    assert!(
+        a.next_or_timeout(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // A named room is not found without its tenant.
+    let r = reqwest::get(format!("http://{}/v1/rooms/shared-name", node.addr()))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn disabling_a_tenant_or_revoking_a_key_closes_its_sockets_within_seconds() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let key = tenant_with_key(&stack, "gone", json!({"public_rooms": true})).await;
+    let spare = tenant_with_key(&stack, "spare", json!({})).await;
+    let token = token_of(&key, |_| {});
+    let r = create_with_token(&stack, &node, &token).await;
+    let id = r.json::<Value>().await.expect("json")["room_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut peer = Client::join(&node, &id, &format!("token={token}")).await;
+
+    // Revoking the key that signed the token.
+    let started = Instant::now();
+    let r = stack
+        .http
+        .delete(format!(
+            "{}/v1/tenants/gone/keys/{}",
+            stack.cp.url(),
+            key.id
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let closed = peer.next().await;
+    assert_eq!(closed["code"], 4005, "{closed}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Disabling the tenant: a socket joined with another key's token closes too.
+    let token = token_of(&spare, |_| {});
+    let r = create_with_token(&stack, &node, &token).await;
+    let id = r.json::<Value>().await.expect("json")["room_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut peer = Client::join(&node, &id, &format!("token={token}")).await;
+    let started = Instant::now();
+    let r = stack
+        .http
+        .patch(format!("{}/v1/tenants/spare", stack.cp.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .expect("disable");
+    assert_eq!(r.status(), 200);
+    let closed = peer.next().await;
+    assert_eq!(closed["code"], 4005, "{closed}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // ... and the control plane mints no more tokens for it.
+    let r = stack
+        .http
+        .post(format!("{}/v1/tokens", stack.cp.url()))
+        .basic_auth(&spare.id, Some(&spare.secret))
+        .json(&json!({"peer": "p", "grants": {"join": true}}))
+        .send()
+        .await
+        .expect("mint");
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "tenant_disabled"
+    );
+}
+
+#[tokio::test]
+async fn join_tokens_are_checked_the_same_everywhere() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let now = floe_proto::time::unix_now();
+    let cases = [
+        (
+            "a sub of 1,000 characters",
+            stack.token(&"x".repeat(1_000), None, true, 600),
+        ),
+        ("a sub with a path", stack.token("a/..", None, true, 600)),
+        ("valid for ten years", {
+            let key = stack.key.clone();
+            token_of(&key, |c| c.exp = now + 10 * 365 * 86_400)
+        }),
+        ("not valid for an hour", {
+            let key = stack.key.clone();
+            token_of(&key, |c| c.nbf = Some(now + 3_600))
+        }),
+    ];
+    let room = public_room(&stack.http, &node, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    for (what, token) in cases {
+        let r = create_with_token(&stack, &node, &token).await;
+        assert_eq!(r.status(), 401, "REST create, {what}");
+        assert_eq!(
+            r.json::<Value>().await.expect("json")["code"],
+            "invalid_token"
+        );
+        let (_c, first) = Client::connect_raw(&node, id, &format!("token={token}")).await;
+        assert_eq!(first["code"], "invalid_token", "join, {what}");
+    }
+}
+
+#[tokio::test]
+async fn one_time_rooms_admit_two_clients_even_one_after_the_other() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let room = public_room(&stack.http, &node, json!({"one_time": true})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut a = Client::join(&node, id, "client_id=a").await;
+    a.send(json!({"type": "leave"})).await;
+    assert_eq!(a.next().await["code"], 1000);
+    let mut b = Client::join(&node, id, "client_id=b").await;
+    b.send(json!({"type": "leave"})).await;
+    assert_eq!(b.next().await["code"], 1000);
+    let (_c, first) = Client::connect_raw(&node, id, "client_id=c").await;
+    assert_eq!(first["code"], "room_sealed");
+    // Either of the pair comes back with its secret.
+    Client::join(&node, id, &a.reconnect_query()).await;
+    let (_x, first) = Client::connect_raw(&node, id, "client_id=b").await;
+    // Sealed, or (while b's departure is still being recorded) taken.
+    assert!(
+        first["code"] == "room_sealed" || first["code"] == "peer_id_taken",
+        "b's id without b's secret: {first}"
+    );
+}
+
+#[tokio::test]
+async fn every_oversized_message_gets_the_error_and_close_1009() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let room = public_room(&stack.http, &node, json!({"max_peers": 10})).await;
+    let id = room["room_id"].as_str().expect("id");
+    for size in [65_537, 131_000, 140_000, 1 << 20] {
+        let mut a = Client::join(&node, id, "").await;
+        a.send_raw(format!(r#"{{"type":"ping","x":"{}"}}"#, "y".repeat(size)))
+            .await;
+        let e = a.next().await;
+        assert_eq!(e["code"], "message_too_large", "{size}: {e}");
+        let closed = a.next().await;
+        assert_eq!(closed["code"], 1009, "{size}: {closed}");
+    }
+}
+
+#[tokio::test]
+async fn stats_reports_are_bounded_and_metrics_stay_off_the_public_port() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let room = public_room(&stack.http, &node, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut a = Client::join(&node, id, "").await;
+    for _ in 0..2 {
+        a.send(json!({"type": "stats", "direct_bytes": u64::MAX}))
+            .await;
+        assert_eq!(a.expect("error").await["code"], "invalid_stats");
+    }
+    a.send(json!({"type": "stats", "direct_bytes": 1_000, "relayed_bytes": 24}))
+        .await;
+    a.send(json!({"type": "ping"})).await;
+    a.expect("pong").await;
+    let m = metrics(&node).await;
+    assert!(
+        m.contains(r#"floe_signal_reported_bytes_total{path="direct",tenant="t1"} 1000"#),
+        "{m}"
+    );
+    let r = reqwest::get(format!("http://{}/metrics", node.addr()))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404, "metrics name tenants: ops port only");
+    assert_eq!(
+        reqwest::get(format!("http://{}/readyz", node.addr()))
+            .await
+            .expect("get")
+            .status()
+            .as_u16()
+            / 100,
+        2,
+        "load balancers still probe the public port"
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_json_or_websocket_errors_as_documented() {
+    let stack = Stack::new().await;
+    let mut s = stack.settings();
+    s.max_connections_per_ip = 1;
+    let node = stack.node(s).await;
+    let base = format!("http://{}", node.addr());
+    let room = public_room(&stack.http, &node, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+
+    // A plain GET of the WebSocket URL, and a wrong method: JSON bodies.
+    for (method, url, status, code) in [
+        (
+            "GET",
+            format!("{base}/v1/rooms/{id}/ws"),
+            426,
+            "upgrade_required",
+        ),
+        ("PUT", format!("{base}/v1/rooms"), 405, "method_not_allowed"),
+        (
+            "DELETE",
+            format!("{base}/v1/rooms/no-such-room"),
+            401,
+            "unauthorized",
+        ),
+        ("GET", format!("{base}/nowhere"), 404, "not_found"),
+    ] {
+        let r = stack
+            .http
+            .request(method.parse().expect("method"), &url)
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), status, "{method} {url}");
+        let body: Value = r.json().await.expect("a JSON body");
+        assert_eq!(body["code"], code, "{method} {url}");
+    }
+    let r = stack
+        .http
+        .post(format!("{base}/v1/rooms"))
+        .body("tenant=t1")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 415);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "unsupported_media_type"
+    );
+
+    // The per-IP limit is an `error` message on the WebSocket.
+    let _first = Client::join(&node, id, "").await;
+    let (mut second, first) = Client::connect_raw(&node, id, "").await;
+    assert_eq!(first["code"], "too_many_connections");
+    assert_eq!(second.next().await["code"], 4003);
+}
