@@ -670,3 +670,261 @@ fn stats(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay loop's rules, driven through channels instead of sockets.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::sync::mpsc;
+    use tokio_util::sync::PollSender;
+
+    use super::*;
+    use crate::bus::Bus as _;
+    use crate::bus::local::LocalBus;
+    use crate::hub::{Hub, Target};
+    use crate::room::tests::{member, record};
+
+    /// A socket whose incoming side is a channel the test feeds and whose
+    /// outgoing side is a bounded channel the test may leave undrained
+    /// (a peer that does not read).
+    struct Pipe {
+        rx: mpsc::UnboundedReceiver<Message>,
+        tx: PollSender<Message>,
+    }
+
+    fn failed<E: std::fmt::Debug>(e: E) -> axum::Error {
+        axum::Error::new(std::io::Error::other(format!("{e:?}")))
+    }
+
+    impl Stream for Pipe {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.rx.poll_recv(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    impl Sink<Message> for Pipe {
+        type Error = axum::Error;
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.tx).poll_ready(cx).map_err(failed)
+        }
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            Pin::new(&mut self.tx).start_send(item).map_err(failed)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.tx).poll_flush(cx).map_err(failed)
+        }
+        fn poll_close(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.tx).poll_close(cx).map_err(failed)
+        }
+    }
+
+    struct Harness {
+        app: Arc<App>,
+        joined: Joined,
+        input: mpsc::UnboundedSender<Message>,
+        output: mpsc::Receiver<Message>,
+        socket: Pipe,
+    }
+
+    /// A node (local bus, a control plane nobody calls) with peer "a"
+    /// joined to a room; `capacity` frames fit in its socket unread.
+    async fn harness(capacity: usize) -> Harness {
+        let mut settings = crate::Settings::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            "http://127.0.0.1:9",
+            "t",
+        );
+        settings.max_message_bytes = 2_048;
+        settings.message_burst = 20;
+        // Next to no refill: the burst alone decides, however slow the machine.
+        settings.messages_per_sec = 0.001;
+        settings.heartbeat_secs = 30;
+        let hub = Arc::new(Hub::new());
+        let app = Arc::new(App {
+            bus: Arc::new(LocalBus::new(hub.clone())),
+            hub,
+            control: crate::control::Control::new(&settings.control_url, "t").expect("client"),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            draining: floe_common::Shutdown::new(),
+            create_limiter: std::sync::Mutex::new(floe_common::ratelimit::RateLimiter::new(
+                1.0, 1, 10,
+            )),
+            settings,
+        });
+        let mut room = record(4, false);
+        room.expires_at = unix_now() + 600;
+        app.bus
+            .create_room(&room, None, unix_now())
+            .await
+            .expect("create");
+        let me = member("a", "s1");
+        app.bus
+            .join(&room, &me, false, unix_now())
+            .await
+            .expect("join");
+        let mailbox = Mailbox::new();
+        let (record, _) = app.hub.register(room, &me, None, mailbox.clone());
+        let (input, rx) = mpsc::unbounded_channel();
+        let (tx, output) = mpsc::channel(capacity);
+        Harness {
+            app,
+            joined: Joined {
+                record,
+                me,
+                mailbox,
+                ice_expires: 0,
+            },
+            input,
+            output,
+            socket: Pipe {
+                rx,
+                tx: PollSender::new(tx),
+            },
+        }
+    }
+
+    fn json_of(m: Option<Message>) -> serde_json::Value {
+        match m {
+            Some(Message::Text(t)) => serde_json::from_str(t.as_str()).expect("json"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    fn close_code(m: Option<Message>) -> u16 {
+        match m {
+            Some(Message::Close(Some(f))) => f.code,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_are_answered_by_the_rules() {
+        let mut h = harness(64).await;
+        let send = |t: &str| h.input.send(Message::Text(t.into())).expect("send");
+        send(r#"{"type":"ping"}"#);
+        send(r#"{"type":"stats","direct_bytes":18446744073709551615}"#);
+        send(r#"{"type":"stats","direct_bytes":100,"relayed_bytes":5}"#);
+        send(r#"{"type":"signal","to":"a","payload":{}}"#);
+        send(r#"{"type":"signal","to":"nobody","payload":{}}"#);
+        h.input
+            .send(Message::Binary(vec![1u8].into()))
+            .expect("send");
+        send(r#"{"type":"leave"}"#);
+        let app = h.app.clone();
+        let relay = tokio::spawn(async move {
+            let reason = relay(&app, &mut h.socket, &h.joined).await;
+            (reason, h.output)
+        });
+        let (reason, mut out) = relay.await.expect("relay");
+        assert_eq!(reason, "left");
+        assert_eq!(json_of(out.recv().await)["type"], "pong");
+        assert_eq!(json_of(out.recv().await)["code"], "invalid_stats");
+        assert_eq!(json_of(out.recv().await)["code"], "bad_message");
+        assert_eq!(json_of(out.recv().await)["code"], "peer_not_found");
+        assert_eq!(json_of(out.recv().await)["code"], "binary_not_supported");
+        assert_eq!(close_code(out.recv().await), 1000);
+        let reported = h
+            .app
+            .metrics
+            .reported_bytes
+            .with_label_values(&["t", "direct"])
+            .get();
+        assert_eq!(reported, 100, "the poisoned report was not counted");
+    }
+
+    #[tokio::test]
+    async fn a_flood_is_rate_limited_and_an_oversized_message_closes_1009() {
+        let mut h = harness(256).await;
+        for _ in 0..30 {
+            h.input
+                .send(Message::Text(r#"{"type":"ping"}"#.into()))
+                .expect("send");
+        }
+        h.input
+            .send(Message::Text("x".repeat(2_049).into()))
+            .expect("send");
+        let app = h.app.clone();
+        let (reason, mut out) = tokio::spawn(async move {
+            let reason = relay(&app, &mut h.socket, &h.joined).await;
+            (reason, h.output)
+        })
+        .await
+        .expect("relay");
+        assert_eq!(reason, "message_too_large");
+        let mut codes = Vec::new();
+        while let Ok(m) = out.try_recv() {
+            match m {
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    codes.push(v["code"].as_str().unwrap_or("pong").to_owned());
+                }
+                Message::Close(Some(f)) => codes.push(f.code.to_string()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            codes.iter().filter(|c| *c == "pong").count(),
+            20,
+            "the burst"
+        );
+        assert_eq!(codes.iter().filter(|c| *c == "rate_limited").count(), 10);
+        assert_eq!(&codes[codes.len() - 2..], ["message_too_large", "1009"]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_closed_as_slow() {
+        // One frame fits; the test never drains the socket.
+        let mut h = harness(1).await;
+        let app = h.app.clone();
+        let key = h.joined.record.key();
+        let relay = tokio::spawn(async move {
+            let reason = relay(&app, &mut h.socket, &h.joined).await;
+            (reason, h.output)
+        });
+        let big: Utf8Bytes = "y".repeat(60_000).into();
+        let mut delivered = 0;
+        for _ in 0..crate::hub::QUEUE_BYTES / 60_000 + 10 {
+            let target = Target::Peer {
+                peer: "a",
+                session: None,
+            };
+            match h.app.hub.deliver(&key, target, &big) {
+                crate::hub::Delivery::Delivered => delivered += 1,
+                crate::hub::Delivery::Dropped => break,
+                other => panic!("unexpected {other:?}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(delivered > 2, "the queue took messages first");
+        let (reason, _) = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the stuck writer was woken")
+            .expect("relay");
+        assert_eq!(reason, "slow");
+        assert_eq!(
+            h.app.hub.deliver(
+                &key,
+                Target::Peer {
+                    peer: "a",
+                    session: None
+                },
+                &big
+            ),
+            crate::hub::Delivery::NoPeer,
+            "gone from the hub at once"
+        );
+    }
+}
