@@ -682,7 +682,6 @@ mod tests {
     use tokio_util::sync::PollSender;
 
     use super::*;
-    use crate::bus::Bus as _;
     use crate::bus::local::LocalBus;
     use crate::hub::{Hub, Target};
     use crate::room::tests::{member, record};
