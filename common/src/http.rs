@@ -78,6 +78,20 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// `(user, password)` of an `Authorization: Basic …` header (an API key's
+/// id and secret), if there is a well-formed one.
+pub fn basic(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
 /// Constant-time equality of two secrets.
 pub fn secret_eq(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;

@@ -12,8 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
-use floe_common::http::{JsonBody, bearer, secret_eq};
+use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
     ApiKey, Changes, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
@@ -182,18 +181,6 @@ impl App {
         self.metrics.tenants_over_quota.set(over as i64);
         Ok(e)
     }
-}
-
-/// `(key_id, secret)` from `Authorization: Basic …`.
-fn basic(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ")?.trim();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (kid, secret) = text.split_once(':')?;
-    Some((kid.to_owned(), secret.to_owned()))
 }
 
 /// The routes of the control plane (without the ops routes).

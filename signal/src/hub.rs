@@ -56,6 +56,9 @@ pub(crate) mod close {
     pub const TRY_AGAIN: u16 = 1013;
 }
 
+/// Close reason sent to a replaced connection.
+pub(crate) const REPLACED_REASON: &str = "replaced by a newer connection of this peer";
+
 /// Messages queued per connection before it counts as too slow.
 pub(crate) const QUEUE: usize = 256;
 /// Bytes queued per connection before it counts as too slow: what a
@@ -355,6 +358,12 @@ impl Hub {
                 shard.remove(room);
             }
         }
+    }
+
+    /// Closes the connection `session` of `peer`, replaced by a newer one
+    /// (close 4001).
+    pub fn close_replaced(&self, room: &str, peer: &str, session: Option<&str>) {
+        self.close_peer(room, peer, session, close::REPLACED, REPLACED_REASON);
     }
 
     /// Sends `text` (if any) and closes every local peer of `room`.

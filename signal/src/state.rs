@@ -7,9 +7,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, header};
-use base64::Engine as _;
 use floe_common::Shutdown;
-use floe_common::http::bearer;
+use floe_common::http::{basic, bearer};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::Tenant;
 use floe_proto::signal::RoomInfo;
@@ -78,20 +77,6 @@ impl Caller {
             Self::ApiKey { tenant } => *tenant == room.tenant,
         }
     }
-}
-
-/// `(key_id, secret)` from `Authorization: Basic …`.
-fn basic(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ")?.trim();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let (kid, secret) = String::from_utf8(decoded)
-        .ok()?
-        .split_once(':')
-        .map(|(k, s)| (k.to_owned(), s.to_owned()))?;
-    Some((kid, secret))
 }
 
 impl App {

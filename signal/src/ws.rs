@@ -299,7 +299,7 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
     if let Some(old) = old {
         // A reconnect of a peer held on this node whose close the bus has
         // not reached yet.
-        old.close(close::REPLACED, crate::bus::REPLACED_REASON);
+        old.close(close::REPLACED, crate::hub::REPLACED_REASON);
     }
     if let Err(e) = app.bus.announce(&record, &me, &admission).await {
         // The join stands; peers learn of it at their next listing or resync.

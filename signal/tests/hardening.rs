@@ -14,25 +14,7 @@ use serde_json::{Value, json};
 
 /// An API key for tenant `id`, created (with the tenant) by the admin.
 async fn tenant_with_key(stack: &Stack, id: &str, plan: Value) -> CreatedApiKey {
-    let r = stack
-        .http
-        .post(format!("{}/v1/tenants", stack.cp.url()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"id": id, "name": id, "plan": plan}))
-        .send()
-        .await
-        .expect("create tenant");
-    assert_eq!(r.status(), 201);
-    stack
-        .http
-        .post(format!("{}/v1/tenants/{id}/keys", stack.cp.url()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("create key")
-        .json()
-        .await
-        .expect("key")
+    common::tenant_with_key(&stack.http, &stack.cp.url(), id, plan).await
 }
 
 fn token_of(key: &CreatedApiKey, claims: impl FnOnce(&mut JoinClaims)) -> String {
@@ -66,6 +48,15 @@ async fn create_with_token(
         .send()
         .await
         .expect("create")
+}
+
+/// A room created with `token`, and a peer joined to it with the same token.
+async fn token_room_with_peer(stack: &Stack, node: &impl common::Node, token: &str) -> Client {
+    let r = create_with_token(stack, node, token).await;
+    assert_eq!(r.status(), 201);
+    let room: Value = r.json().await.expect("json");
+    let id = room["room_id"].as_str().expect("id");
+    Client::join(node, id, &format!("token={token}")).await
 }
 
 #[tokio::test]
@@ -291,13 +282,7 @@ async fn disabling_a_tenant_or_revoking_a_key_closes_its_sockets_within_seconds(
     let node = stack.node(stack.settings()).await;
     let key = tenant_with_key(&stack, "gone", json!({"public_rooms": true})).await;
     let spare = tenant_with_key(&stack, "spare", json!({})).await;
-    let token = token_of(&key, |_| {});
-    let r = create_with_token(&stack, &node, &token).await;
-    let id = r.json::<Value>().await.expect("json")["room_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let mut peer = Client::join(&node, &id, &format!("token={token}")).await;
+    let mut peer = token_room_with_peer(&stack, &node, &token_of(&key, |_| {})).await;
 
     // Revoking the key that signed the token.
     let started = Instant::now();
@@ -318,13 +303,7 @@ async fn disabling_a_tenant_or_revoking_a_key_closes_its_sockets_within_seconds(
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // Disabling the tenant: a socket joined with another key's token closes too.
-    let token = token_of(&spare, |_| {});
-    let r = create_with_token(&stack, &node, &token).await;
-    let id = r.json::<Value>().await.expect("json")["room_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let mut peer = Client::join(&node, &id, &format!("token={token}")).await;
+    let mut peer = token_room_with_peer(&stack, &node, &token_of(&spare, |_| {})).await;
     let started = Instant::now();
     let r = stack
         .http

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
 use super::{
-    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, REPLACED_REASON, SendError, peer_info,
-    peer_joined, peer_left, room_closed,
+    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, SendError, peer_info, peer_joined,
+    peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
 use crate::room::{self, Admission, Member, RoomRecord, RoomState};
@@ -181,13 +181,8 @@ impl Bus for LocalBus {
     ) -> Result<(), BusError> {
         let key = room.key();
         if let Admission::Replaced { previous } = admission {
-            self.hub.close_peer(
-                &key,
-                &previous.peer_id,
-                Some(&previous.session_id),
-                close::REPLACED,
-                REPLACED_REASON,
-            );
+            self.hub
+                .close_replaced(&key, &previous.peer_id, Some(&previous.session_id));
         }
         self.hub.deliver(
             &key,

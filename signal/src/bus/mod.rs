@@ -174,6 +174,3 @@ pub(crate) fn peer_info(m: &Member) -> PeerInfo {
         session_id: m.session_id.clone(),
     }
 }
-
-/// Close reason sent to a replaced connection.
-pub(crate) const REPLACED_REASON: &str = "replaced by a newer connection of this peer";

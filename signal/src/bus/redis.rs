@@ -32,8 +32,8 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
-    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, REPLACED_REASON, SendError, peer_info,
-    peer_joined, peer_left, room_closed,
+    Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, SendError, peer_info, peer_joined,
+    peer_left, room_closed,
 };
 use crate::hub::{Hub, Target, close};
 use crate::metrics::Metrics;
@@ -412,13 +412,7 @@ impl RedisBus {
             }
             Kind::Kick => {
                 let session = (!env.session.is_empty()).then_some(env.session);
-                self.hub.close_peer(
-                    env.room,
-                    env.peer,
-                    session,
-                    close::REPLACED,
-                    REPLACED_REASON,
-                );
+                self.hub.close_replaced(env.room, env.peer, session);
             }
             Kind::Close => {
                 self.hub
@@ -888,13 +882,8 @@ impl Bus for RedisBus {
         let key = room.key();
         if let Admission::Replaced { previous } = admission {
             if previous.node == self.node {
-                self.hub.close_peer(
-                    &key,
-                    &previous.peer_id,
-                    Some(&previous.session_id),
-                    close::REPLACED,
-                    REPLACED_REASON,
-                );
+                self.hub
+                    .close_replaced(&key, &previous.peer_id, Some(&previous.session_id));
             } else {
                 let mut env = self.envelope(Kind::Kick, &key, "");
                 env.peer = &previous.peer_id;

@@ -51,32 +51,19 @@ impl Stack {
         .await
         .expect("control plane");
         let http = reqwest::Client::new();
+        let key = tenant_with_key(
+            &http,
+            &cp.url(),
+            "t1",
+            json!({"turn": true, "public_rooms": true, "max_peers_per_room": 10, "max_rooms": 20}),
+        )
+        .await;
         for (id, plan) in [
-            (
-                "t1",
-                json!({"turn": true, "public_rooms": true, "max_peers_per_room": 10, "max_rooms": 20}),
-            ),
             ("private", json!({"turn": false, "public_rooms": false})),
             ("tiny", json!({"public_rooms": true, "max_public_rooms": 1})),
         ] {
-            let r = http
-                .post(format!("{}/v1/tenants", cp.url()))
-                .bearer_auth(ADMIN)
-                .json(&json!({"id": id, "name": id, "plan": plan}))
-                .send()
-                .await
-                .expect("create tenant");
-            assert_eq!(r.status(), 201);
+            tenant_with_key(&http, &cp.url(), id, plan).await;
         }
-        let key: CreatedApiKey = http
-            .post(format!("{}/v1/tenants/t1/keys", cp.url()))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("create key")
-            .json()
-            .await
-            .expect("key");
         Self {
             cp,
             http,
@@ -118,6 +105,31 @@ impl Stack {
         )
         .expect("mint")
     }
+}
+
+/// Creates tenant `id` with `plan` (as the admin) and an API key for it.
+pub async fn tenant_with_key(
+    http: &reqwest::Client,
+    cp_url: &str,
+    id: &str,
+    plan: Value,
+) -> CreatedApiKey {
+    let r = http
+        .post(format!("{cp_url}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": id, "name": id, "plan": plan}))
+        .send()
+        .await
+        .expect("create tenant");
+    assert_eq!(r.status(), 201);
+    http.post(format!("{cp_url}/v1/tenants/{id}/keys"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("create key")
+        .json()
+        .await
+        .expect("key")
 }
 
 /// Anything with a signal API address: an in-process node or a process.
