@@ -51,6 +51,11 @@ fn signal_process(
             prefix,
             "--node-id",
             node,
+            // A dead node is noticed in a second, not five.
+            "--node-beat-ms",
+            "200",
+            "--node-dead-after-ms",
+            "1000",
         ])
         .env("FLOE_INTERNAL_TOKEN", INTERNAL)
         .stdout(Stdio::null())

@@ -509,13 +509,8 @@ async fn end(
     reason: &'static str,
 ) -> &'static str {
     // Off the hub first, so nothing more is queued for it.
-    app.hub.close_peer(
-        &record.key(),
-        &me.peer_id,
-        Some(&me.session_id),
-        close::SLOW,
-        reason,
-    );
+    app.hub
+        .unregister(&record.key(), &me.peer_id, &me.session_id);
     match reason {
         "message_too_large" => {
             let text = refused(
