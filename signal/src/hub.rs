@@ -167,9 +167,9 @@ impl Mailbox {
 struct LocalPeer {
     session: String,
     /// Hash of the reconnect secret (restored into Redis on a resync).
-    secret: String,
+    secret: Box<str>,
     /// API key that signed the peer's join token, if it had one.
-    key_id: Option<String>,
+    key_id: Option<Box<str>>,
     mailbox: Arc<Mailbox>,
 }
 
@@ -269,8 +269,8 @@ impl Hub {
                 member.peer_id.clone(),
                 LocalPeer {
                     session: member.session_id.clone(),
-                    secret: member.secret.clone(),
-                    key_id,
+                    secret: member.secret.as_str().into(),
+                    key_id: key_id.map(String::into_boxed_str),
                     mailbox,
                 },
             )
@@ -448,7 +448,7 @@ impl Hub {
                                 peer_id: id.clone(),
                                 session_id: p.session.clone(),
                                 node: node.to_owned(),
-                                secret: p.secret.clone(),
+                                secret: p.secret.to_string(),
                             })
                             .collect();
                         ((*r.record).clone(), members)

@@ -295,7 +295,11 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         }
     };
     let key = record.key();
+    let mut me = me;
     let (record, old) = app.hub.register(record, &me, key_id, mailbox.clone());
+    // The hub and the bus keep the secret's hash; the connection's own
+    // copy would only cost memory for as long as it lives.
+    me.secret = String::new();
     if let Some(old) = old {
         // A reconnect of a peer held on this node whose close the bus has
         // not reached yet.
