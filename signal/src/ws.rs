@@ -362,7 +362,9 @@ enum Sent {
     Slow,
 }
 
-/// Sends `msg` unless the peer is too slow to take it.
+/// Sends `msg` unless the peer is too slow to take it. Callers box it: its
+/// timer and waiters would otherwise sit in every idle connection's task
+/// (224 bytes each), where one allocation per sent message is cheaper.
 async fn send_bounded(
     socket: &mut impl Socket,
     msg: Message,
@@ -439,7 +441,7 @@ pub(crate) async fn relay(app: &App, socket: &mut impl Socket, joined: &Joined) 
             },
             out = mailbox.next() => match out {
                 Outbound::Text(t) => {
-                    match send_bounded(socket, Message::Text(t), mailbox, heartbeat).await {
+                    match Box::pin(send_bounded(socket, Message::Text(t), mailbox, heartbeat)).await {
                         Sent::Ok => Step::Continue(None),
                         Sent::Gone => return "gone",
                         Sent::Slow => Step::End("slow"),
@@ -462,7 +464,7 @@ pub(crate) async fn relay(app: &App, socket: &mut impl Socket, joined: &Joined) 
                     Box::pin(close_with(socket, close::DEAD, "no heartbeat")).await;
                     return "timeout";
                 }
-                match send_bounded(socket, Message::Ping(Default::default()), mailbox, heartbeat).await {
+                match Box::pin(send_bounded(socket, Message::Ping(Default::default()), mailbox, heartbeat)).await {
                     Sent::Ok => Step::Continue(None),
                     Sent::Gone => return "gone",
                     Sent::Slow => Step::End("slow"),
@@ -491,7 +493,14 @@ pub(crate) async fn relay(app: &App, socket: &mut impl Socket, joined: &Joined) 
         match step {
             Step::Continue(None) => {}
             Step::Continue(Some(answer)) => {
-                match send_bounded(socket, Message::Text(answer), mailbox, heartbeat).await {
+                match Box::pin(send_bounded(
+                    socket,
+                    Message::Text(answer),
+                    mailbox,
+                    heartbeat,
+                ))
+                .await
+                {
                     Sent::Ok => {}
                     Sent::Gone => return "gone",
                     Sent::Slow => return Box::pin(end(app, socket, record, me, "slow")).await,
