@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (Redis, coturn's
 # tools, and what the Helm chart checks need), starts a private Redis on a
-# free port, then runs formatting, lints, the whole test suite and the
-# chart checks. Stops what it started on exit.
+# free port, then runs formatting, lints, the whole test suite, the web
+# SDK's and app's tests (Node and Chromium), schemathesis and the chart
+# checks. Stops what it started on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ command -v npm >/dev/null || missing+=(npm)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The web app's browser tests drive Debian's Chromium (playwright-core
+# never downloads a browser of its own).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if ((${#missing[@]})); then
   step "installing ${missing[*]} (apt-get)"
   sudo=""
@@ -77,6 +81,26 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "web: npm ci (versions pinned in web/package-lock.json)"
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
+
+step "web: type-check the SDK and the app"
+(cd web && npx tsc --noEmit -p tsconfig.json)
+
+step "web: the committed app build (embedded in floe) matches its source"
+(cd web && node build.mjs "$work/share-dist")
+if ! diff -r web/share/dist "$work/share-dist"; then
+  echo "web/share/dist differs from a fresh build: run 'node build.mjs' in web/ and commit it" >&2
+  exit 1
+fi
+
+export FLOE_BIN="$CARGO_TARGET_DIR/debug/floe"
+step "web: the SDK against a real floe dev"
+(cd web && node --test sdk/test/*.test.mjs)
+
+step "web: the file-share app in Chromium (playwright-core)"
+(cd web && node --test --test-concurrency=1 tests/*.test.mjs)
 
 step "schemathesis against the signaling API's OpenAPI document"
 scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/floe"

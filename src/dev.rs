@@ -92,10 +92,17 @@ fn persistent_secret(
 
 /// A port free for both UDP and TCP on `host`.
 fn free_udp_tcp_port(host: IpAddr) -> anyhow::Result<u16> {
-    for _ in 0..20 {
-        let udp = std::net::UdpSocket::bind((host, 0))?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind((host, port)).is_ok() {
+    // Below the kernel's ephemeral range (32768+ by default): a port the
+    // kernel hands out for a later "port 0" bind in this process (the
+    // control plane's, TURN's ops listener) cannot be this one, which is
+    // released before TURN binds it.
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..100 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::UdpSocket::bind((host, port)).is_ok()
+            && std::net::TcpListener::bind((host, port)).is_ok()
+        {
             return Ok(port);
         }
     }
@@ -204,6 +211,8 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     // sized for the internet would stop a local load test.
     signal.max_connections_per_ip = 50_000;
     signal.public_rooms_per_min = 60_000;
+    // The file-share app, on the default tenant's public rooms.
+    signal.app_tenant = Some(DEV_TENANT.to_owned());
     let signal = floe_signal::start(signal, shutdown.clone())
         .await
         .context("starting signal")?;
@@ -251,6 +260,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 fn print_banner(e: &Endpoints, dir: &Path) {
     println!(
         "\nfloe dev is running (data in {dir}; Ctrl-C to stop)\n\n\
+         \x20 file-share app  {signal}/      (open it in two browsers; ?relay=1 forces TURN)\n\
          \x20 signal API      {signal}      (health: {signal}/healthz; metrics: {signal_ops}/metrics)\n\
          \x20 control plane   {control}      (health: {control}/healthz)\n\
          \x20 STUN/TURN       {turn} udp+tcp   (ops: {ops}/metrics)\n\n\

@@ -102,6 +102,15 @@ pub struct Config {
     #[arg(long, env = "FLOE_HEARTBEAT_SECS", default_value_t = 20)]
     pub heartbeat_secs: u64,
 
+    /// Serve the file-share web app at `/` (off by default in production).
+    #[arg(long, env = "FLOE_SERVE_APP")]
+    pub serve_app: bool,
+
+    /// Tenant whose public rooms the web app creates (needed with
+    /// --serve-app; its plan must allow public rooms).
+    #[arg(long, env = "FLOE_APP_TENANT")]
+    pub app_tenant: Option<String>,
+
     /// Milliseconds between this node's heartbeats on the Redis bus.
     #[arg(long, env = "FLOE_NODE_BEAT_MS", default_value_t = 1_000)]
     pub node_beat_ms: u64,
@@ -140,6 +149,8 @@ pub struct Settings {
     pub node_beat: Duration,
     pub node_dead_after: Duration,
     pub changes_poll: Duration,
+    /// Serve the web app, with rooms of this tenant.
+    pub app_tenant: Option<String>,
 }
 
 impl Settings {
@@ -167,6 +178,7 @@ impl Settings {
             node_beat: Duration::from_secs(1),
             node_dead_after: Duration::from_secs(5),
             changes_poll: Duration::from_secs(1),
+            app_tenant: None,
         }
     }
 }
@@ -193,6 +205,10 @@ pub enum ConfigError {
     RedisUrl(#[from] floe_common::config::RedisUrlError),
     #[error("--redis-password needs --redis-url")]
     PasswordWithoutRedis,
+    #[error("--serve-app needs --app-tenant (the tenant whose public rooms the app creates)")]
+    AppWithoutTenant,
+    #[error("--app-tenant: {0}")]
+    BadAppTenant(floe_proto::id::IdError),
     #[error("--node-id: {0}")]
     BadNodeId(#[from] floe_proto::id::IdError),
     #[error(transparent)]
@@ -279,6 +295,14 @@ impl Config {
             600_000,
         )?;
         in_range("--changes-poll-ms", self.changes_poll_ms, 100, 60_000)?;
+        let app_tenant = match (self.serve_app, &self.app_tenant) {
+            (false, _) => None,
+            (true, None) => return Err(ConfigError::AppWithoutTenant),
+            (true, Some(t)) => {
+                floe_proto::id::validate("tenant", t).map_err(ConfigError::BadAppTenant)?;
+                Some(t.clone())
+            }
+        };
         Ok(Settings {
             listen: self.listen,
             ops_listen: self.ops_listen,
@@ -300,6 +324,7 @@ impl Config {
             node_beat: Duration::from_millis(self.node_beat_ms),
             node_dead_after: Duration::from_millis(self.node_dead_after_ms),
             changes_poll: Duration::from_millis(self.changes_poll_ms),
+            app_tenant,
         })
     }
 }

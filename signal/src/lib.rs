@@ -9,6 +9,7 @@
 //! running [`Signal`] handle.
 
 mod api;
+mod app;
 mod bus;
 mod config;
 mod control;
@@ -146,11 +147,13 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     });
     // The public port answers health checks (load balancers probe it) but
     // not /metrics, which names tenants.
-    let router = floe_common::http::json_errors(
-        api::router(app.clone())
-            .layer(cors(&settings.allowed_origins))
-            .merge(floe_common::http::probe_router(health.clone())),
-    );
+    let mut public = api::router(app.clone())
+        .layer(cors(&settings.allowed_origins))
+        .merge(floe_common::http::probe_router(health.clone()));
+    if let Some(tenant) = &settings.app_tenant {
+        public = public.merge(app::router(tenant));
+    }
+    let router = floe_common::http::json_errors(public);
     let ops = floe_common::http::ops_router(metrics.registry.clone(), health);
     let server = floe_common::http::serve(listener, router, stop.clone());
     let ops_server = floe_common::http::serve(

@@ -53,6 +53,9 @@ interface Payload {
   candidate?: RTCIceCandidateInit;
 }
 
+/** How long a negotiated connection may sit without progress. */
+const STALL_MS = 8_000;
+
 function newId(): string {
   const b = new Uint8Array(8);
   crypto.getRandomValues(b);
@@ -69,9 +72,13 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
   private makingOffer = false;
   private ignoreOffer = false;
   private answerPending = false;
+  /** Candidates that came before a remote description they belong to
+   * (after an ignored offer, say): added once one is set. */
+  private early: RTCIceCandidateInit[] = [];
   private timer?: ReturnType<typeof setInterval>;
   private reported = { direct: 0, relayed: 0 };
   private closed = false;
+  private watchdog?: ReturnType<typeof setTimeout>;
   private readonly PC: typeof RTCPeerConnection;
 
   constructor(
@@ -95,6 +102,7 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
     this.makingOffer = false;
     this.ignoreOffer = false;
     this.answerPending = false;
+    this.early = [];
     const pc = new this.PC({
       iceServers: this.room.iceServers?.iceServers ?? [],
       iceTransportPolicy: this.opts.iceTransportPolicy ?? "all",
@@ -104,7 +112,12 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
       try {
         this.makingOffer = true;
         await pc.setLocalDescription();
-        this.send({ description: pc.localDescription?.toJSON() });
+        // An offer that crossed the other side's offer may have been
+        // rolled back (we were polite and answered) by now: sending it
+        // late would make the other side answer credentials gone.
+        if (pc.signalingState === "have-local-offer" && pc.localDescription?.type === "offer") {
+          this.send({ description: pc.localDescription.toJSON() });
+        }
       } catch (e) {
         console.warn("floe: offer failed", e);
       } finally {
@@ -152,20 +165,43 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
         this.answerPending = d.type === "answer";
         await pc.setRemoteDescription(d);
         this.answerPending = false;
+        this.watch(pc);
+        // Candidates that waited for this description; ones for another
+        // (an ICE generation gone) fail and are dropped.
+        for (const c of this.early.splice(0)) await pc.addIceCandidate(c).catch(() => {});
         if (d.type === "offer") {
           await pc.setLocalDescription();
-          this.send({ description: pc.localDescription?.toJSON() });
+          if (pc.localDescription?.type === "answer") this.send({ description: pc.localDescription.toJSON() });
         }
       } else if (p.candidate) {
+        if (!pc.remoteDescription) {
+          this.early.push(p.candidate);
+          return;
+        }
         try {
           await pc.addIceCandidate(p.candidate);
         } catch (e) {
-          if (!this.ignoreOffer) console.warn("floe: candidate refused", e);
+          // After an ignored offer its candidates may still be needed:
+          // the other side answers ours with the same ICE credentials.
+          if (this.ignoreOffer) this.early.push(p.candidate);
+          else console.warn("floe: candidate refused", e);
         }
       }
     } catch (e) {
       console.warn("floe: negotiation step failed", e);
     }
+  }
+
+  /** After an offer/answer, a connection still not under way after a
+   * while gets an ICE restart from the impolite side (one side, so the
+   * two restarts do not collide): it recovers from ICE that stalled, for
+   * instance candidates lost while both sides offered at once. */
+  private watch(pc: RTCPeerConnection): void {
+    clearTimeout(this.watchdog);
+    this.watchdog = setTimeout(() => {
+      const stalled = pc.connectionState === "new" || pc.connectionState === "connecting";
+      if (pc === this.pc && !this.closed && !this.polite && stalled) pc.restartIce();
+    }, STALL_MS);
   }
 
   /** Swaps in fresh ICE servers (before the TURN credentials expire). */
@@ -226,6 +262,7 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
     if (this.closed) return;
     this.closed = true;
     clearInterval(this.timer);
+    clearTimeout(this.watchdog);
     this.pc.close();
     this.emit("closed", undefined);
   }

@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
-import { sdk, floeDev, memoryStore, next } from "./helpers.mjs";
+import { sdk, floeDev, memoryStore, next } from "../../test-support/floe.mjs";
 
 let floe, dev;
 before(async () => {

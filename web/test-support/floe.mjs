@@ -8,7 +8,7 @@ import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
-export const webDir = join(here, "..", "..");
+export const webDir = join(here, "..");
 
 /** Compiles the SDK (tsc) once per test process; returns its module. */
 export async function sdk() {

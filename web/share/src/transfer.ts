@@ -1,0 +1,319 @@
+// Moving files over one RTCDataChannel: the sender streams each file with
+// File.slice in chunks as large as SCTP allows, paced by the channel's
+// bufferedamountlow event; the receiver hashes as bytes arrive (SHA-256
+// in a worker) and asks for the rest from where it stands, so a transfer
+// resumes after the channel comes back. Control messages are JSON strings;
+// file bytes are binary messages of the file being sent.
+
+/** Sender → receiver and back. */
+type Control =
+  | { t: "file"; id: string; name: string; size: number; type: string }
+  | { t: "want"; id: string; offset: number }
+  | { t: "end"; id: string; sha256: string };
+
+/** Largest chunk (Chromium's SCTP message limit is 256 KiB). */
+const MAX_CHUNK = 256 * 1024;
+/** Pause sending above this much buffered, resume below the low mark. */
+const HIGH_WATER = 8 * 1024 * 1024;
+const LOW_WATER = 2 * 1024 * 1024;
+/** Received files larger than this held in memory get a warning. */
+export const MEMORY_WARNING_BYTES = 512 * 1024 * 1024;
+
+export interface Progress {
+  id: string;
+  name: string;
+  size: number;
+  direction: "send" | "receive";
+  bytes: number;
+  /** Bytes per second over the last second or so. */
+  rate: number;
+  state: "waiting" | "moving" | "verifying" | "done" | "failed";
+  sha256?: string;
+  /** Where a received file can be saved from (Blob fallback). */
+  url?: string;
+  error?: string;
+}
+
+export interface Sink {
+  write(chunk: ArrayBuffer): Promise<void>;
+  /** Finishes; returns a URL for an in-memory file. */
+  close(): Promise<string | undefined>;
+}
+
+/** Where received files go: the File System Access API, or memory. */
+export type SinkFactory = (name: string, size: number, type: string) => Promise<Sink>;
+
+export function memorySink(type: string): Sink {
+  const parts: ArrayBuffer[] = [];
+  return {
+    async write(chunk) {
+      parts.push(chunk);
+    },
+    async close() {
+      return URL.createObjectURL(new Blob(parts, { type: type || "application/octet-stream" }));
+    },
+  };
+}
+
+class Hasher {
+  private worker = new Worker(new URL("./hash-worker.js", import.meta.url), { type: "module" });
+  update(data: ArrayBuffer): void {
+    // A copy is transferred; the caller keeps its buffer.
+    const copy = data.slice(0);
+    this.worker.postMessage({ op: "update", data: copy }, [copy]);
+  }
+  digest(): Promise<string> {
+    return new Promise((resolve) => {
+      this.worker.onmessage = (e: MessageEvent<{ hex: string }>) => {
+        resolve(e.data.hex);
+        this.worker.terminate();
+      };
+      this.worker.postMessage({ op: "digest" });
+    });
+  }
+}
+
+/** SHA-256 of a whole file, read in slices (never all in memory). */
+export async function hashFile(file: Blob): Promise<string> {
+  const h = new Hasher();
+  for (let at = 0; at < file.size; at += 4 * 1024 * 1024) {
+    h.update(await file.slice(at, at + 4 * 1024 * 1024).arrayBuffer());
+  }
+  return h.digest();
+}
+
+function newId(): string {
+  const b = new Uint8Array(6);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+interface Outgoing {
+  file: File;
+  progress: Progress;
+  sha256: Promise<string>;
+}
+
+interface Incoming {
+  progress: Progress;
+  type: string;
+  sink?: Sink;
+  hasher: Hasher;
+}
+
+/** Both directions of file transfer between two browsers. */
+export class Transfers {
+  readonly all = new Map<string, Progress>();
+  private queue: Outgoing[] = [];
+  private sending?: Outgoing;
+  private offset = 0;
+  private incoming?: Incoming;
+  private channel?: RTCDataChannel;
+  private pumping = false;
+  /** Incoming messages are handled one after another, in order. */
+  private rx: Promise<void> = Promise.resolve();
+  private rateMark = { at: performance.now(), bytes: 0 };
+
+  constructor(
+    private readonly sinkFor: SinkFactory,
+    private readonly onChange: (p: Progress) => void,
+  ) {}
+
+  /** Uses `channel` from now on (a new one after a reconnect). */
+  attach(channel: RTCDataChannel): void {
+    this.channel = channel;
+    channel.binaryType = "arraybuffer";
+    channel.bufferedAmountLowThreshold = LOW_WATER;
+    channel.onmessage = (e) => {
+      this.rx = this.rx.then(() => this.onMessage(e.data)).catch((err) => console.error("floe share:", err));
+    };
+    channel.onbufferedamountlow = () => void this.pump();
+    channel.onopen = () => this.resume();
+    if (channel.readyState === "open") this.resume();
+  }
+
+  /** After the channel (re)opens: offer what is waiting, ask for the rest. */
+  private resume(): void {
+    if (this.sending) this.send({ t: "file", ...this.describe(this.sending) });
+    else this.next();
+    if (this.incoming && this.incoming.progress.state === "moving") {
+      this.send({ t: "want", id: this.incoming.progress.id, offset: this.incoming.progress.bytes });
+    }
+  }
+
+  private describe(o: Outgoing): { id: string; name: string; size: number; type: string } {
+    return { id: o.progress.id, name: o.file.name, size: o.file.size, type: o.file.type };
+  }
+
+  private send(m: Control): void {
+    if (this.channel?.readyState === "open") this.channel.send(JSON.stringify(m));
+  }
+
+  private changed(p: Progress): void {
+    this.all.set(p.id, p);
+    this.onChange(p);
+  }
+
+  /** Queues files to send. */
+  add(files: Iterable<File>): void {
+    for (const file of files) {
+      const progress: Progress = {
+        id: newId(),
+        name: file.name,
+        size: file.size,
+        direction: "send",
+        bytes: 0,
+        rate: 0,
+        state: "waiting",
+      };
+      this.queue.push({ file, progress, sha256: hashFile(file) });
+      this.changed(progress);
+    }
+    if (!this.sending) this.next();
+  }
+
+  private next(): void {
+    this.sending = this.queue.shift();
+    if (this.sending) this.send({ t: "file", ...this.describe(this.sending) });
+  }
+
+  private async onMessage(data: string | ArrayBuffer): Promise<void> {
+    if (typeof data !== "string") return this.onChunk(data);
+    let m: Control;
+    try {
+      m = JSON.parse(data) as Control;
+    } catch {
+      return;
+    }
+    if (m.t === "file") await this.onOffer(m);
+    else if (m.t === "want") this.onWant(m);
+    else if (m.t === "end") await this.onEnd(m);
+  }
+
+  // ---- sending ----
+
+  private onWant(m: { id: string; offset: number }): void {
+    const o = this.sending;
+    if (!o || o.progress.id !== m.id) return;
+    this.offset = Math.max(0, Math.min(m.offset, o.file.size));
+    o.progress.state = "moving";
+    o.progress.bytes = this.offset;
+    this.changed(o.progress);
+    void this.pump();
+  }
+
+  private chunkSize(): number {
+    const sctp = (this.channel as unknown as { sctp?: RTCSctpTransport } | undefined)?.sctp;
+    return Math.min(MAX_CHUNK, sctp?.maxMessageSize || 64 * 1024);
+  }
+
+  /** Sends slices until the buffer is full; the low-water event resumes. */
+  private async pump(): Promise<void> {
+    const o = this.sending;
+    const ch = this.channel;
+    if (this.pumping || !o || !ch || o.progress.state !== "moving") return;
+    this.pumping = true;
+    try {
+      const size = this.chunkSize();
+      while (this.offset < o.file.size && ch.readyState === "open" && ch.bufferedAmount < HIGH_WATER) {
+        const end = Math.min(this.offset + size, o.file.size);
+        const chunk = await o.file.slice(this.offset, end).arrayBuffer();
+        if (ch.readyState !== "open" || this.sending !== o) return;
+        ch.send(chunk);
+        this.offset = end;
+        this.tick(o.progress, end);
+      }
+      if (this.offset >= o.file.size && ch.readyState === "open") {
+        o.progress.state = "verifying";
+        this.changed(o.progress);
+        const sha256 = await o.sha256;
+        o.progress.sha256 = sha256;
+        this.send({ t: "end", id: o.progress.id, sha256 });
+        o.progress.state = "done";
+        o.progress.rate = 0;
+        this.changed(o.progress);
+        this.next();
+      }
+    } catch (e) {
+      o.progress.state = "failed";
+      o.progress.error = String(e);
+      this.changed(o.progress);
+      this.next();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private tick(p: Progress, bytes: number): void {
+    p.bytes = bytes;
+    const now = performance.now();
+    const dt = now - this.rateMark.at;
+    if (dt >= 500) {
+      p.rate = ((bytes - this.rateMark.bytes) * 1000) / dt;
+      this.rateMark = { at: now, bytes };
+      this.changed(p);
+    } else if (bytes < this.rateMark.bytes) {
+      this.rateMark = { at: now, bytes };
+    }
+  }
+
+  // ---- receiving ----
+
+  private async onOffer(m: { id: string; name: string; size: number; type: string }): Promise<void> {
+    const known = this.incoming;
+    if (known && known.progress.id === m.id) {
+      // The sender offers again after a reconnect: continue where we are.
+      this.send({ t: "want", id: m.id, offset: known.progress.bytes });
+      return;
+    }
+    const progress: Progress = {
+      id: m.id,
+      name: m.name,
+      size: m.size,
+      direction: "receive",
+      bytes: 0,
+      rate: 0,
+      state: "moving",
+    };
+    if (m.size > MEMORY_WARNING_BYTES) progress.error = "large file: it is held in memory until saved";
+    const incoming: Incoming = { progress, type: m.type, hasher: new Hasher() };
+    this.incoming = incoming;
+    this.changed(progress);
+    try {
+      incoming.sink = await this.sinkFor(m.name, m.size, m.type);
+    } catch (e) {
+      progress.state = "failed";
+      progress.error = `cannot save: ${e}`;
+      this.changed(progress);
+      return;
+    }
+    this.send({ t: "want", id: m.id, offset: 0 });
+  }
+
+  private async onChunk(chunk: ArrayBuffer): Promise<void> {
+    const i = this.incoming;
+    if (!i?.sink || i.progress.state !== "moving") return;
+    i.hasher.update(chunk);
+    await i.sink.write(chunk);
+    this.tick(i.progress, i.progress.bytes + chunk.byteLength);
+  }
+
+  private async onEnd(m: { id: string; sha256: string }): Promise<void> {
+    const i = this.incoming;
+    if (!i || i.progress.id !== m.id || !i.sink) return;
+    i.progress.state = "verifying";
+    this.changed(i.progress);
+    const got = await i.hasher.digest();
+    i.progress.sha256 = got;
+    i.progress.rate = 0;
+    if (got === m.sha256 && i.progress.bytes === i.progress.size) {
+      i.progress.url = await i.sink.close();
+      i.progress.state = "done";
+    } else {
+      i.progress.state = "failed";
+      i.progress.error = `SHA-256 mismatch: sent ${m.sha256}, received ${got}`;
+    }
+    this.incoming = undefined;
+    this.changed(i.progress);
+  }
+}
