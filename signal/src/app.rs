@@ -36,7 +36,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 pub(crate) fn router(tenant: &str) -> Router {
     let config = serde_json::json!({ "tenant": tenant }).to_string();
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
         .route(
             "/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
