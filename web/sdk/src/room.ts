@@ -139,6 +139,8 @@ export class Room extends Emitter<RoomEvents> {
   private timer?: ReturnType<typeof setTimeout>;
   private stopped = false;
   private readonly links = new Map<string, PeerLink>();
+  /** Sessions that left: their late signals are stale and dropped. */
+  private readonly ended = new Set<string>();
   private readonly url: string;
   private readonly WS: typeof WebSocket;
   private readonly store: KeyValueStore | null;
@@ -207,9 +209,12 @@ export class Room extends Emitter<RoomEvents> {
       case "peer-left":
         // A stale departure (the peer is back with a new session) changes nothing.
         if (this.peers.get(m.peer_id) === m.session_id) this.peers.delete(m.peer_id);
+        this.ended.add(m.session_id);
+        if (this.ended.size > 1_000) this.ended.delete(this.ended.values().next().value as string);
         this.emit("peer-left", { peer_id: m.peer_id, session_id: m.session_id, reason: m.reason });
         break;
       case "signal":
+        if (this.ended.has(m.from_sid)) break;
         this.links.get(m.from)?.onSignal(m.payload);
         this.emit("signal", { from: m.from, fromSid: m.from_sid, payload: m.payload });
         break;
