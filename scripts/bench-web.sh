@@ -33,27 +33,30 @@ turnserver -n --no-cli --no-tls --no-dtls --listening-ip 127.0.0.1 --relay-ip 12
   --log-file "$work/coturn.log" --simple-log >/dev/null 2>&1 &
 pids+=($!)
 
-# A control plane and a signal node serving the app, whose TURN is $1:$2.
+# A control plane and a signal node serving the app, whose TURN listens on
+# port $1; sets $stack_url to the signal node's URL.
 stack() {
   local cp sig
   cp=$(free_port); sig=$(free_port)
   FLOE_LOG=warn "$floe" control-plane --listen "127.0.0.1:$cp" --store "$work/cp-$cp.redb" \
     --admin-token "$ADMIN" --internal-token "$INTERNAL" --turn-secrets "k1=$SECRET" \
-    --stun-url "stun:127.0.0.1:$2" --turn-url "turn:127.0.0.1:$2?transport=udp" \
-    --api-rate 100000 2>>"$work/cp.log" &
+    --stun-url "stun:127.0.0.1:$1" --turn-url "turn:127.0.0.1:$1?transport=udp" \
+    --api-rate 100000 >/dev/null 2>>"$work/cp.log" &
   pids+=($!)
   wait_http "http://127.0.0.1:$cp/readyz"
   FLOE_CONTROL_URL="http://127.0.0.1:$cp" FLOE_ADMIN_TOKEN="$ADMIN" \
     "$floe" tenant create --id bench --name bench --turn true --public-rooms true >/dev/null
   FLOE_LOG=warn "$floe" signal --listen "127.0.0.1:$sig" --ops-listen 127.0.0.1:0 \
     --control-url "http://127.0.0.1:$cp" --internal-token "$INTERNAL" \
-    --serve-app --app-tenant bench 2>>"$work/signal.log" &
+    --serve-app --app-tenant bench >/dev/null 2>>"$work/signal.log" &
   pids+=($!)
   wait_http "http://127.0.0.1:$sig/readyz"
-  echo "http://127.0.0.1:$sig"
+  stack_url="http://127.0.0.1:$sig"
 }
-floe_stack=$(stack floe "$turn_port")
-coturn_stack=$(stack coturn "$coturn_port")
+stack "$turn_port"
+floe_stack="$stack_url"
+stack "$coturn_port"
+coturn_stack="$stack_url"
 
 run() { (cd web && node bench/transfer.mjs "$@") | tee -a "$work/results.jsonl"; }
 echo "== $SIZE MiB, one Chromium, two contexts"

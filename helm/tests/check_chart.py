@@ -211,6 +211,7 @@ def main():
         "several signal nodes without Redis": ["--set", "redis.enabled=false"],
         "short TURN secret": ["--set", "secrets.turnSecrets[0].kid=k1,secrets.turnSecrets[0].secret=short"],
         "unknown top-level value": ["--set", "turnn.enabled=true"],
+        "the web app without its tenant": ["--set", "signal.serveApp=true"],
     }
     for what, args in refusals.items():
         result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)

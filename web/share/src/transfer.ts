@@ -16,6 +16,8 @@ const MAX_CHUNK = 256 * 1024;
 /** Pause sending above this much buffered, resume below the low mark. */
 const HIGH_WATER = 8 * 1024 * 1024;
 const LOW_WATER = 2 * 1024 * 1024;
+/** How much of a file one read takes (then sent as several chunks). */
+const READ_SIZE = 1024 * 1024;
 /** Received files larger than this held in memory get a warning. */
 export const MEMORY_WARNING_BYTES = 512 * 1024 * 1024;
 
@@ -57,10 +59,17 @@ export function memorySink(type: string): Sink {
 
 class Hasher {
   private worker = new Worker(new URL("./hash-worker.js", import.meta.url), { type: "module" });
+  /** Hashes a copy; the caller keeps its buffer. */
   update(data: ArrayBuffer): void {
-    // A copy is transferred; the caller keeps its buffer.
-    const copy = data.slice(0);
-    this.worker.postMessage({ op: "update", data: copy }, [copy]);
+    this.give(data.slice(0));
+  }
+  /** Hashes `data` without a copy: it moves to the worker (detached here). */
+  give(data: ArrayBuffer): void {
+    this.worker.postMessage({ op: "update", data }, [data]);
+  }
+  /** Stops the worker without a digest. */
+  close(): void {
+    this.worker.terminate();
   }
   digest(): Promise<string> {
     return new Promise((resolve) => {
@@ -76,8 +85,8 @@ class Hasher {
 /** SHA-256 of a whole file, read in slices (never all in memory). */
 export async function hashFile(file: Blob): Promise<string> {
   const h = new Hasher();
-  for (let at = 0; at < file.size; at += 4 * 1024 * 1024) {
-    h.update(await file.slice(at, at + 4 * 1024 * 1024).arrayBuffer());
+  for (let at = 0; at < file.size; at += READ_SIZE) {
+    h.give(await file.slice(at, at + READ_SIZE).arrayBuffer());
   }
   return h.digest();
 }
@@ -91,7 +100,10 @@ function newId(): string {
 interface Outgoing {
   file: File;
   progress: Progress;
-  sha256: Promise<string>;
+  /** Hashes what is read for sending, while it is read in order. */
+  hasher: Hasher;
+  /** Bytes the hasher has seen (from 0, without gaps). */
+  hashed: number;
 }
 
 interface Incoming {
@@ -166,7 +178,7 @@ export class Transfers {
         rate: 0,
         state: "waiting",
       };
-      this.queue.push({ file, progress, sha256: hashFile(file) });
+      this.queue.push({ file, progress, hasher: new Hasher(), hashed: 0 });
       this.changed(progress);
     }
     if (!this.sending) this.next();
@@ -207,7 +219,9 @@ export class Transfers {
     return Math.min(MAX_CHUNK, sctp?.maxMessageSize || 64 * 1024);
   }
 
-  /** Sends slices until the buffer is full; the low-water event resumes. */
+  /** Sends slices until the buffer is full; the low-water event resumes.
+   * Each read is hashed as it goes out (one pass over the file); after a
+   * resume that went back, the hash is taken in a pass of its own. */
   private async pump(): Promise<void> {
     const o = this.sending;
     const ch = this.channel;
@@ -216,17 +230,31 @@ export class Transfers {
     try {
       const size = this.chunkSize();
       while (this.offset < o.file.size && ch.readyState === "open" && ch.bufferedAmount < HIGH_WATER) {
-        const end = Math.min(this.offset + size, o.file.size);
-        const chunk = await o.file.slice(this.offset, end).arrayBuffer();
+        const start = this.offset;
+        const end = Math.min(start + READ_SIZE, o.file.size);
+        const data = await o.file.slice(start, end).arrayBuffer();
         if (ch.readyState !== "open" || this.sending !== o) return;
-        ch.send(chunk);
+        for (let at = 0; at < data.byteLength; at += size) {
+          ch.send(new Uint8Array(data, at, Math.min(size, data.byteLength - at)));
+        }
         this.offset = end;
+        // send() has copied the bytes: the buffer can move to the hasher.
+        if (start === o.hashed) {
+          o.hasher.give(data);
+          o.hashed = end;
+        }
         this.tick(o.progress, end);
       }
       if (this.offset >= o.file.size && ch.readyState === "open") {
         o.progress.state = "verifying";
         this.changed(o.progress);
-        const sha256 = await o.sha256;
+        let sha256: string;
+        if (o.hashed === o.file.size) {
+          sha256 = await o.hasher.digest();
+        } else {
+          o.hasher.close();
+          sha256 = await hashFile(o.file);
+        }
         o.progress.sha256 = sha256;
         this.send({ t: "end", id: o.progress.id, sha256 });
         o.progress.state = "done";
