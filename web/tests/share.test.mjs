@@ -158,6 +158,18 @@ test("the receiver's signaling socket is cut mid-transfer: the transfer complete
   await b.context().close();
 });
 
+test("the data channel is lost mid-transfer: a new one resumes where the receiver stands", { skip: noNetwork }, async () => {
+  const { a, link } = await creator();
+  const url = new URL(link);
+  const b = await page(url.pathname + url.search + url.hash);
+  await transfer(a, b, {
+    // The receiver's channel closes (as a crashed SCTP association would).
+    whileMoving: () => b.evaluate(() => window.floeShare.transfers.channel.close()),
+  });
+  await a.context().close();
+  await b.context().close();
+});
+
 test("a wrong password is refused clearly, and a one-time link admits two browsers only", { skip: noNetwork }, async () => {
   const { a, link } = await creator({ password: "right horse" });
   const url = new URL(link);

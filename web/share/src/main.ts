@@ -137,7 +137,14 @@ function connectTo(peerId: string): void {
   // Chromium can stall ICE gathering on the side that rolls back.
   const l = link;
   const attach = (pc: RTCPeerConnection) => {
-    if (!l.polite) transfers.attach(pc.createDataChannel("files", { ordered: true }));
+    if (l.polite) return;
+    const channel = pc.createDataChannel("files", { ordered: true });
+    transfers.attach(channel);
+    // A channel lost on a live connection is opened again; the transfer
+    // resumes from what the receiver has.
+    channel.addEventListener("close", () => {
+      if (pc === l.pc && pc.connectionState === "connected") attach(pc);
+    });
   };
   attach(l.pc);
   l.on("pc", attach);
