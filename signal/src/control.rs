@@ -109,15 +109,23 @@ impl Control {
 
     /// The control plane's change feed after `after`.
     pub async fn changes(&self, after: u64) -> Result<Changes, Unavailable> {
-        let resp = self
-            .http
-            .get(format!("{}/internal/v1/changes?after={after}", self.base))
+        let url = format!("{}/internal/v1/changes?after={after}", self.base);
+        self.answer("changes", self.http.get(url)).await
+    }
+
+    /// Sends an internal request; its JSON answer, or why there is none.
+    async fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, Unavailable> {
+        let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
         if !resp.status().is_success() {
-            return Err(Unavailable(format!("changes: answered {}", resp.status())));
+            return Err(Unavailable(format!("{what}: answered {}", resp.status())));
         }
         resp.json().await.map_err(|e| Unavailable(e.to_string()))
     }
@@ -141,24 +149,14 @@ impl Control {
         room: &str,
         peer: &str,
     ) -> Result<IceServers, Unavailable> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{}/internal/v1/ice-servers", self.base))
-            .bearer_auth(&self.token)
             .json(&IceServersRequest {
                 tenant: tenant.to_owned(),
                 room: room.to_owned(),
                 peer: peer.to_owned(),
-            })
-            .send()
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(Unavailable(format!(
-                "ICE servers: answered {}",
-                resp.status()
-            )));
-        }
-        resp.json().await.map_err(|e| Unavailable(e.to_string()))
+            });
+        self.answer("ICE servers", req).await
     }
 }
