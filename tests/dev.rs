@@ -158,3 +158,35 @@ fn check_config_validates_without_starting() {
         assert!(help.status.success(), "{cmd} --help");
     }
 }
+
+/// Logs written to a file carry no colour codes (only a terminal gets them).
+#[test]
+fn logs_to_a_file_are_plain_text() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let log_path = data.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floe"))
+        .args(["dev", "--signal-port", "0", "--control-port", "0"])
+        .args(["--turn-port", "0", "--turn-http-port", "0", "--data-dir"])
+        .arg(data.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn floe dev");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !data.path().join("data/endpoints.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "floe dev did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log_path).expect("read log");
+    assert!(text.contains("signal node listening"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escapes in a log file: {text}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Tracing set-up: human-readable logs by default, JSON with `--log-format
 //! json`; the level comes from `FLOE_LOG` (or `RUST_LOG`), `info` by
-//! default.
+//! default. Text is coloured only on a terminal, and never with `NO_COLOR`
+//! set (<https://no-color.org>).
 
 use tracing_subscriber::EnvFilter;
 
@@ -23,8 +24,11 @@ pub fn init(format: LogFormat) {
         // The webrtc-rs TURN client (load tester) warns per datagram when
         // its buffer fills under load; that is counted in reports instead.
         .unwrap_or_else(|| EnvFilter::new("info,turn::client=error"));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
