@@ -76,6 +76,14 @@ impl EmbeddedStore {
         }
         let db = Database::create(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        // It holds API key secrets: readable by its owner only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| StoreError::Backend(format!("cannot restrict {}: {e}", path.display())),
+            )?;
+        }
         // Create every table up front so readers never see a missing one.
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(TENANTS).map_err(backend)?;
@@ -555,6 +563,20 @@ mod tests {
     async fn suite_revocations_and_alerts() {
         let (_d, s) = open();
         suite::revocations_and_alerts(&s, "").await;
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("control.redb");
+        EmbeddedStore::open(&path).expect("open");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "API key secrets live in this file");
     }
 
     #[tokio::test]
