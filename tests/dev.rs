@@ -190,3 +190,24 @@ fn logs_to_a_file_are_plain_text() {
         "ANSI escapes in a log file: {text}"
     );
 }
+
+/// A port in use is reported once, naming the flag to change (the cause
+/// used to be printed twice in the error chain).
+#[test]
+fn a_port_in_use_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_floe"))
+        .args(["signal", "--listen", &addr, "--ops-listen", "127.0.0.1:0"])
+        .env("FLOE_INTERNAL_TOKEN", "0123456789abcdef0123")
+        .output()
+        .expect("run floe");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("--listen"), "{stderr}");
+}

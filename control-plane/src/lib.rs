@@ -33,7 +33,9 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    // Transparent: its message already names what failed, and a wrapper
+    // that repeated it printed the cause twice in an error chain.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

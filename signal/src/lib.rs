@@ -39,9 +39,11 @@ const DRAIN_WAIT: Duration = Duration::from_secs(10);
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
+    // Transparent: its message already names what failed, and a wrapper
+    // that repeated it printed the cause twice in an error chain.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("HTTP client: {0}")]
+    #[error("HTTP client")]
     Http(#[from] reqwest::Error),
     #[error("{0}")]
     Bus(String),

@@ -39,9 +39,11 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("{0}")]
+    // Transparent: its message already names what failed, and a wrapper
+    // that repeated it printed the cause twice in an error chain.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("HTTP client: {0}")]
+    #[error("HTTP client")]
     Http(#[from] reqwest::Error),
 }
 
