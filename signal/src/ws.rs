@@ -269,7 +269,7 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         }
     };
     let by_token = key_id.is_some();
-    let me = Member {
+    let mut me = Member {
         peer_id,
         session_id: format!("s_{}", floe_common::secret::random_token(6)),
         node: app.settings.node_id.clone(),
@@ -295,7 +295,6 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         }
     };
     let key = record.key();
-    let mut me = me;
     let (record, old) = app.hub.register(record, &me, key_id, mailbox.clone());
     // The hub and the bus keep the secret's hash; the connection's own
     // copy would only cost memory for as long as it lives.

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Client, Stack, metrics, public_room};
+use common::{ADMIN, Client, Stack, metrics, public_room, room_as_owner};
 use floe_proto::api::CreatedApiKey;
 use floe_proto::token::{Grants, JoinClaims};
 use serde_json::{Value, json};
@@ -105,16 +105,7 @@ async fn a_peer_that_never_reads_is_closed_and_leaves_within_a_heartbeat() {
         (json!("ghost"), json!("slow"))
     );
     assert!(started.elapsed() < Duration::from_secs(30));
-    let info: Value = stack
-        .http
-        .get(format!("http://{}/v1/rooms/{id}", node.addr()))
-        .bearer_auth(owner)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let info = room_as_owner(&stack.http, &node, id, owner).await;
     assert_eq!(info["peers"], json!(["a", "b", "c"]));
     let fresh = Client::join(&node, id, "client_id=d").await;
     assert!(

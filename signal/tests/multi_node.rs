@@ -97,16 +97,8 @@ async fn peers_on_three_nodes_share_rooms_presence_and_relay() {
     assert_eq!(b2.expect("signal").await["payload"]["again"], true);
 
     // The REST view from any node (peer ids for the owner only).
-    let info: serde_json::Value = stack
-        .http
-        .get(format!("http://{}/v1/rooms/{id}", nodes[1].addr()))
-        .bearer_auth(room["owner_key"].as_str().expect("owner key"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let owner = room["owner_key"].as_str().expect("owner key");
+    let info = common::room_as_owner(&stack.http, &nodes[1], id, owner).await;
     assert_eq!(info["peers"], json!(["a", "b", "c"]));
     assert_eq!(info["peer_count"], 3);
 

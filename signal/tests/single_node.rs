@@ -440,16 +440,7 @@ async fn rooms_expire_and_owner_keys_delete_and_ice_servers_refresh() {
                 .expect("expiry")
     );
     let url = format!("http://{}/v1/rooms/{id}", node.addr());
-    let info: Value = stack
-        .http
-        .get(&url)
-        .bearer_auth(owner)
-        .send()
-        .await
-        .expect("req")
-        .json()
-        .await
-        .expect("json");
+    let info = common::room_as_owner(&stack.http, &node, id, owner).await;
     assert_eq!(info["peers"], json!([b.peer_id()]));
     // No credentials: 401 before anything is looked up; a wrong owner
     // key: 403.

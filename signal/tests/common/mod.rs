@@ -132,6 +132,23 @@ pub async fn tenant_with_key(
         .expect("key")
 }
 
+/// `GET /v1/rooms/{id}` on `node` as the room's owner (so with its peers).
+pub async fn room_as_owner(
+    http: &reqwest::Client,
+    node: &impl Node,
+    id: &str,
+    owner_key: &str,
+) -> Value {
+    http.get(format!("http://{}/v1/rooms/{id}", node.addr()))
+        .bearer_auth(owner_key)
+        .send()
+        .await
+        .expect("get room")
+        .json()
+        .await
+        .expect("room JSON")
+}
+
 /// Anything with a signal API address: an in-process node or a process.
 pub trait Node {
     fn addr(&self) -> SocketAddr;
