@@ -169,6 +169,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 200.0,
+        enforcement_refresh_ms: 2_000,
     };
     // The control plane stops last: TURN reports its final usage to it.
     let control_stop = Shutdown::new();

@@ -2,6 +2,7 @@
 //! routes (API key, HTTP Basic `key_id:secret`), and internal routes for
 //! signal and TURN (bearer internal token).
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,7 +17,7 @@ use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
     ApiKey, Changes, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
-    KeyVerification, MintToken, MintedToken, Tenant, UpdateTenant,
+    KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest, UpdateTenant,
 };
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
@@ -25,7 +26,7 @@ use floe_proto::usage::{Enforcement, Revocation, UsageAck, UsageBatch};
 use serde::Deserialize;
 
 use crate::config::Settings;
-use crate::enforcement;
+use crate::enforcement::Snapshot;
 use crate::error::ControlError;
 use crate::metrics::Metrics;
 use crate::store::{KeyRecord, Store, UsageReport};
@@ -38,6 +39,9 @@ const MAX_BATCH_RECORDS: usize = 10_000;
 const BODY_LIMIT: usize = 64 * 1024;
 /// Body limit of usage batches.
 const USAGE_BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Longest TURN credential lifetime any plan may allow (a day, as with
+/// join tokens: a revocation must outlive every credential it covers).
+pub(crate) const MAX_CREDENTIAL_TTL_SECS: u64 = 86_400;
 /// Longest usage report, in days.
 const MAX_REPORT_DAYS: usize = 400;
 
@@ -49,6 +53,10 @@ pub(crate) struct App {
     /// Wakes the webhook deliverer when events are queued.
     pub webhooks: Arc<tokio::sync::Notify>,
     limiter: Mutex<RateLimiter<IpAddr>>,
+    /// What acks and credential requests read instead of the store.
+    policy: Mutex<PolicyState>,
+    /// One rebuild of `policy` at a time.
+    rebuilding: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -61,6 +69,8 @@ impl App {
             metrics,
             webhooks: Arc::new(tokio::sync::Notify::new()),
             limiter,
+            policy: Mutex::default(),
+            rebuilding: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -94,6 +104,9 @@ impl App {
     async fn changed(&self, tenant: &str, key: Option<&str>) -> Result<()> {
         self.timed("record_change", self.store.record_change(tenant, key))
             .await?;
+        if key.is_none() {
+            self.tenant_changed(tenant, unix_now()).await?;
+        }
         Ok(())
     }
 
@@ -134,52 +147,174 @@ impl App {
     /// Why (tenant, room, peer) gets no TURN credentials now, if it does not.
     async fn turn_refusal(
         &self,
-        tenant: &Tenant,
-        req: &IceServersRequest,
+        tenant: &str,
+        room: &str,
+        peer: &str,
         now: u64,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<&'static str>> {
         if self.settings.turn_urls.is_empty() || self.settings.turn_secrets.is_none() {
-            return Ok(Some("turn_not_configured".to_owned()));
+            return Ok(Some("turn_not_configured"));
         }
-        let month = Date::from_unix(now).month_key();
-        let bytes = self
-            .timed("month_bytes", self.store.month_bytes(&tenant.id, &month))
-            .await?;
-        if let Some(reason) = enforcement::cut_off_reason(tenant, bytes) {
-            return Ok(Some(reason.as_str().to_owned()));
-        }
-        let revoked = self
-            .timed("revocations", self.store.revocations(now))
-            .await?
-            .iter()
-            .any(|r| r.covers(&req.tenant, &req.room, &req.peer));
-        Ok(revoked.then(|| "revoked".to_owned()))
+        self.enforcement(now).await?;
+        let policy = lock(&self.policy);
+        Ok(policy
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.refusal(tenant, room, peer)))
     }
 
-    /// The enforcement state over every tenant, as of `now`.
-    pub async fn enforcement(&self, now: u64) -> Result<Enforcement> {
+    /// The enforcement state over every tenant, as of `now`: the in-memory
+    /// snapshot, built from the store on first use and at a month's start.
+    pub async fn enforcement(&self, now: u64) -> Result<Arc<Enforcement>> {
+        let month = Date::from_unix(now).month_key();
+        loop {
+            if let Some(s) = lock(&self.policy)
+                .snapshot
+                .as_ref()
+                .filter(|s| s.month == month)
+            {
+                return Ok(s.enforcement());
+            }
+            self.rebuild_policy(now).await?;
+        }
+    }
+
+    /// Rebuilds the enforcement snapshot from the store (on a tick, so
+    /// changes made through other replicas arrive). Edits made through
+    /// this replica while it reads are kept.
+    pub async fn rebuild_policy(&self, now: u64) -> Result<()> {
+        let _one = self.rebuilding.lock().await;
+        {
+            let mut p = lock(&self.policy);
+            p.rebuilding = true;
+            p.touched.clear();
+            p.revocations_touched = false;
+        }
+        let fresh = self.read_policy(now).await;
+        let mut p = lock(&self.policy);
+        p.rebuilding = false;
+        let fresh = fresh?;
+        let snapshot = match &p.snapshot {
+            Some(old) => old.merge_rebuild(fresh, &p.touched, p.revocations_touched),
+            None => fresh,
+        };
+        self.metrics
+            .tenants_over_quota
+            .set(snapshot.over_quota() as i64);
+        p.snapshot = Some(snapshot);
+        Ok(())
+    }
+
+    async fn read_policy(&self, now: u64) -> Result<Snapshot> {
         let month = Date::from_unix(now).month_key();
         let tenants = self
             .timed("list_tenants", self.store.list_tenants())
             .await?;
-        let mut with_bytes = Vec::with_capacity(tenants.len());
-        for t in tenants {
-            let bytes = self
-                .timed("month_bytes", self.store.month_bytes(&t.id, &month))
-                .await?;
-            with_bytes.push((t, bytes));
-        }
+        let ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+        let bytes = self
+            .timed(
+                "month_bytes_many",
+                self.store.month_bytes_many(&ids, &month),
+            )
+            .await?;
         let revocations = self
             .timed("revocations", self.store.revocations(now))
             .await?;
-        let e = enforcement::enforcement(&with_bytes, revocations);
-        let over = e
-            .cut_off
-            .iter()
-            .filter(|c| c.reason == floe_proto::usage::CutOffReason::OverQuota)
-            .count();
+        Ok(Snapshot::new(
+            month,
+            tenants.into_iter().zip(bytes),
+            revocations,
+        ))
+    }
+
+    /// Applies an edit to the snapshot, if there is one yet, and marks it
+    /// so that a rebuild in progress keeps it.
+    fn edit_policy(&self, tenant: Option<&str>, edit: impl FnOnce(&mut Snapshot)) {
+        let mut p = lock(&self.policy);
+        let Some(snapshot) = p.snapshot.as_mut() else {
+            return;
+        };
+        edit(snapshot);
+        let over = snapshot.over_quota();
+        if p.rebuilding {
+            match tenant {
+                Some(t) => p.touched.insert(t.to_owned()),
+                None => std::mem::replace(&mut p.revocations_touched, true),
+            };
+        }
         self.metrics.tenants_over_quota.set(over as i64);
-        Ok(e)
+    }
+
+    /// Re-reads one tenant into the snapshot after it changed here.
+    pub(crate) async fn tenant_changed(&self, id: &str, now: u64) -> Result<()> {
+        let month = Date::from_unix(now).month_key();
+        let entry = match self.timed("get_tenant", self.store.get_tenant(id)).await? {
+            Some(t) => {
+                let bytes = self
+                    .timed("month_bytes", self.store.month_bytes(id, &month))
+                    .await?;
+                Some((t, bytes))
+            }
+            None => None,
+        };
+        self.edit_policy(Some(id), |s| s.set_tenant(id, entry));
+        Ok(())
+    }
+
+    /// Re-reads the month's bytes of tenants a usage batch just counted.
+    async fn bytes_changed(&self, tenants: Vec<String>, now: u64) -> Result<()> {
+        let month = Date::from_unix(now).month_key();
+        let bytes = self
+            .timed(
+                "month_bytes_many",
+                self.store.month_bytes_many(&tenants, &month),
+            )
+            .await?;
+        let mut p = lock(&self.policy);
+        if let Some(s) = p.snapshot.as_mut().filter(|s| s.month == month) {
+            s.set_bytes(tenants.iter().cloned().zip(bytes));
+            self.metrics.tenants_over_quota.set(s.over_quota() as i64);
+        }
+        // Bytes only grow within a month, so a rebuild's older read is
+        // harmless: the merge keeps the larger count.
+        drop(p);
+        Ok(())
+    }
+
+    /// Re-reads the revocations after one was added here.
+    async fn revocations_changed(&self, now: u64) -> Result<()> {
+        let revocations = self
+            .timed("revocations", self.store.revocations(now))
+            .await?;
+        self.edit_policy(None, |s| s.set_revocations(revocations));
+        Ok(())
+    }
+}
+
+/// The enforcement snapshot and what a rebuild in progress must keep.
+#[derive(Default)]
+struct PolicyState {
+    snapshot: Option<Snapshot>,
+    rebuilding: bool,
+    /// Tenants edited since the rebuild in progress started.
+    touched: HashSet<String>,
+    revocations_touched: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rebuilds the enforcement snapshot every `--enforcement-refresh-ms`.
+pub(crate) async fn refresh_policy(app: Arc<App>, stop: floe_common::Shutdown) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(app.settings.enforcement_refresh) => {}
+        }
+        if let Err(e) = app.rebuild_policy(unix_now()).await {
+            tracing::warn!(error = %e, "cannot rebuild the enforcement state; keeping the last one");
+        }
     }
 }
 
@@ -196,6 +331,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/tenants/{id}/usage", get(usage))
         .route("/v1/revocations", post(revoke))
         .route("/v1/tokens", post(mint_token))
+        .route("/v1/ice-servers", post(public_ice_servers))
         .layer(middleware::from_fn_with_state(app.clone(), rate_limit))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     let internal = Router::new()
@@ -235,6 +371,14 @@ async fn rate_limit(
 }
 
 fn validate_plan(plan: &floe_proto::api::Plan) -> Result<()> {
+    if plan
+        .max_credential_ttl_secs
+        .is_some_and(|t| !(60..=MAX_CREDENTIAL_TTL_SECS).contains(&t))
+    {
+        return Err(ControlError::Invalid(format!(
+            "plan.max_credential_ttl_secs must be between 60 and {MAX_CREDENTIAL_TTL_SECS}"
+        )));
+    }
     if plan.max_peers_per_room == Some(0) || plan.max_peers_per_room.is_some_and(|p| p > 1_000) {
         return Err(ControlError::Invalid(
             "plan.max_peers_per_room must be between 1 and 1000".into(),
@@ -297,6 +441,7 @@ async fn create_tenant(
     };
     app.timed("create_tenant", app.store.create_tenant(&tenant))
         .await?;
+    app.tenant_changed(&tenant.id, unix_now()).await?;
     tracing::info!(tenant = %tenant.id, "tenant created");
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -507,16 +652,18 @@ async fn revoke(
     if let Some(peer) = &req.peer {
         id::validate("peer", peer)?;
     }
-    // Every credential issued before now expires within one TTL, so the
-    // revocation need not outlive that.
+    // Every credential issued before now expires within the longest
+    // lifetime any plan allows (plans may change, so not the current
+    // plan's), so the revocation need not outlive that.
     let revocation = Revocation {
         tenant: req.tenant,
         room: req.room,
         peer: req.peer,
-        until: unix_now() + app.settings.credential_ttl_secs,
+        until: unix_now() + MAX_CREDENTIAL_TTL_SECS,
     };
     app.timed("add_revocation", app.store.add_revocation(&revocation))
         .await?;
+    app.revocations_changed(unix_now()).await?;
     tracing::info!(tenant = %revocation.tenant, room = ?revocation.room, peer = ?revocation.peer, "TURN access revoked");
     Ok((StatusCode::CREATED, Json(revocation)))
 }
@@ -633,47 +780,110 @@ async fn ice_servers(
     id::validate("room", &req.room)?;
     id::validate("peer", &req.peer)?;
     let tenant = app.tenant(&req.tenant).await?;
-    let now = unix_now();
-    let mut servers = Vec::new();
-    if !app.settings.stun_urls.is_empty() {
-        servers.push(IceServer {
-            urls: app.settings.stun_urls.clone(),
-            username: None,
-            credential: None,
-        });
-    }
-    let refused = app.turn_refusal(&tenant, &req, now).await?;
     let ttl = app.settings.credential_ttl_secs;
-    let expires = match (&refused, &app.settings.turn_secrets) {
-        (None, Some(secrets)) => {
-            let expires = now + ttl;
-            let (username, password) = secrets.issue(expires, &req.tenant, &req.room, &req.peer);
-            servers.push(IceServer {
-                urls: app.settings.turn_urls.clone(),
-                username: Some(username.to_string()),
-                credential: Some(password),
-            });
-            app.metrics
-                .credentials_issued
-                .with_label_values(&[req.tenant.as_str()])
-                .inc();
-            expires
-        }
-        _ => {
-            let reason = refused.as_deref().unwrap_or("turn_not_configured");
-            app.metrics
-                .credentials_refused
-                .with_label_values(&[req.tenant.as_str(), reason])
-                .inc();
-            0
-        }
+    Ok(Json(
+        app.issue(&tenant.id, &req.room, &req.peer, ttl, unix_now())
+            .await?,
+    ))
+}
+
+/// Room label of public ICE-server requests that name none.
+const DEFAULT_ROOM_LABEL: &str = "default";
+
+/// `POST /v1/ice-servers`: TURN for tenants with signaling of their own.
+/// The API key's tenant gets ICE servers for an optional (room, peer)
+/// label and lifetime, with everything the internal path enforces.
+async fn public_ice_servers(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<TurnCredentialsRequest>,
+) -> Result<Json<IceServers>> {
+    let key = app.tenant_key(&headers).await?;
+    // A disabled tenant, like one without TURN or over quota, gets STUN
+    // only and the reason (`turn_refused`), not an error.
+    let tenant = app.tenant(&key.tenant).await?;
+    let room = req.room.unwrap_or_else(|| DEFAULT_ROOM_LABEL.to_owned());
+    id::validate("room", &room)?;
+    let peer = match req.peer {
+        Some(p) => p,
+        None => format!("p_{}", floe_common::secret::random_token(6)),
     };
-    Ok(Json(IceServers {
-        ice_servers: servers,
-        ttl: if expires == 0 { 0 } else { ttl },
-        expires,
-        turn_refused: refused,
-    }))
+    id::validate("peer", &peer)?;
+    let cap = app.max_credential_ttl(&tenant);
+    let ttl = match req.ttl_secs {
+        None => cap,
+        Some(0) => {
+            return Err(ControlError::Invalid(format!(
+                "ttl_secs must be between 1 and {cap}"
+            )));
+        }
+        Some(t) => t.min(cap),
+    };
+    Ok(Json(
+        app.issue(&tenant.id, &room, &peer, ttl, unix_now()).await?,
+    ))
+}
+
+impl App {
+    /// The longest credential lifetime `tenant` may ask for.
+    fn max_credential_ttl(&self, tenant: &Tenant) -> u64 {
+        tenant
+            .plan
+            .max_credential_ttl_secs
+            .unwrap_or(self.settings.credential_ttl_secs)
+            .min(MAX_CREDENTIAL_TTL_SECS)
+    }
+
+    /// ICE servers for (tenant, room, peer): STUN always, TURN with
+    /// credentials valid `ttl` seconds unless refused (and why).
+    async fn issue(
+        &self,
+        tenant: &str,
+        room: &str,
+        peer: &str,
+        ttl: u64,
+        now: u64,
+    ) -> Result<IceServers> {
+        let mut servers = Vec::new();
+        if !self.settings.stun_urls.is_empty() {
+            servers.push(IceServer {
+                urls: self.settings.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        let refused = self.turn_refusal(tenant, room, peer, now).await?;
+        let (expires, ttl) = match (refused, &self.settings.turn_secrets) {
+            (None, Some(secrets)) => {
+                let expires = now + ttl;
+                let (username, password) = secrets.issue(expires, tenant, room, peer);
+                servers.push(IceServer {
+                    urls: self.settings.turn_urls.clone(),
+                    username: Some(username.to_string()),
+                    credential: Some(password),
+                });
+                self.metrics
+                    .credentials_issued
+                    .with_label_values(&[tenant])
+                    .inc();
+                (expires, ttl)
+            }
+            (refused, _) => {
+                let reason = refused.unwrap_or("turn_not_configured");
+                self.metrics
+                    .credentials_refused
+                    .with_label_values(&[tenant, reason])
+                    .inc();
+                (0, 0)
+            }
+        };
+        Ok(IceServers {
+            ice_servers: servers,
+            ttl,
+            expires,
+            turn_refused: refused.map(str::to_owned),
+        })
+    }
 }
 
 async fn get_enforcement(
@@ -681,7 +891,9 @@ async fn get_enforcement(
     headers: HeaderMap,
 ) -> Result<Json<Enforcement>> {
     app.require_internal(&headers)?;
-    Ok(Json(app.enforcement(unix_now()).await?))
+    Ok(Json(Enforcement::clone(
+        &*app.enforcement(unix_now()).await?,
+    )))
 }
 
 fn validate_batch(batch: &UsageBatch) -> Result<()> {
@@ -729,7 +941,10 @@ async fn apply_usage(
                 .inc_by(r.bytes());
         }
         tracing::debug!(server = %batch.server_id, seq = batch.seq, records = batch.records.len(), "usage batch applied");
-        let tenants = batch.records.iter().map(|r| r.tenant.clone()).collect();
+        let tenants: std::collections::BTreeSet<String> =
+            batch.records.iter().map(|r| r.tenant.clone()).collect();
+        app.bytes_changed(tenants.iter().cloned().collect(), unix_now())
+            .await?;
         match crate::webhooks::raise_alerts(app.store.as_ref(), &tenants, unix_now()).await {
             Ok(0) => {}
             Ok(_) => app.webhooks.notify_one(),
@@ -747,6 +962,6 @@ async fn apply_usage(
         server_id: batch.server_id,
         seq: batch.seq,
         applied,
-        enforcement: app.enforcement(unix_now()).await?,
+        enforcement: Enforcement::clone(&*app.enforcement(unix_now()).await?),
     }))
 }

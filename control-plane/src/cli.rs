@@ -60,6 +60,10 @@ pub struct PlanArgs {
     /// Allow rooms without join tokens.
     #[arg(long)]
     pub public_rooms: Option<bool>,
+    /// Longest TURN credential lifetime the tenant may ask for, seconds
+    /// (0: the control plane's default).
+    #[arg(long)]
+    pub max_credential_ttl_secs: Option<u64>,
 }
 
 impl PlanArgs {
@@ -89,6 +93,9 @@ impl PlanArgs {
         }
         if let Some(v) = self.public_rooms {
             plan.public_rooms = v;
+        }
+        if let Some(v) = self.max_credential_ttl_secs {
+            plan.max_credential_ttl_secs = nonzero64(v);
         }
     }
 

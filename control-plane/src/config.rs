@@ -77,6 +77,13 @@ pub struct Config {
     /// Requests per second per client IP on the admin and token endpoints.
     #[arg(long, env = "FLOE_API_RATE", default_value_t = 50.0)]
     pub api_rate: f64,
+
+    /// How often the in-memory enforcement state (cut-offs, policies,
+    /// revocations) is rebuilt from the store, milliseconds. Changes made
+    /// through this replica apply at once; this bounds how long one made
+    /// through another replica takes.
+    #[arg(long, env = "FLOE_ENFORCEMENT_REFRESH_MS", default_value_t = 2_000)]
+    pub enforcement_refresh_ms: u64,
 }
 
 /// Where the control plane keeps its data.
@@ -100,6 +107,7 @@ pub struct Settings {
     pub credential_ttl_secs: u64,
     pub max_token_ttl_secs: u64,
     pub api_rate: f64,
+    pub enforcement_refresh: std::time::Duration,
 }
 
 /// A configuration the control plane cannot start with.
@@ -183,6 +191,12 @@ impl Config {
             60,
             floe_proto::token::MAX_LIFETIME_SECS,
         )?;
+        in_range(
+            "--enforcement-refresh-ms",
+            self.enforcement_refresh_ms,
+            100,
+            60_000,
+        )?;
         let redis_password = load(
             "Redis password",
             self.redis_password.as_deref(),
@@ -213,6 +227,7 @@ impl Config {
             credential_ttl_secs: self.credential_ttl_secs,
             max_token_ttl_secs: self.max_token_ttl_secs,
             api_rate: self.api_rate,
+            enforcement_refresh: std::time::Duration::from_millis(self.enforcement_refresh_ms),
         })
     }
 }

@@ -84,6 +84,9 @@ impl ControlPlane {
                     created_at: floe_proto::time::unix_now(),
                 };
                 store.create_tenant(&t).await?;
+                self.app
+                    .tenant_changed(id, floe_proto::time::unix_now())
+                    .await?;
                 t
             }
         };
@@ -127,6 +130,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlan
     let shutdown = shutdown.child_token();
     let server = floe_common::http::serve(listener, router, shutdown.clone());
     tokio::spawn(watch_store(store.clone(), store_ok, shutdown.clone()));
+    tokio::spawn(api::refresh_policy(app.clone(), shutdown.clone()));
     tokio::spawn(webhooks::deliver(
         store,
         metrics,

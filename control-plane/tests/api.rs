@@ -32,6 +32,7 @@ fn settings(store: StoreLocation) -> Settings {
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 1_000.0,
+        enforcement_refresh: std::time::Duration::from_secs(2),
     }
 }
 
@@ -433,6 +434,202 @@ async fn ice_servers_follow_plan_quota_and_revocation() {
             .iter()
             .any(|r| r.covers("paid", "room1", "alice"))
     );
+}
+
+/// `POST /v1/ice-servers` as a tenant's own back end calls it.
+async fn public_ice(h: &Harness, key: &CreatedApiKey, body: Value) -> (u16, Value) {
+    let r = h
+        .http
+        .post(h.url("/v1/ice-servers"))
+        .basic_auth(&key.id, Some(&key.secret))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn turn_username(ice: &Value) -> Option<TurnUsername> {
+    ice["iceServers"]
+        .as_array()?
+        .iter()
+        .find_map(|s| s["username"].as_str())
+        .and_then(|u| TurnUsername::parse(u).ok())
+}
+
+#[tokio::test]
+async fn public_ice_servers_serve_tenants_with_their_own_signaling() {
+    let h = Harness::embedded().await;
+    h.create_tenant(json!({"id": "byo", "name": "BYO",
+        "plan": {"turn": true, "monthly_relay_bytes": 10_000, "max_credential_ttl_secs": 3600}}))
+        .await;
+    let key = h.create_key("byo").await;
+
+    // No key, a wrong secret: 401 with the JSON error shape.
+    let r = h
+        .http
+        .post(h.url("/v1/ice-servers"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    let wrong = CreatedApiKey {
+        secret: "not-the-secret".into(),
+        ..key.clone()
+    };
+    let (status, v) = public_ice(&h, &wrong, json!({})).await;
+    assert_eq!((status, v["code"].as_str()), (401, Some("unauthorized")));
+
+    // Defaults: the plan's longest lifetime, room label `default`, a random peer.
+    let (status, v) = public_ice(&h, &key, json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["ttl"], 3600);
+    assert!(v.get("turnRefused").is_none(), "{v}");
+    let u = turn_username(&v).expect("TURN credentials");
+    assert_eq!((u.tenant.as_str(), u.room.as_str()), ("byo", "default"));
+    assert!(u.peer.starts_with("p_"));
+    assert!(
+        v["iceServers"][0]["urls"][0]
+            .as_str()
+            .expect("url")
+            .starts_with("stun:")
+    );
+
+    // Labels are kept; a longer lifetime is capped by the plan.
+    let (status, v) = public_ice(
+        &h,
+        &key,
+        json!({"room": "call-1", "peer": "alice", "ttl_secs": 999_999}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["ttl"], 3600);
+    let u = turn_username(&v).expect("TURN credentials");
+    assert_eq!((u.room.as_str(), u.peer.as_str()), ("call-1", "alice"));
+    let (_, v) = public_ice(&h, &key, json!({"ttl_secs": 120})).await;
+    assert_eq!(v["ttl"], 120);
+
+    // Bad input: JSON errors, never TURN.
+    for bad in [
+        json!({"ttl_secs": 0}),
+        json!({"room": "no spaces"}),
+        json!({"peer": ""}),
+        json!({"room": 5}),
+        json!({"colour": "red"}),
+    ] {
+        let (status, v) = public_ice(&h, &key, bad.clone()).await;
+        assert_eq!(status, 400, "{bad} → {v}");
+        assert!(v["code"].is_string(), "{v}");
+    }
+
+    // Usage is metered per tenant and room label.
+    h.usage(&batch(1, "byo", "call-1", 700, 300)).await;
+    let (_, report) = h
+        .admin(reqwest::Method::GET, "/v1/tenants/byo/usage", None)
+        .await;
+    assert_eq!(report["rooms"]["call-1"]["bytes_out"], 700);
+
+    // The tenant revokes one peer with its own key.
+    let r = h
+        .http
+        .post(h.url("/v1/revocations"))
+        .basic_auth(&key.id, Some(&key.secret))
+        .json(&json!({"tenant": "byo", "room": "call-1", "peer": "alice"}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 201);
+    let (_, v) = public_ice(&h, &key, json!({"room": "call-1", "peer": "alice"})).await;
+    assert_eq!(v["turnRefused"], "revoked", "{v}");
+    assert!(turn_username(&v).is_none());
+    let (_, v) = public_ice(&h, &key, json!({"room": "call-1", "peer": "bob"})).await;
+    assert!(turn_username(&v).is_some());
+
+    // Over quota, TURN off, disabled: STUN only, with the reason.
+    h.usage(&batch(2, "byo", "call-1", 9_000, 0)).await;
+    let (status, v) = public_ice(&h, &key, json!({})).await;
+    assert_eq!(
+        (status, v["turnRefused"].as_str()),
+        (200, Some("over_quota"))
+    );
+    assert_eq!(
+        (v["ttl"].as_u64(), v["iceServers"].as_array().map(Vec::len)),
+        (Some(0), Some(1))
+    );
+    for (patch, reason) in [
+        (json!({"plan": {"turn": false}}), "turn_disabled"),
+        (
+            json!({"plan": {"turn": true}, "disabled": true}),
+            "tenant_disabled",
+        ),
+    ] {
+        let (status, _) = h
+            .admin(reqwest::Method::PATCH, "/v1/tenants/byo", Some(patch))
+            .await;
+        assert_eq!(status, 200);
+        let (_, v) = public_ice(&h, &key, json!({})).await;
+        assert_eq!(v["turnRefused"], reason);
+    }
+
+    // A revoked key gets nothing.
+    let (status, _) = h
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenants/byo/keys/{}", key.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(public_ice(&h, &key, json!({})).await.0, 401);
+}
+
+#[tokio::test]
+async fn another_replicas_changes_reach_enforcement_within_the_refresh() {
+    let url = std::env::var("FLOE_TEST_REDIS_URL")
+        .expect("FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh");
+    let mut s = settings(StoreLocation::Redis(url));
+    s.enforcement_refresh = Duration::from_millis(200);
+    let a = Harness::with(s.clone(), tempfile::tempdir().expect("tempdir")).await;
+    let b = Harness::with(s, tempfile::tempdir().expect("tempdir")).await;
+    a.create_tenant(
+        json!({"id": "moving", "name": "M", "plan": {"turn": true, "monthly_relay_bytes": 100}}),
+    )
+    .await;
+    // B learns of the new tenant, then of its quota use through A, then
+    // of its being disabled through A, each within a few refreshes.
+    for (step, want) in [
+        (0, None),
+        (1, Some("over_quota")),
+        (2, Some("tenant_disabled")),
+    ] {
+        match step {
+            1 => {
+                a.usage(&batch(1, "moving", "r", 100, 0)).await;
+            }
+            2 => {
+                let (status, _) = a
+                    .admin(
+                        reqwest::Method::PATCH,
+                        "/v1/tenants/moving",
+                        Some(json!({"disabled": true})),
+                    )
+                    .await;
+                assert_eq!(status, 200);
+            }
+            _ => {}
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = b.ice("moving", "r", "p").await.turn_refused;
+            if got.as_deref() == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "step {step}: still {got:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -3,10 +3,11 @@
 //!
 //! Modes: signal-only (rooms of peers trading offers and answers), the
 //! full transfer scenario (signal, relay files through TURN over UDP or
-//! TCP, reconcile the ledger; or TURN-only), a TURN allocation storm and a
-//! STUN Binding flood. Every run is bounded in count and
+//! TCP, reconcile the ledger; or TURN-only), a TURN allocation storm, a
+//! STUN Binding flood and timed usage acks against the control plane. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
+pub mod acks;
 pub mod chunks;
 mod join;
 pub mod procstat;
@@ -55,6 +56,9 @@ pub enum Mode {
     Transfer(transfer::TransferArgs),
     /// Authenticated TURN Allocates, many at once, each a new 5-tuple.
     TurnAllocate(turn_storm::StormArgs),
+    /// Usage acks: post usage batches as a TURN server does and time the
+    /// control plane's acknowledgements, with many tenants present.
+    UsageAcks(acks::AckArgs),
     /// Flood a STUN server with Binding requests over UDP.
     StunBinding {
         /// STUN server address.
@@ -86,6 +90,8 @@ pub enum LoadError {
     Json(#[from] serde_json::Error),
     #[error("bad target URL {0}")]
     BadUrl(String),
+    #[error(transparent)]
+    Setup(#[from] acks::SetupError),
 }
 
 /// A progress bar for `len` steps, labelled `what`, with `tail` after the
@@ -144,6 +150,12 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let report = transfer::run(args, &config.allow_targets).await;
             write_json(&config.json, &report)?;
             Ok(transfer::render(&report))
+        }
+        Mode::UsageAcks(args) => {
+            check_url(&args.control_url, &config.allow_targets)?;
+            let report = acks::run(args).await?;
+            write_json(&config.json, &report)?;
+            Ok(acks::render(&report))
         }
         Mode::TurnAllocate(args) => {
             target::check(args.target.ip(), &config.allow_targets)?;

@@ -27,6 +27,10 @@ pub struct Plan {
     pub max_peers_per_room: Option<u32>,
     /// Whether browsers may create and join rooms with no join token.
     pub public_rooms: bool,
+    /// Longest lifetime of the TURN credentials the tenant may ask for
+    /// (`POST /v1/ice-servers`), seconds; none: the control plane's
+    /// `--credential-ttl-secs`.
+    pub max_credential_ttl_secs: Option<u64>,
 }
 
 /// A tenant as the admin API shows it.
@@ -157,6 +161,19 @@ pub struct IceServersRequest {
     pub tenant: String,
     pub room: String,
     pub peer: String,
+}
+
+/// Body of the public `POST /v1/ice-servers` (API key): TURN credentials
+/// for a tenant's own signaling. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnCredentialsRequest {
+    /// Label the relayed bytes are metered under (default `default`).
+    pub room: Option<String>,
+    /// Label of the peer, for revocations (default: a random one).
+    pub peer: Option<String>,
+    /// Credential lifetime, seconds, capped by the plan.
+    pub ttl_secs: Option<u64>,
 }
 
 /// One entry of the control plane's change feed: something that may take

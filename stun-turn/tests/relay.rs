@@ -43,6 +43,7 @@ fn cp_settings(dir: &std::path::Path, listen: SocketAddr) -> CpSettings {
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 10_000.0,
+        enforcement_refresh: std::time::Duration::from_secs(2),
     }
 }
 

@@ -352,6 +352,18 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn month_bytes_many(&self, tenants: &[String], month: &str) -> Result<Vec<u64>> {
+        let keys: Vec<String> = tenants.iter().map(|t| format!("{t}/{month}")).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MONTHS).map_err(backend)?;
+            keys.iter()
+                .map(|k| Ok(t.get(k.as_str()).map_err(backend)?.map_or(0, |v| v.value())))
+                .collect()
+        })
+        .await
+    }
+
     async fn usage(&self, tenant: &str, from: &str, to: &str) -> Result<UsageReport> {
         let (tenant, from, to) = (tenant.to_owned(), from.to_owned(), to.to_owned());
         self.blocking(move |db| {

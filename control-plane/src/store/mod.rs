@@ -149,6 +149,8 @@ pub trait Store: Send + Sync + 'static {
     async fn apply_batch(&self, batch: &UsageBatch) -> Result<bool>;
     /// Relayed bytes of a tenant in a month (`YYYY-MM`).
     async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64>;
+    /// [`Store::month_bytes`] of many tenants at once, in their order.
+    async fn month_bytes_many(&self, tenants: &[String], month: &str) -> Result<Vec<u64>>;
     /// A tenant's usage for the days `from..=to` (`YYYY-MM-DD`).
     async fn usage(&self, tenant: &str, from: &str, to: &str) -> Result<UsageReport>;
 
@@ -340,6 +342,14 @@ pub(crate) mod suite {
             expect_total
         );
         assert_eq!(store.month_bytes(&t, "2026-12").await.expect("month"), 0);
+        let many = [t.clone(), format!("{prefix}nobody"), t.clone()];
+        assert_eq!(
+            store
+                .month_bytes_many(&many, "2026-11")
+                .await
+                .expect("many"),
+            [expect_total, 0, expect_total]
+        );
         let report = store
             .usage(&t, "2026-11-01", "2026-11-30")
             .await

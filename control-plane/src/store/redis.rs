@@ -335,6 +335,24 @@ impl Store for RedisStore {
         Ok(v.unwrap_or(0))
     }
 
+    async fn month_bytes_many(&self, tenants: &[String], month: &str) -> Result<Vec<u64>> {
+        // MGET in slices, so one command never carries the whole table.
+        let mut out = Vec::with_capacity(tenants.len());
+        for chunk in tenants.chunks(1_000) {
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|t| self.key(&["month", t, month]))
+                .collect();
+            let values: Vec<Option<u64>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(backend)?;
+            out.extend(values.into_iter().map(|v| v.unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
     async fn usage(&self, tenant: &str, from: &str, to: &str) -> Result<UsageReport> {
         use floe_proto::time::Date;
         let bad = || StoreError::NotFound(format!("day range {from}..{to}"));
