@@ -42,6 +42,14 @@ pub struct DevConfig {
     /// TURN ops HTTP port (0: any free port).
     #[arg(long, env = "FLOE_TURN_HTTP_PORT", default_value_t = 9478)]
     pub turn_http_port: u16,
+
+    /// Lowest UDP port of TURN relay addresses.
+    #[arg(long, env = "FLOE_RELAY_PORT_MIN", default_value_t = 49_152)]
+    pub relay_port_min: u16,
+
+    /// Highest UDP port of TURN relay addresses.
+    #[arg(long, env = "FLOE_RELAY_PORT_MAX", default_value_t = 65_535)]
+    pub relay_port_max: u16,
 }
 
 /// Id of the tenant `floe dev` creates.
@@ -51,6 +59,48 @@ impl DevConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             anyhow::bail!("--data-dir must not be empty");
+        }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            anyhow::bail!(
+                "--data-dir {} is not a directory (it is a file; pick another path)",
+                self.data_dir.display()
+            );
+        }
+        if self.relay_port_min < 1_024 || self.relay_port_min > self.relay_port_max {
+            anyhow::bail!(
+                "--relay-port-min ({}) must be at least 1024 and at most --relay-port-max ({})",
+                self.relay_port_min,
+                self.relay_port_max
+            );
+        }
+        Ok(())
+    }
+}
+
+impl DevConfig {
+    /// Fails, naming the flag to change, when a fixed port is taken:
+    /// before anything starts, rather than after some components have
+    /// already said they are listening.
+    fn check_ports(&self) -> anyhow::Result<()> {
+        let tcp = |port| std::net::TcpListener::bind((self.host, port)).map(drop);
+        let udp = |port| std::net::UdpSocket::bind((self.host, port)).map(drop);
+        let checks: [(u16, &str, bool); 4] = [
+            (self.signal_port, "--signal-port", false),
+            (self.control_port, "--control-port", false),
+            (self.turn_port, "--turn-port", true),
+            (self.turn_http_port, "--turn-http-port", false),
+        ];
+        for (port, flag, with_udp) in checks {
+            if port == 0 {
+                continue;
+            }
+            let taken = tcp(port).and_then(|()| if with_udp { udp(port) } else { Ok(()) });
+            if let Err(e) = taken {
+                anyhow::bail!(
+                    "port {port} on {} ({flag}) is not free: {e}; pick another with {flag} (0: any free port)",
+                    self.host
+                );
+            }
         }
         Ok(())
     }
@@ -125,6 +175,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// Runs every component until `shutdown` fires.
 pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     config.validate()?;
+    config.check_ports()?;
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let endpoints_file = dir.join("endpoints.json");
@@ -195,6 +246,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     turn.control_url = Some(control.url());
     turn.internal_token = Some(internal_token.clone());
     turn.data_dir = Some(dir.join("turn"));
+    turn.relay_ports = (config.relay_port_min, config.relay_port_max);
     turn.server_id = "dev-turn".into();
     // Local peers are the point of a dev setup.
     turn.allow_peers = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
@@ -258,6 +310,22 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How to run this binary again: its path (`cargo run` leaves no `floe`
+/// on the PATH), shell-quoted when it needs to be.
+fn floe_path() -> String {
+    let path = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "floe".to_owned());
+    if path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
+        path
+    } else {
+        format!("'{}'", path.replace('\'', r"'\''"))
+    }
+}
+
 fn print_banner(e: &Endpoints, dir: &Path) {
     println!(
         "\nfloe dev is running (data in {dir}; Ctrl-C to stop)\n\n\
@@ -273,8 +341,9 @@ fn print_banner(e: &Endpoints, dir: &Path) {
          \x20                 (peer \"alice\", create+join, valid 24 h)\n\n\
          Try:\n\
          \x20 curl -s -H 'Authorization: Bearer {admin}' {control}/v1/tenants\n\
-         \x20 floe loadtest stun-binding --target {turn}\n\
-         (all of the above is also in {dir}/endpoints.json)\n",
+         \x20 curl -s -u {kid}:{secret} -H 'Content-Type: application/json' -d '{{}}' {control}/v1/ice-servers\n\
+         \x20 {floe} loadtest stun-binding --target {turn}\n\
+         (all of the above is also in {dir}/endpoints.json; `cargo install --path .` puts floe on the PATH)\n",
         dir = dir.display(),
         signal = e.signal_url,
         signal_ops = e.signal_ops_url,
@@ -286,5 +355,6 @@ fn print_banner(e: &Endpoints, dir: &Path) {
         kid = e.api_key_id,
         secret = e.api_key_secret,
         token = e.join_token,
+        floe = floe_path(),
     );
 }

@@ -1,4 +1,5 @@
-//! The operator commands (`floe tenant`, `floe token`, `floe usage`)
+//! The operator commands (`floe tenant`, `floe token`, `floe ice-servers`,
+//! `floe usage`)
 //! against a running control plane.
 
 use std::process::Command;
@@ -144,6 +145,47 @@ async fn tenant_token_and_usage_commands() {
     );
     assert!(claims.grants.create && claims.grants.join);
 
+    // `floe ice-servers`, every input from the environment. This control
+    // plane has no TURN, so the answer is STUN-less and says why.
+    let ice = {
+        let (url, kid, secret) = (url.clone(), kid.clone(), secret.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_floe"))
+                .arg("ice-servers")
+                .env("FLOE_CONTROL_URL", url)
+                .env("FLOE_KEY_ID", kid)
+                .env("FLOE_KEY_SECRET", secret)
+                .env("FLOE_ROOM", "call-1")
+                .env("FLOE_TTL_SECS", "120")
+                .output()
+                .expect("run floe")
+        })
+        .await
+        .expect("join")
+    };
+    assert!(ice.status.success(), "{ice:?}");
+    let v: Value = serde_json::from_slice(&ice.stdout).expect("json");
+    assert_eq!(v["turnRefused"], "turn_not_configured", "{v}");
+    assert!(v["iceServers"].is_array());
+
+    let usage = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_floe"))
+                .arg("usage")
+                .env("FLOE_CONTROL_URL", url)
+                .env("FLOE_ADMIN_TOKEN", ADMIN)
+                .env("FLOE_TENANT", "acme")
+                .env("FLOE_JSON", "true")
+                .output()
+                .expect("run floe")
+        })
+        .await
+        .expect("join")
+    };
+    assert!(usage.status.success(), "{usage:?}");
+    let u: Value = serde_json::from_slice(&usage.stdout).expect("usage as JSON");
+    assert_eq!(u["total"]["bytes_out"], 0);
     let (ok, out, err) = run(&["usage", "--tenant", "acme"]).await.expect("join");
     assert!(ok, "{err}");
     assert!(

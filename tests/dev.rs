@@ -152,6 +152,7 @@ fn check_config_validates_without_starting() {
         "loadtest",
         "tenant",
         "token",
+        "ice-servers",
         "usage",
     ] {
         let help = run(&[cmd, "--help"]);
@@ -210,4 +211,49 @@ fn a_port_in_use_is_reported_once() {
         "{stderr}"
     );
     assert!(stderr.contains("--listen"), "{stderr}");
+}
+
+/// `floe dev` checks its fixed ports before starting anything, and names
+/// the flag to change; a data dir that is a file says so.
+#[test]
+fn dev_refuses_a_taken_port_and_a_file_as_data_dir_before_starting() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_floe"))
+            .arg("dev")
+            .args(args)
+            .output()
+            .expect("run floe dev");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let dir = data.path().join("d").display().to_string();
+    let stderr = run(&[
+        "--data-dir",
+        &dir,
+        "--signal-port",
+        "0",
+        "--control-port",
+        &port,
+    ]);
+    assert!(stderr.contains("--control-port"), "{stderr}");
+    assert!(
+        !stderr.contains("listening"),
+        "components started before the check: {stderr}"
+    );
+    let file = data.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    let stderr = run(&["--data-dir", &file.display().to_string()]);
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    let stderr = run(&[
+        "--data-dir",
+        &dir,
+        "--relay-port-min",
+        "60000",
+        "--relay-port-max",
+        "50000",
+    ]);
+    assert!(stderr.contains("--relay-port-min"), "{stderr}");
 }

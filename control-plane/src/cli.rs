@@ -1,11 +1,12 @@
 //! Operator commands that talk to a running control plane's API:
-//! `floe tenant …`, `floe token`, `floe usage`.
+//! `floe tenant …`, `floe token`, `floe ice-servers`, `floe usage`.
 
 use std::path::PathBuf;
 
 use floe_proto::ErrorBody;
 use floe_proto::api::{
-    CreateTenant, CreatedApiKey, MintToken, MintedToken, Plan, Tenant, UpdateTenant,
+    CreateTenant, CreatedApiKey, IceServers, MintToken, MintedToken, Plan, Tenant,
+    TurnCredentialsRequest, UpdateTenant,
 };
 use floe_proto::token::Grants;
 use serde::de::DeserializeOwned;
@@ -29,7 +30,7 @@ pub struct Endpoint {
     #[arg(long, env = "FLOE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "FLOE_JSON")]
     pub json: bool,
 }
 
@@ -37,32 +38,32 @@ pub struct Endpoint {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PlanArgs {
     /// Allow TURN relay.
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_TURN")]
     pub turn: Option<bool>,
     /// Relayed bytes per calendar month (0: no quota).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_QUOTA_BYTES")]
     pub quota_bytes: Option<u64>,
     /// Bit rate cap per allocation, bits/s (0: none).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_BITRATE_BPS")]
     pub max_bitrate_bps: Option<u64>,
     /// Concurrent TURN allocations (0: no limit).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_ALLOCATIONS")]
     pub max_allocations: Option<u32>,
     /// Concurrent rooms created with join tokens (0: no limit).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_ROOMS")]
     pub max_rooms: Option<u32>,
     /// Concurrent public rooms, created with no token (0: no limit).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_PUBLIC_ROOMS")]
     pub max_public_rooms: Option<u32>,
     /// Peers per room (0: no limit).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_PEERS_PER_ROOM")]
     pub max_peers_per_room: Option<u32>,
     /// Allow rooms without join tokens.
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_PUBLIC_ROOMS")]
     pub public_rooms: Option<bool>,
     /// Longest TURN credential lifetime the tenant may ask for, seconds
     /// (0: the control plane's default).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PLAN_MAX_CREDENTIAL_TTL_SECS")]
     pub max_credential_ttl_secs: Option<u64>,
 }
 
@@ -147,9 +148,9 @@ pub enum TenantCommand {
     CreateKey { id: String },
 }
 
-/// `floe token`: mint a join token with a tenant API key.
+/// Where the control plane is and which tenant API key to use.
 #[derive(Debug, Clone, clap::Args)]
-pub struct TokenCommand {
+pub struct KeyEndpoint {
     /// Base URL of the control plane API.
     #[arg(
         long = "control-url",
@@ -163,21 +164,54 @@ pub struct TokenCommand {
     /// API key secret.
     #[arg(long, env = "FLOE_KEY_SECRET", hide_env_values = true)]
     pub key_secret: String,
+}
+
+impl KeyEndpoint {
+    fn post(&self, path: &str, body: &impl serde::Serialize) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.url.trim_end_matches('/')))
+            .basic_auth(&self.key_id, Some(&self.key_secret))
+            .json(body)
+    }
+}
+
+/// `floe token`: mint a join token with a tenant API key.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenCommand {
+    #[command(flatten)]
+    pub endpoint: KeyEndpoint,
     /// Peer identity (`sub`).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_PEER")]
     pub peer: String,
     /// Room the token is limited to (any room when absent).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_ROOM")]
     pub room: Option<String>,
     /// Grant room creation.
-    #[arg(long)]
+    #[arg(long, env = "FLOE_CREATE")]
     pub create: bool,
     /// Grant joining (default when no grant is given).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_JOIN")]
     pub join: bool,
     /// Lifetime, seconds.
-    #[arg(long, default_value_t = 3_600)]
+    #[arg(long, env = "FLOE_TTL_SECS", default_value_t = 3_600)]
     pub ttl_secs: u64,
+}
+
+/// `floe ice-servers`: ICE servers with TURN credentials, as a tenant's
+/// own back end gets them (`POST /v1/ice-servers`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IceServersCommand {
+    #[command(flatten)]
+    pub endpoint: KeyEndpoint,
+    /// Room label the relayed bytes are metered under (default `default`).
+    #[arg(long, env = "FLOE_ROOM")]
+    pub room: Option<String>,
+    /// Peer label, for revocations (default: a random one).
+    #[arg(long, env = "FLOE_PEER")]
+    pub peer: Option<String>,
+    /// Credential lifetime, seconds (capped by the tenant's plan).
+    #[arg(long, env = "FLOE_TTL_SECS")]
+    pub ttl_secs: Option<u64>,
 }
 
 /// `floe usage`: a tenant's relayed traffic over a period.
@@ -186,13 +220,13 @@ pub struct UsageCommand {
     #[command(flatten)]
     pub endpoint: Endpoint,
     /// Tenant id.
-    #[arg(long)]
+    #[arg(long, env = "FLOE_TENANT")]
     pub tenant: String,
     /// First day, YYYY-MM-DD (default: first of this month).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_FROM")]
     pub from: Option<String>,
     /// Last day, YYYY-MM-DD (default: today).
-    #[arg(long)]
+    #[arg(long, env = "FLOE_TO")]
     pub to: Option<String>,
 }
 
@@ -394,16 +428,20 @@ pub async fn token(cmd: &TokenCommand) -> Result<String, CliError> {
         },
         ttl_secs: Some(cmd.ttl_secs),
     };
-    let minted: MintedToken = answer(
-        reqwest::Client::new()
-            .post(format!("{}/v1/tokens", cmd.url.trim_end_matches('/')))
-            .basic_auth(&cmd.key_id, Some(&cmd.key_secret))
-            .json(&body)
-            .send()
-            .await?,
-    )
-    .await?;
+    let minted: MintedToken = answer(cmd.endpoint.post("/v1/tokens", &body).send().await?).await?;
     Ok(format!("{}\n", minted.token))
+}
+
+/// Runs `floe ice-servers` and returns the answer, as JSON that
+/// `new RTCPeerConnection(…)` accepts.
+pub async fn ice_servers(cmd: &IceServersCommand) -> Result<String, CliError> {
+    let body = TurnCredentialsRequest {
+        room: cmd.room.clone(),
+        peer: cmd.peer.clone(),
+        ttl_secs: cmd.ttl_secs,
+    };
+    let ice: IceServers = answer(cmd.endpoint.post("/v1/ice-servers", &body).send().await?).await?;
+    pretty(&ice)
 }
 
 /// Runs `floe usage` and returns what to print.

@@ -118,7 +118,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlan
     let metrics = Arc::new(metrics::Metrics::new());
     let health = Health::new("control-plane");
     let store_ok = health.check("store", true);
-    let listener = floe_common::http::bind("control-plane API", settings.listen).await?;
+    let listener = floe_common::http::bind("control-plane API (--listen)", settings.listen).await?;
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(settings, store.clone(), metrics.clone()));
     let router = api::router(app.clone())

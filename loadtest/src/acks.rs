@@ -83,7 +83,7 @@ async fn create_tenants(
                     return Ok(());
                 };
                 // Every tenth tenant has a small quota, so acks carry cut-offs.
-                let quota = (i % 10 == 0).then_some(1_000_u64);
+                let quota = i.is_multiple_of(10).then_some(1_000_u64);
                 let body = serde_json::json!({"id": id, "name": id,
                     "plan": {"turn": true, "monthly_relay_bytes": quota}});
                 let resp = http

@@ -108,20 +108,25 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     let (udp, tcp) = server::bind_all(settings.listen, settings.udp_sockets).map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("cannot bind STUN/TURN on {}: {e}", settings.listen),
+            format!(
+                "cannot bind STUN/TURN (--listen) on {}: {e}",
+                settings.listen
+            ),
         )
     })?;
     let listen = tcp.local_addr()?;
     let tls = match &settings.tls {
         Some(t) => {
             let acceptor = tls::acceptor(t)?;
-            let listener = floe_common::http::bind("STUN/TURN over TLS", t.listen).await?;
+            let listener =
+                floe_common::http::bind("STUN/TURN over TLS (--tls-listen)", t.listen).await?;
             Some((listener, acceptor))
         }
         None => None,
     };
     let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
-    let http = floe_common::http::bind("TURN ops HTTP", settings.http_listen).await?;
+    let http =
+        floe_common::http::bind("TURN ops HTTP (--http-listen)", settings.http_listen).await?;
     let http_addr = http.local_addr()?;
     let drain = settings.drain;
     let turn = Arc::new(turn::Turn::new(settings, metrics.clone(), meter));
