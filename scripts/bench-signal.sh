@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Signal benchmark: one signal node (in-process bus) and a two-node Redis
 # setup, each driven by `floe loadtest signal` on loopback. Reports server
-# memory per connection, CPU per connection set-up and per relayed
-# message, from /proc of the signal process(es).
+# memory per connection, CPU per connection set-up (signal and control
+# plane) and per relayed message, from /proc of the server processes; and
+# the same client against a PeerJS server (`peer` from web/'s npm
+# dependencies) as the baseline.
 #
 #   scripts/bench-signal.sh [PEERS] [ROUNDS]     (default 10000 peers, 10 rounds)
 set -euo pipefail
@@ -19,6 +21,7 @@ cp_port=$(free_port)
   --turn-secrets "k1=bench-turn-secret-0123456789" --stun-url "stun:127.0.0.1:3478" \
   --turn-url "turn:127.0.0.1:3478?transport=udp" --api-rate 100000 2>"$work/cp.log" &
 pids+=($!)
+cp_pid=$!
 wait_http "http://127.0.0.1:$cp_port/readyz"
 export FLOE_CONTROL_URL="http://127.0.0.1:$cp_port" FLOE_ADMIN_TOKEN="$ADMIN"
 "$floe" tenant create --id bench --name bench --turn true --public-rooms true >/dev/null
@@ -40,8 +43,23 @@ s1=$(free_port)
 signal_node "$s1"
 spid=${pids[-1]}
 "$floe" loadtest --json "$work/single.json" signal --signal-url "http://127.0.0.1:$s1" \
-  --peers "$PEERS" --rounds "$ROUNDS" --join-rate 2000 --hold-secs 3 --server-pid "$spid"
+  --peers "$PEERS" --rounds "$ROUNDS" --join-rate 2000 --hold-secs 3 --server-pid "$spid" \
+  --control-pid "$cp_pid"
 kill "$spid"; wait "$spid" 2>/dev/null || true
+
+peerjs=web/node_modules/peer/dist/bin/peerjs.js
+if [ -f "$peerjs" ] && command -v node >/dev/null; then
+  echo "== baseline: PeerJS server, same client, same peers and rounds"
+  pj=$(free_port)
+  node "$peerjs" --port "$pj" --host 127.0.0.1 --concurrent_limit 1000000 >"$work/peerjs.log" 2>&1 &
+  pids+=($!); pjpid=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$pj/" >/dev/null 2>&1 && break; sleep 0.1; done
+  "$floe" loadtest --json "$work/peerjs.json" signal --protocol peerjs --signal-url "http://127.0.0.1:$pj" \
+    --peers "$PEERS" --rounds "$ROUNDS" --join-rate 2000 --hold-secs 3 --server-pid "$pjpid"
+  kill "$pjpid"; wait "$pjpid" 2>/dev/null || true
+else
+  echo "(PeerJS baseline skipped: run 'npm ci' in web/ first)"
+fi
 
 if command -v redis-server >/dev/null; then
   rport=$(free_port)
@@ -63,6 +81,10 @@ if command -v redis-server >/dev/null; then
 import json, sys
 w = sys.argv[1]
 single = json.load(open(f"{w}/single.json"))
+try:
+    peerjs = json.load(open(f"{w}/peerjs.json"))
+except OSError:
+    peerjs = None
 one = json.load(open(f"{w}/redis1.json"))
 two = json.load(open(f"{w}/redis2.json"))
 def s(r, k): return (r.get("server") or {}).get(k, float("nan"))
@@ -74,6 +96,15 @@ print(f"  Redis, 1 node  : {s(one,'cpu_per_message_us'):.1f} us CPU/msg, p50 RTT
 # With two nodes each message crosses nodes; node 0 sends half and receives half.
 print(f"  Redis, 2 nodes : {s(two,'cpu_per_message_us'):.1f} us CPU/msg over both nodes (every message crosses), "
       f"p50 RTT {two['offer_answer_ms']['p50']:.2f} ms, lost {two['messages_lost']}")
+join = s(single, 'cpu_per_connection_us') + (single.get("server") or {}).get("control_cpu_per_connection_us", 0)
+print(f"  join, floe      : {s(single,'cpu_per_connection_us'):.1f} us signal + "
+      f"{(single.get('server') or {}).get('control_cpu_per_connection_us', 0):.1f} us control plane = {join:.1f} us CPU")
+if peerjs:
+    pj_join, pj_msg = s(peerjs, 'cpu_per_connection_us'), s(peerjs, 'cpu_per_message_us')
+    print(f"  join, PeerJS    : {pj_join:.1f} us CPU; {pj_msg:.1f} us CPU/msg; "
+          f"{s(peerjs,'memory_per_connection_bytes')/1024:.2f} KiB/conn; lost {peerjs['messages_lost']}")
+    print(f"  floe / PeerJS   : join {join/pj_join:.2f}x, message {s(single,'cpu_per_message_us')/pj_msg:.2f}x, "
+          f"memory {s(single,'memory_per_connection_bytes')/s(peerjs,'memory_per_connection_bytes'):.2f}x")
 base = s(single, 'cpu_per_message_us')
 print(f"  cross-node / in-process CPU per message: {s(two,'cpu_per_message_us')/base:.2f}x")
 PY

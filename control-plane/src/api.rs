@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
-    ApiKey, Changes, CreateTenant, CreatedApiKey, IceServer, IceServers, IceServersRequest,
-    KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest, UpdateTenant,
+    ApiKey, Changes, CreateTenant, CreatedApiKey, IcePolicy, IceServer, IceServers,
+    IceServersRequest, KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest,
+    UpdateTenant,
 };
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
@@ -338,6 +339,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/internal/v1/keys/{kid}", get(key_for_verification))
         .route("/internal/v1/tenants/{id}", get(tenant_for_service))
         .route("/internal/v1/ice-servers", post(ice_servers))
+        .route("/internal/v1/ice-policy", get(ice_policy))
         .route("/internal/v1/enforcement", get(get_enforcement))
         .route("/internal/v1/changes", get(changes))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -785,6 +787,25 @@ async fn ice_servers(
         app.issue(&tenant.id, &req.room, &req.peer, ttl, unix_now())
             .await?,
     ))
+}
+
+/// What signal nodes mint ICE servers from, polled (see [`IcePolicy`]).
+async fn ice_policy(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<IcePolicy>> {
+    app.require_internal(&headers)?;
+    let e = app.enforcement(unix_now()).await?;
+    let s = &app.settings;
+    let turn_secret = match &s.turn_secrets {
+        Some(secrets) if !s.turn_urls.is_empty() => Some(secrets.active_entry()),
+        _ => None,
+    };
+    Ok(Json(IcePolicy {
+        stun_urls: s.stun_urls.clone(),
+        turn_urls: s.turn_urls.clone(),
+        credential_ttl_secs: s.credential_ttl_secs,
+        turn_secret,
+        cut_off: e.cut_off.clone(),
+        revocations: e.revocations.clone(),
+    }))
 }
 
 /// Room label of public ICE-server requests that name none.

@@ -3,7 +3,10 @@
 //! messages through signaling. Reports join latency, the offer→answer
 //! round trip, loss, and (with `--server-pid`) what the signal server
 //! spent: memory per connection, CPU per connection set-up and per relayed
-//! message.
+//! message (and, with `--control-pid`, the control plane's CPU per join).
+//!
+//! `--protocol peerjs` drives a PeerJS server with the same peers, rooms
+//! and messages instead, as a baseline measured by the same client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,9 +66,86 @@ pub struct SignalArgs {
     /// memory; repeat for several nodes (their costs add up).
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
+    /// Pid of the control plane, to report its CPU per join apart.
+    #[arg(long = "control-pid")]
+    pub control_pids: Vec<u32>,
+    /// Which server the peers talk to.
+    #[arg(long, value_enum, default_value_t = Protocol::Floe)]
+    pub protocol: Protocol,
     /// Give up on any one answer after this many seconds.
     #[arg(long, default_value_t = 10)]
     pub timeout_secs: u64,
+}
+
+/// The signaling protocol of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// floe signal: rooms over HTTP, `welcome`, `signal` messages.
+    Floe,
+    /// A PeerJS server (`peer` on npm): no rooms, `OPEN`, `OFFER`/`ANSWER`
+    /// messages addressed by peer id.
+    Peerjs,
+}
+
+impl Protocol {
+    /// The WebSocket URL a peer connects to.
+    fn ws_url(self, args: &SignalArgs, base: &str, room: &str, client: &str) -> String {
+        match self {
+            Self::Floe => {
+                let mut url = crate::join::ws_url(base, room, client);
+                if let Some(t) = token(args, room, client) {
+                    url.push_str("&token=");
+                    url.push_str(&t);
+                }
+                url
+            }
+            Self::Peerjs => {
+                let ws = base
+                    .replacen("https://", "wss://", 1)
+                    .replacen("http://", "ws://", 1);
+                format!(
+                    "{}/peerjs?key=peerjs&id={client}&token={}",
+                    ws.trim_end_matches('/'),
+                    floe_common::secret::random_token(4)
+                )
+            }
+        }
+    }
+
+    /// `(peer id, session)` from the server's first message, or the
+    /// refusal's code.
+    fn welcome(self, m: &Value, client: &str) -> Result<(String, String), String> {
+        let text = |k: &str| m[k].as_str().unwrap_or_default().to_owned();
+        match self {
+            Self::Floe if m["type"] == "welcome" => Ok((text("peer_id"), text("session_id"))),
+            Self::Peerjs if m["type"] == "OPEN" => Ok((client.to_owned(), String::new())),
+            Self::Floe => Err(m["code"].as_str().unwrap_or("no welcome").to_owned()),
+            Self::Peerjs => Err(text("type")),
+        }
+    }
+
+    /// An offer (`answer: false`) or answer to `(to, session)`.
+    fn message(self, to: &Value, sid: &Value, answer: bool, round: &Value, sdp: &str) -> Value {
+        let kind = if answer { "answer" } else { "offer" };
+        match self {
+            Self::Floe => json!({"type": "signal", "to": to, "sid": sid,
+                "payload": {"type": kind, "round": round, "sdp": sdp}}),
+            Self::Peerjs => json!({"type": kind.to_uppercase(), "dst": to,
+                "payload": {"type": kind, "round": round, "sdp": sdp}}),
+        }
+    }
+
+    /// `(sender, sender's session)` of a relayed offer or answer.
+    fn relayed<'a>(self, m: &'a Value, answer: bool) -> Option<(&'a Value, &'a Value)> {
+        match self {
+            Self::Floe if m["type"] == "signal" => Some((&m["from"], &m["from_sid"])),
+            Self::Peerjs if m["type"] == if answer { "ANSWER" } else { "OFFER" } => {
+                Some((&m["src"], &Value::Null))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Everything a signal-only run measured.
@@ -102,6 +182,9 @@ pub struct ServerCost {
     pub memory_per_connection_bytes: f64,
     pub cpu_per_connection_us: f64,
     pub cpu_per_message_us: f64,
+    /// The control plane's CPU over the joins, per connection (with
+    /// `--control-pid`).
+    pub control_cpu_per_connection_us: Option<f64>,
 }
 
 #[derive(Default)]
@@ -144,7 +227,14 @@ struct Peer {
     node: usize,
 }
 
-async fn connect(url: &str, node: usize, timeout: Duration, tally: &Tally) -> Option<Peer> {
+async fn connect(
+    protocol: Protocol,
+    url: &str,
+    client: &str,
+    node: usize,
+    timeout: Duration,
+    tally: &Tally,
+) -> Option<Peer> {
     let started = Instant::now();
     let (mut ws, _) =
         match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(url)).await {
@@ -159,23 +249,18 @@ async fn connect(url: &str, node: usize, timeout: Duration, tally: &Tally) -> Op
             }
         };
     let welcome = next_json(&mut ws, timeout).await?;
-    if welcome["type"] != "welcome" {
-        tally
-            .error(format!(
-                "join: {}",
-                welcome["code"].as_str().unwrap_or("no welcome")
-            ))
-            .await;
-        return None;
-    }
+    let (id, session) = match protocol.welcome(&welcome, client) {
+        Ok(v) => v,
+        Err(code) => {
+            tally.error(format!("join: {code}")).await;
+            return None;
+        }
+    };
     tally.join.lock().await.record_ms(started.elapsed());
     Some(Peer {
         ws,
-        id: welcome["peer_id"].as_str().unwrap_or_default().to_owned(),
-        session: welcome["session_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+        id,
+        session,
         node,
     })
 }
@@ -230,8 +315,9 @@ async fn caller(
     for round in 0..args.rounds {
         let started = Instant::now();
         for (to, sid, _) in &others {
-            let offer = json!({"type": "signal", "to": to, "sid": sid,
-                "payload": {"type": "offer", "round": round, "sdp": sdp}});
+            let offer = args
+                .protocol
+                .message(&json!(to), &json!(sid), false, &json!(round), &sdp);
             if me.ws.send(Message::text(offer.to_string())).await.is_err() {
                 tally.lost.fetch_add(1, Ordering::Relaxed);
             }
@@ -239,11 +325,16 @@ async fn caller(
         let mut answers = 0;
         while answers < others.len() {
             match next_json(&mut me.ws, timeout).await {
-                Some(m) if m["type"] == "signal" && m["payload"]["round"] == round => {
+                Some(m)
+                    if args.protocol.relayed(&m, true).is_some()
+                        && m["payload"]["round"] == round =>
+                {
                     answers += 1;
                     tally.relayed.fetch_add(2, Ordering::Relaxed);
+                    let from = args.protocol.relayed(&m, true).map(|(f, _)| f);
                     if args.signal_urls.len() > 1
-                        && let Some((_, _, node)) = others.iter().find(|o| m["from"] == o.0)
+                        && let Some((_, _, node)) =
+                            others.iter().find(|o| from.is_some_and(|f| *f == o.0))
                     {
                         tally
                             .rtt_by_route
@@ -295,9 +386,10 @@ async fn callee(mut me: Peer, args: Arc<SignalArgs>, stop: CancellationToken) ->
         let Ok(m) = serde_json::from_str::<Value>(&t) else {
             continue;
         };
-        if m["type"] == "signal" {
-            let answer = json!({"type": "signal", "to": m["from"], "sid": m["from_sid"],
-                "payload": {"type": "answer", "round": m["payload"]["round"], "sdp": sdp}});
+        if let Some((from, sid)) = args.protocol.relayed(&m, false) {
+            let answer = args
+                .protocol
+                .message(from, sid, true, &m["payload"]["round"], &sdp);
             if me.ws.send(Message::text(answer.to_string())).await.is_err() {
                 break;
             }
@@ -317,6 +409,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     let http = reqwest::Client::new();
     let client_before = procstat::sample(None);
     let server_before = procstat::sample_all(&args.server_pids);
+    let control_before = procstat::sample_all(&args.control_pids);
 
     // Phase 1: rooms and connections, paced at --join-rate.
     let join_started = Instant::now();
@@ -348,7 +441,11 @@ pub async fn run(args: SignalArgs) -> SignalReport {
             .collect();
         tasks.push(tokio::spawn(async move {
             let name = format!("lt-{}-{r}", std::process::id());
-            let room = match create_room(&http, &room_urls[0].1, &args, &name).await {
+            let created = match args.protocol {
+                Protocol::Floe => create_room(&http, &room_urls[0].1, &args, &name).await,
+                Protocol::Peerjs => Ok(name),
+            };
+            let room = match created {
                 Ok(id) => id,
                 Err(e) => {
                     tally.error(e).await;
@@ -362,12 +459,8 @@ pub async fn run(args: SignalArgs) -> SignalReport {
             let mut members = Vec::with_capacity(room_size);
             for (i, (node, base)) in room_urls.iter().enumerate() {
                 let client = format!("lt{r}-{i}");
-                let mut url = crate::join::ws_url(base, &room, &client);
-                if let Some(t) = token(&args, &room, &client) {
-                    url.push_str("&token=");
-                    url.push_str(&t);
-                }
-                match connect(&url, *node, timeout, &tally).await {
+                let url = args.protocol.ws_url(&args, base, &room, &client);
+                match connect(args.protocol, &url, &client, *node, timeout, &tally).await {
                     Some(p) => members.push(p),
                     None => {
                         tally.join_failures.fetch_add(1, Ordering::Relaxed);
@@ -408,6 +501,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     pb.finish_and_clear();
     let join_seconds = join_started.elapsed().as_secs_f64();
     let server_joined = procstat::sample_all(&args.server_pids);
+    let control_joined = procstat::sample_all(&args.control_pids);
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     let server_held = procstat::sample_all(&args.server_pids);
 
@@ -466,7 +560,12 @@ pub async fn run(args: SignalArgs) -> SignalReport {
         server_msg_after,
     ) {
         (Some(b), Some(j), Some(h), Some(mb), Some(ma)) => {
-            Some(server_cost(b, j, h, mb, ma, peers, relayed))
+            let mut cost = server_cost(b, j, h, mb, ma, peers, relayed);
+            if let (Some(b), Some(j)) = (control_before, control_joined) {
+                cost.control_cpu_per_connection_us =
+                    Some(j.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / peers.max(1) as f64);
+            }
+            Some(cost)
         }
         _ => None,
     };
@@ -511,6 +610,7 @@ fn server_cost(
         cpu_per_connection_us: (joined.cpu.saturating_sub(before.cpu)).as_secs_f64() * 1e6 / peers,
         cpu_per_message_us: (msg_after.cpu.saturating_sub(msg_before.cpu)).as_secs_f64() * 1e6
             / (relayed.max(1) as f64),
+        control_cpu_per_connection_us: None,
     }
 }
 
@@ -547,6 +647,11 @@ pub fn render(r: &SignalReport) -> String {
             s.cpu_per_connection_us,
             s.cpu_per_message_us,
         ));
+        if let Some(c) = s.control_cpu_per_connection_us {
+            out.push_str(&format!(
+                "  control plane: {c:.1} µs CPU/connection set-up\n"
+            ));
+        }
     }
     for (kind, n) in &r.errors {
         out.push_str(&format!("  error {kind}: {n}\n"));

@@ -163,6 +163,38 @@ pub struct IceServersRequest {
     pub peer: String,
 }
 
+/// What a signal node needs to hand out ICE servers itself (internal
+/// `GET /internal/v1/ice-policy`, polled): the URLs, the credential
+/// lifetime, the TURN secret new credentials are signed with, and who may
+/// not relay now. Minting locally spares every join a round trip to the
+/// control plane; the node polls this as often as the change feed, so a
+/// cut-off or a revocation reaches it within a poll interval.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IcePolicy {
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub credential_ttl_secs: u64,
+    /// `kid=secret` of the active TURN secret; absent without TURN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_secret: Option<String>,
+    pub cut_off: Vec<crate::usage::CutOff>,
+    pub revocations: Vec<crate::usage::Revocation>,
+}
+
+impl std::fmt::Debug for IcePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret never reaches logs.
+        f.debug_struct("IcePolicy")
+            .field("stun_urls", &self.stun_urls)
+            .field("turn_urls", &self.turn_urls)
+            .field("credential_ttl_secs", &self.credential_ttl_secs)
+            .field("turn_secret", &self.turn_secret.as_ref().map(|_| "…"))
+            .field("cut_off", &self.cut_off.len())
+            .field("revocations", &self.revocations.len())
+            .finish()
+    }
+}
+
 /// Body of the public `POST /v1/ice-servers` (API key): TURN credentials
 /// for a tenant's own signaling. Every field is optional.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

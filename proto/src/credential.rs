@@ -155,6 +155,13 @@ impl TurnSecrets {
         self.by_kid.get(kid).map(Vec::as_slice)
     }
 
+    /// The active `kid=secret` entry, as [`TurnSecrets::parse`] reads it:
+    /// what a service that only issues credentials needs.
+    pub fn active_entry(&self) -> String {
+        let secret = self.secret(&self.active).unwrap_or_default();
+        format!("{}={}", self.active, String::from_utf8_lossy(secret))
+    }
+
     /// Every live kid.
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.by_kid.keys().map(String::as_str)
@@ -230,6 +237,10 @@ mod tests {
             .expect("valid");
         assert_eq!(s.active_kid(), "k2");
         assert_eq!(s.kids().collect::<Vec<_>>(), ["k1", "k2"]);
+        // The active entry alone issues the same credentials.
+        let issuer = TurnSecrets::parse(&s.active_entry()).expect("entry parses");
+        assert_eq!(issuer.issue(42, "t", "r", "p"), s.issue(42, "t", "r", "p"));
+        assert_eq!(issuer.kids().count(), 1);
         let (user, pass) = s.issue(42, "t", "r", "p");
         assert_eq!(user.to_string(), "42:k2:t:r:p");
         assert_eq!(pass, turn_password(b"0123456789abcdefXX", "42:k2:t:r:p"));

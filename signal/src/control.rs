@@ -1,5 +1,6 @@
 //! The control plane as signal sees it: API keys (to verify join tokens
-//! locally), tenant plans, and ICE servers with fresh TURN credentials.
+//! locally), tenant plans, the change feed, and the policy ICE servers are
+//! minted from ([`crate::ice`]).
 //! Keys and plans are cached briefly so joins do not each cost a round trip;
 //! the change feed ([`Control::changes`]) tells which entries to drop
 //! early, so a disable or a revocation does not wait for the cache.
@@ -8,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use floe_proto::api::{Changes, IceServers, IceServersRequest, KeyVerification, Tenant};
+use floe_proto::api::{Changes, IcePolicy, KeyVerification, Tenant};
 
 /// How long a fetched key or tenant is trusted.
 const FRESH: Duration = Duration::from_secs(30);
@@ -142,21 +143,9 @@ impl Control {
             .await
     }
 
-    /// ICE servers, with fresh TURN credentials where the plan allows.
-    pub async fn ice_servers(
-        &self,
-        tenant: &str,
-        room: &str,
-        peer: &str,
-    ) -> Result<IceServers, Unavailable> {
-        let req = self
-            .http
-            .post(format!("{}/internal/v1/ice-servers", self.base))
-            .json(&IceServersRequest {
-                tenant: tenant.to_owned(),
-                room: room.to_owned(),
-                peer: peer.to_owned(),
-            });
-        self.answer("ICE servers", req).await
+    /// What this node mints ICE servers from.
+    pub async fn ice_policy(&self) -> Result<IcePolicy, Unavailable> {
+        let url = format!("{}/internal/v1/ice-policy", self.base);
+        self.answer("ICE policy", self.http.get(url)).await
     }
 }

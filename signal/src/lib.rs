@@ -15,6 +15,7 @@ mod config;
 mod control;
 mod error;
 mod hub;
+mod ice;
 mod metrics;
 mod revoke;
 mod room;
@@ -102,6 +103,12 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
+/// How old the ICE policy may grow (polls failing) before TURN is
+/// withheld from new joins: a minute, or five polls if those are slower.
+fn ice_policy_max_age(poll: std::time::Duration) -> std::time::Duration {
+    (poll * 5).max(std::time::Duration::from_secs(60))
+}
+
 /// Starts serving; returns once the listener is bound.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, StartError> {
     let shutdown = shutdown.child_token();
@@ -139,6 +146,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
         bus,
         hub: hub.clone(),
         control,
+        ice: ice::Ice::new(ice_policy_max_age(settings.changes_poll)),
         metrics: metrics.clone(),
         draining: draining.clone(),
         create_limiter: std::sync::Mutex::new(floe_common::ratelimit::RateLimiter::new(

@@ -15,6 +15,7 @@ pub(crate) struct Metrics {
     pub redis_errors: IntCounter,
     pub reported_bytes: IntCounterVec,
     pub rooms_created: IntCounterVec,
+    pub turn_credentials: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,6 +97,14 @@ impl Metrics {
                 &["tenant"],
             )
             .expect("valid metric"),
+            turn_credentials: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_turn_credentials_total",
+                    "ICE server sets handed to peers, by outcome (issued, or why TURN was left out)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             registry,
         };
         // The limits operators alert on start at zero, so rates see them
@@ -118,6 +127,7 @@ impl Metrics {
             Box::new(m.redis_errors.clone()),
             Box::new(m.reported_bytes.clone()),
             Box::new(m.rooms_created.clone()),
+            Box::new(m.turn_credentials.clone()),
         ] {
             m.registry.register(c).expect("each metric registered once");
         }

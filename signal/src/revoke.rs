@@ -2,6 +2,8 @@
 //! that changed, and closes (code 4005) the connections of a tenant that
 //! was disabled or deleted, or that joined with a token signed by a
 //! revoked API key. A node learns of either within one poll interval.
+//! The same loop refreshes the ICE policy ([`crate::ice`]), so cut-offs
+//! and TURN revocations stop new credentials within that interval too.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use floe_common::Shutdown;
 use crate::hub::close;
 use crate::state::App;
 
-/// Polls the feed until `stop` fires.
+/// Polls the feed and the ICE policy until `stop` fires.
 pub(crate) async fn follow_changes(app: Arc<App>, stop: Shutdown) {
     let every = app.settings.changes_poll;
     // `None` until the first answer: changes before this node started
@@ -25,6 +27,10 @@ pub(crate) async fn follow_changes(app: Arc<App>, stop: Shutdown) {
                 seen = Some(feed.changes.last().map_or(feed.seq, |c| c.seq));
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the change feed; retrying"),
+        }
+        match app.control.ice_policy().await {
+            Ok(policy) => app.ice.update(policy),
+            Err(e) => tracing::debug!(error = %e, "cannot read the ICE policy; retrying"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -31,6 +31,8 @@ pub(crate) struct App {
     pub bus: Arc<dyn Bus>,
     pub hub: Arc<Hub>,
     pub control: Control,
+    /// Mints ICE servers for joining peers.
+    pub ice: crate::ice::Ice,
     pub metrics: Arc<Metrics>,
     /// Fires when the node starts draining.
     pub draining: Shutdown,
@@ -105,6 +107,26 @@ impl App {
     }
 
     /// The tenant `id`, enabled.
+    /// ICE servers for `peer` in `record`'s room, minted here (see
+    /// [`crate::ice`]); counted by outcome.
+    pub async fn ice_servers(
+        &self,
+        record: &RoomRecord,
+        peer: &str,
+    ) -> Result<floe_proto::api::IceServers> {
+        let tenant = self.tenant(&record.tenant).await?;
+        let ice = self
+            .ice
+            .servers(&self.control, &tenant, &record.id, peer, unix_now())
+            .await?;
+        let outcome = ice.turn_refused.as_deref().unwrap_or("issued");
+        self.metrics
+            .turn_credentials
+            .with_label_values(&[outcome])
+            .inc();
+        Ok(ice)
+    }
+
     pub async fn tenant(&self, id: &str) -> Result<Tenant> {
         let t = self
             .control

@@ -257,14 +257,10 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         key_id,
         secret,
     } = joiner;
-    let ice = match app
-        .control
-        .ice_servers(&record.tenant, &record.id, &peer_id)
-        .await
-    {
+    let ice = match app.ice_servers(&record, &peer_id).await {
         Ok(ice) => ice,
         Err(e) => {
-            refuse(app, socket, e.into()).await;
+            refuse(app, socket, e).await;
             return None;
         }
     };
@@ -470,7 +466,7 @@ pub(crate) async fn relay(app: &App, socket: &mut impl Socket, joined: &Joined) 
                 }
             }
             _ = &mut refresh_sleep, if refresh.is_some() => {
-                let answer = match Box::pin(app.control.ice_servers(&record.tenant, &record.id, &me.peer_id)).await {
+                let answer = match Box::pin(app.ice_servers(record, &me.peer_id)).await {
                     Ok(fresh) => {
                         refresh = refresh_at(fresh.expires);
                         Some(ServerMessage::IceServers { ice_servers: fresh }.to_json().into())
@@ -763,6 +759,7 @@ mod tests {
             bus: Arc::new(LocalBus::new(hub.clone())),
             hub,
             control: crate::control::Control::new(&settings.control_url, "t").expect("client"),
+            ice: crate::ice::Ice::new(Duration::from_secs(60)),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             draining: floe_common::Shutdown::new(),
             create_limiter: std::sync::Mutex::new(floe_common::ratelimit::RateLimiter::new(

@@ -492,3 +492,106 @@ async fn refusals_are_json_or_websocket_errors_as_documented() {
     assert_eq!(first["code"], "too_many_connections");
     assert_eq!(second.next().await["code"], 4003);
 }
+
+/// TURN credentials are minted on the node (no control-plane round trip
+/// per join); a revocation, a quota cut-off or TURN turned off still stops
+/// them within a poll interval, and what is minted is what TURN verifies.
+#[tokio::test]
+async fn credentials_minted_on_the_node_follow_revocations_and_cut_offs() {
+    let stack = Stack::new().await;
+    let node = stack.node(stack.settings()).await;
+    let key = tenant_with_key(
+        &stack,
+        "metered",
+        json!({"turn": true, "monthly_relay_bytes": 1000}),
+    )
+    .await;
+    let r = create_with_token(&stack, &node, &token_of(&key, |_| {})).await;
+    assert_eq!(r.status(), 201);
+    let room: Value = r.json().await.expect("json");
+    let room = room["room_id"].as_str().expect("id").to_owned();
+    let ice_of = |peer: &'static str| {
+        let (node, room, key) = (&node, room.clone(), key.clone());
+        async move {
+            let token = token_of(&key, |c| c.sub = peer.into());
+            let (c, first) = Client::connect_raw(node, &room, &format!("token={token}")).await;
+            assert_eq!(first["type"], "welcome", "{first}");
+            drop(c);
+            first["ice_servers"].clone()
+        }
+    };
+    let ice = ice_of("alice").await;
+    let turn = &ice["iceServers"][1];
+    let user = turn["username"].as_str().expect("TURN username");
+    assert!(user.ends_with(&format!(":metered:{room}:alice")), "{user}");
+    assert_eq!(
+        turn["credential"].as_str(),
+        Some(floe_proto::credential::turn_password(b"turn-secret-0123456789", user).as_str()),
+        "signed with the TURN secret the TURN servers hold"
+    );
+
+    // Waits until a join of `peer` is refused TURN for `reason`.
+    let refused_within = |peer: &'static str, reason: &'static str| {
+        let ice_of = &ice_of;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let ice = ice_of(peer).await;
+                if ice["turnRefused"] == reason {
+                    assert_eq!(ice["iceServers"].as_array().map(Vec::len), Some(1));
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{peer}: still {ice}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let r = stack
+        .http
+        .post(format!("{}/v1/revocations", stack.cp.url()))
+        .basic_auth(&key.id, Some(&key.secret))
+        .json(&json!({"tenant": "metered", "room": room, "peer": "mallory"}))
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 201);
+    refused_within("mallory", "revoked").await;
+    assert!(ice_of("alice").await.get("turnRefused").is_none());
+
+    // The month's usage reaches the quota: every peer is cut off.
+    let r = stack
+        .http
+        .post(format!("{}/internal/v1/usage", stack.cp.url()))
+        .bearer_auth(common::INTERNAL)
+        .json(
+            &json!({"server_id": "turn-x", "seq": 1, "at": floe_proto::time::unix_now(),
+            "records": [{"tenant": "metered", "room": room, "bytes_out": 600, "bytes_in": 400,
+                "packets_out": 1, "packets_in": 1}]}),
+        )
+        .send()
+        .await
+        .expect("usage");
+    assert_eq!(r.status(), 200);
+    refused_within("alice", "over_quota").await;
+
+    // TURN turned off in the plan.
+    let r = stack
+        .http
+        .patch(format!("{}/v1/tenants/metered", stack.cp.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"plan": {"turn": false}}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    refused_within("alice", "turn_disabled").await;
+    let m = metrics(&node).await;
+    assert!(
+        m.contains("floe_signal_turn_credentials_total{outcome=\"issued\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("floe_signal_turn_credentials_total{outcome=\"revoked\"}"),
+        "{m}"
+    );
+}

@@ -1,0 +1,279 @@
+//! ICE servers for joining peers, minted on this node from the control
+//! plane's [`IcePolicy`] (URLs, credential lifetime, the active TURN secret,
+//! cut-off tenants and revocations) instead of a control-plane round trip
+//! per join. The policy is polled with the change feed
+//! ([`crate::revoke`]), so a cut-off or a revocation stops new credentials
+//! here within one poll interval, as it did when the control plane minted
+//! each one; TURN enforces the same lists on its side.
+//!
+//! [`Policy::issue`] is pure. [`Ice`] keeps the latest policy and fetches
+//! one inline only when it has none yet (or only a stale one).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use floe_proto::api::{IcePolicy, IceServer, IceServers, Tenant};
+use floe_proto::credential::TurnSecrets;
+use floe_proto::usage::Revocation;
+
+use crate::control::{Control, Unavailable};
+
+/// Why TURN is left out when the policy is too old to trust.
+const STALE: &str = "control_plane_unavailable";
+
+/// A fetched [`IcePolicy`], indexed for issuing.
+pub(crate) struct Policy {
+    stun_urls: Vec<String>,
+    turn_urls: Vec<String>,
+    ttl: u64,
+    secrets: Option<TurnSecrets>,
+    cut_off: HashMap<String, &'static str>,
+    revocations: Vec<Revocation>,
+}
+
+impl Policy {
+    pub fn new(p: IcePolicy) -> Self {
+        let secrets = p
+            .turn_secret
+            .as_deref()
+            .and_then(|entry| match TurnSecrets::parse(entry) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "the control plane's TURN secret does not parse; issuing STUN only");
+                    None
+                }
+            });
+        Self {
+            stun_urls: p.stun_urls,
+            turn_urls: p.turn_urls,
+            ttl: p.credential_ttl_secs,
+            secrets,
+            cut_off: p
+                .cut_off
+                .into_iter()
+                .map(|c| (c.tenant, c.reason.as_str()))
+                .collect(),
+            revocations: p.revocations,
+        }
+    }
+
+    /// Why `tenant` gets no TURN for (room, peer) now, if it does not.
+    fn refusal(&self, tenant: &Tenant, room: &str, peer: &str) -> Option<&'static str> {
+        if self.secrets.is_none() || self.turn_urls.is_empty() {
+            Some("turn_not_configured")
+        } else if tenant.disabled {
+            Some("tenant_disabled")
+        } else if !tenant.plan.turn {
+            Some("turn_disabled")
+        } else if let Some(reason) = self.cut_off.get(&tenant.id) {
+            Some(*reason)
+        } else if self
+            .revocations
+            .iter()
+            .any(|r| r.covers(&tenant.id, room, peer))
+        {
+            Some("revoked")
+        } else {
+            None
+        }
+    }
+
+    /// ICE servers for (tenant, room, peer) at `now`: STUN, and TURN with
+    /// credentials unless refused (`turn_refused` says why). `stale`
+    /// withholds TURN because the policy is too old to trust.
+    pub fn issue(
+        &self,
+        tenant: &Tenant,
+        room: &str,
+        peer: &str,
+        now: u64,
+        stale: bool,
+    ) -> IceServers {
+        let mut ice_servers = Vec::with_capacity(2);
+        if !self.stun_urls.is_empty() {
+            ice_servers.push(IceServer {
+                urls: self.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        let refused = if stale {
+            Some(STALE)
+        } else {
+            self.refusal(tenant, room, peer)
+        };
+        let (ttl, expires) = match (refused, &self.secrets) {
+            (None, Some(secrets)) => {
+                let expires = now + self.ttl;
+                let (username, password) = secrets.issue(expires, &tenant.id, room, peer);
+                ice_servers.push(IceServer {
+                    urls: self.turn_urls.clone(),
+                    username: Some(username.to_string()),
+                    credential: Some(password),
+                });
+                (self.ttl, expires)
+            }
+            _ => (0, 0),
+        };
+        IceServers {
+            ice_servers,
+            ttl,
+            expires,
+            turn_refused: refused.map(str::to_owned),
+        }
+    }
+}
+
+/// The node's latest policy and when it was fetched.
+pub(crate) struct Ice {
+    latest: RwLock<Option<(Instant, std::sync::Arc<Policy>)>>,
+    /// One inline fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
+    /// Past this age the policy is refreshed inline, and TURN is withheld
+    /// if that fails.
+    max_age: Duration,
+}
+
+impl Ice {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            latest: RwLock::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            max_age,
+        }
+    }
+
+    /// Replaces the policy (from the poll loop or an inline fetch).
+    pub fn update(&self, policy: IcePolicy) {
+        let fresh = (Instant::now(), std::sync::Arc::new(Policy::new(policy)));
+        *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(fresh);
+    }
+
+    fn current(&self) -> Option<(Instant, std::sync::Arc<Policy>)> {
+        self.latest
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// ICE servers for (tenant, room, peer). Fails only when this node has
+    /// never had a policy and cannot fetch one.
+    pub async fn servers(
+        &self,
+        control: &Control,
+        tenant: &Tenant,
+        room: &str,
+        peer: &str,
+        now: u64,
+    ) -> Result<IceServers, Unavailable> {
+        let fresh = |at: Instant| at.elapsed() < self.max_age;
+        if let Some((_, p)) = self.current().filter(|(at, _)| fresh(*at)) {
+            return Ok(p.issue(tenant, room, peer, now, false));
+        }
+        let _one = self.fetching.lock().await;
+        if self.current().is_none_or(|(at, _)| !fresh(at)) {
+            match control.ice_policy().await {
+                Ok(p) => self.update(p),
+                Err(e) => tracing::warn!(error = %e, "cannot fetch the ICE policy"),
+            }
+        }
+        match self.current() {
+            Some((at, p)) => Ok(p.issue(tenant, room, peer, now, !fresh(at))),
+            None => Err(Unavailable(
+                "no ICE policy from the control plane yet".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floe_proto::api::Plan;
+    use floe_proto::credential::{TurnUsername, turn_password};
+    use floe_proto::usage::{CutOff, CutOffReason};
+
+    fn tenant(id: &str, turn: bool, disabled: bool) -> Tenant {
+        Tenant {
+            id: id.into(),
+            name: id.into(),
+            plan: Plan {
+                turn,
+                ..Plan::default()
+            },
+            disabled,
+            webhook_url: None,
+            webhook_secret: None,
+            created_at: 0,
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::new(IcePolicy {
+            stun_urls: vec!["stun:s:3478".into()],
+            turn_urls: vec!["turn:s:3478?transport=udp".into()],
+            credential_ttl_secs: 600,
+            turn_secret: Some("k9=signal-side-secret-0123".into()),
+            cut_off: vec![CutOff {
+                tenant: "over".into(),
+                reason: CutOffReason::OverQuota,
+            }],
+            revocations: vec![Revocation {
+                tenant: "t".into(),
+                room: Some("r".into()),
+                peer: Some("mallory".into()),
+                until: u64::MAX,
+            }],
+        })
+    }
+
+    #[test]
+    fn issues_credentials_the_turn_server_accepts() {
+        let ice = policy().issue(&tenant("t", true, false), "r", "alice", 1_000, false);
+        assert_eq!((ice.ttl, ice.expires, ice.turn_refused), (600, 1_600, None));
+        let turn = &ice.ice_servers[1];
+        let user = turn.username.as_deref().expect("username");
+        let parsed = TurnUsername::parse(user).expect("floe username");
+        assert_eq!(
+            (parsed.expires, parsed.kid.as_str(), parsed.tenant.as_str()),
+            (1_600, "k9", "t")
+        );
+        assert_eq!(
+            turn.credential.as_deref(),
+            Some(turn_password(b"signal-side-secret-0123", user).as_str())
+        );
+    }
+
+    #[test]
+    fn refuses_turn_with_the_reason() {
+        let p = policy();
+        let reason = |t: &Tenant, peer: &str| p.issue(t, "r", peer, 1_000, false).turn_refused;
+        assert_eq!(
+            reason(&tenant("t", true, false), "mallory").as_deref(),
+            Some("revoked")
+        );
+        assert_eq!(
+            reason(&tenant("over", true, false), "a").as_deref(),
+            Some("over_quota")
+        );
+        assert_eq!(
+            reason(&tenant("t", false, false), "a").as_deref(),
+            Some("turn_disabled")
+        );
+        assert_eq!(
+            reason(&tenant("t", true, true), "a").as_deref(),
+            Some("tenant_disabled")
+        );
+        let stale = p.issue(&tenant("t", true, false), "r", "a", 1_000, true);
+        assert_eq!(stale.turn_refused.as_deref(), Some(STALE));
+        assert_eq!(stale.ice_servers.len(), 1, "STUN only");
+        let no_turn = Policy::new(IcePolicy {
+            stun_urls: vec!["stun:s".into()],
+            ..IcePolicy::default()
+        });
+        let ice = no_turn.issue(&tenant("t", true, false), "r", "a", 1_000, false);
+        assert_eq!(ice.turn_refused.as_deref(), Some("turn_not_configured"));
+        assert_eq!(ice.expires, 0);
+    }
+}
