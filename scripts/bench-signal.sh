@@ -90,20 +90,23 @@ two = json.load(open(f"{w}/redis2.json"))
 def s(r, k): return (r.get("server") or {}).get(k, float("nan"))
 print("\nsummary")
 print(f"  in-process bus : {s(single,'memory_per_connection_bytes')/1024:.2f} KiB/conn, "
-      f"{s(single,'cpu_per_connection_us'):.1f} us CPU/conn set-up, {s(single,'cpu_per_message_us'):.1f} us CPU/msg, "
+      f"{s(single,'cpu_per_connection_us'):.1f} us CPU/join, {s(single,'cpu_per_message_us'):.1f} us CPU/msg, "
       f"lost {single['messages_lost']}")
 print(f"  Redis, 1 node  : {s(one,'cpu_per_message_us'):.1f} us CPU/msg, p50 RTT {one['offer_answer_ms']['p50']:.2f} ms")
 # With two nodes each message crosses nodes; node 0 sends half and receives half.
 print(f"  Redis, 2 nodes : {s(two,'cpu_per_message_us'):.1f} us CPU/msg over both nodes (every message crosses), "
       f"p50 RTT {two['offer_answer_ms']['p50']:.2f} ms, lost {two['messages_lost']}")
-join = s(single, 'cpu_per_connection_us') + (single.get("server") or {}).get("control_cpu_per_connection_us", 0)
-print(f"  join, floe      : {s(single,'cpu_per_connection_us'):.1f} us signal + "
-      f"{(single.get('server') or {}).get('control_cpu_per_connection_us', 0):.1f} us control plane = {join:.1f} us CPU")
+cp_us = (single.get("server") or {}).get("control_cpu_per_connection_us") or 0.0
+join = s(single, 'cpu_per_connection_us') + cp_us
+room = s(single, 'cpu_per_room_us')
+print(f"  join, floe      : {s(single,'cpu_per_connection_us'):.1f} us signal + {cp_us:.1f} us control plane = {join:.1f} us CPU "
+      f"(creating a room: {room:.1f} us more, {room/2:.1f} us per peer of a pair)")
 if peerjs:
     pj_join, pj_msg = s(peerjs, 'cpu_per_connection_us'), s(peerjs, 'cpu_per_message_us')
     print(f"  join, PeerJS    : {pj_join:.1f} us CPU; {pj_msg:.1f} us CPU/msg; "
           f"{s(peerjs,'memory_per_connection_bytes')/1024:.2f} KiB/conn; lost {peerjs['messages_lost']}")
-    print(f"  floe / PeerJS   : join {join/pj_join:.2f}x, message {s(single,'cpu_per_message_us')/pj_msg:.2f}x, "
+    print(f"  floe / PeerJS   : join {join/pj_join:.2f}x ({(join + room/2)/pj_join:.2f}x with room creation), "
+          f"message {s(single,'cpu_per_message_us')/pj_msg:.2f}x, "
           f"memory {s(single,'memory_per_connection_bytes')/s(peerjs,'memory_per_connection_bytes'):.2f}x")
 base = s(single, 'cpu_per_message_us')
 print(f"  cross-node / in-process CPU per message: {s(two,'cpu_per_message_us')/base:.2f}x")

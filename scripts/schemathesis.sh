@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Property-based API tests of the signaling API: starts a `floe dev` on free
-# loopback ports, then runs schemathesis (PyPI, installed once into a cache
-# folder outside the repository) against its /v1/openapi.json, without
-# credentials and with the dev tenant's API key. Fails on any 5xx and on any
-# answer the document does not describe (status, content type, schema).
+# Property-based API tests of the signaling and control-plane APIs: starts a
+# `floe dev` on free loopback ports, then runs schemathesis (PyPI, installed
+# once into a cache folder outside the repository) against each one's
+# /v1/openapi.json: without credentials, with the dev tenant's API key, and
+# (control plane) with the admin token. Fails on any 5xx and on any answer
+# the document does not describe (status, content type, schema).
 # Bounded: a fixed number of examples per operation, and a time limit.
 # Usage: scripts/schemathesis.sh FLOE_BINARY
 set -euo pipefail
@@ -42,14 +43,16 @@ done
 [ -s "$work/data/endpoints.json" ] || { echo "floe dev did not start" >&2; exit 1; }
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$work/data/endpoints.json" "$1"; }
 signal="$(field signal_url)"
+control="$(field control_url)"
+admin="$(field admin_token)"
 basic="$(printf '%s:%s' "$(field api_key_id)" "$(field api_key_secret)" | base64 -w0)"
 
-run() { # label, extra args…
-  local label="$1"; shift
-  echo "schemathesis: signal API, $label ($examples examples per operation)"
+run() { # api-name, base URL, label, extra args…
+  local api="$1" base="$2" label="$3"; shift 3
+  echo "schemathesis: $api API, $label ($examples examples per operation)"
   # From the work folder: schemathesis keeps a cache in the current one.
-  (cd "$work" && timeout 300 "$venv/bin/schemathesis" run "$signal/v1/openapi.json" \
-    --url "$signal" \
+  (cd "$work" && timeout 300 "$venv/bin/schemathesis" run "$base/v1/openapi.json" \
+    --url "$base" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
     --phases examples,coverage,fuzzing \
     --max-examples "$examples" \
@@ -58,5 +61,9 @@ run() { # label, extra args…
     --no-color \
     "$@")
 }
-run "no credentials"
-run "the dev tenant's API key" --header "Authorization: Basic $basic"
+run signal "$signal" "no credentials"
+run signal "$signal" "the dev tenant's API key" --header "Authorization: Basic $basic"
+# The control plane last: with the admin token it may change the dev tenant.
+run control-plane "$control" "no credentials"
+run control-plane "$control" "the dev tenant's API key" --header "Authorization: Basic $basic"
+run control-plane "$control" "the admin token" --header "Authorization: Bearer $admin"

@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
@@ -319,20 +319,38 @@ pub(crate) async fn refresh_policy(app: Arc<App>, stop: floe_common::Shutdown) {
     }
 }
 
-/// The routes of the control plane (without the ops routes).
-pub(crate) fn router(app: Arc<App>) -> Router {
-    let public = Router::new()
-        .route("/v1/tenants", post(create_tenant).get(list_tenants))
-        .route(
+/// The public routes, each path once: the OpenAPI document
+/// (`openapi.json`, served at `/v1/openapi.json`) describes exactly these
+/// and the ops routes, which a test keeps true.
+fn public_routes() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
+    vec![
+        ("/v1/tenants", post(create_tenant).get(list_tenants)),
+        (
             "/v1/tenants/{id}",
             get(get_tenant).patch(update_tenant).delete(delete_tenant),
-        )
-        .route("/v1/tenants/{id}/keys", post(create_key).get(list_keys))
-        .route("/v1/tenants/{id}/keys/{kid}", delete(revoke_key))
-        .route("/v1/tenants/{id}/usage", get(usage))
-        .route("/v1/revocations", post(revoke))
-        .route("/v1/tokens", post(mint_token))
-        .route("/v1/ice-servers", post(public_ice_servers))
+        ),
+        ("/v1/tenants/{id}/keys", post(create_key).get(list_keys)),
+        ("/v1/tenants/{id}/keys/{kid}", delete(revoke_key)),
+        ("/v1/tenants/{id}/usage", get(usage)),
+        ("/v1/revocations", post(revoke)),
+        ("/v1/tokens", post(mint_token)),
+        ("/v1/ice-servers", post(public_ice_servers)),
+        ("/v1/openapi.json", get(openapi)),
+    ]
+}
+
+/// The OpenAPI 3.1 document of the public API.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// The routes of the control plane (without the ops routes).
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let public = public_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
         .layer(middleware::from_fn_with_state(app.clone(), rate_limit))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     let internal = Router::new()
@@ -985,4 +1003,83 @@ async fn apply_usage(
         applied,
         enforcement: Enforcement::clone(&*app.enforcement(unix_now()).await?),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The ops routes every component serves beside its API.
+    const OPS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+    fn documented() -> serde_json::Map<String, serde_json::Value> {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"], "3.1.0");
+        doc["paths"].as_object().expect("paths").clone()
+    }
+
+    #[test]
+    fn the_document_describes_every_public_route_and_no_other() {
+        let served: BTreeSet<&str> = public_routes().iter().map(|(p, _)| *p).chain(OPS).collect();
+        let documented: BTreeSet<String> = documented().keys().cloned().collect();
+        let documented: BTreeSet<&str> = documented.iter().map(String::as_str).collect();
+        assert_eq!(served, documented);
+    }
+
+    /// Each path's methods, as the server answers them (the `Allow` header
+    /// of a 405), equal the document's.
+    #[tokio::test]
+    async fn the_document_lists_the_methods_each_route_serves() {
+        let dir = std::env::temp_dir().join(format!(
+            "floe-openapi-{}",
+            floe_common::secret::random_token(4)
+        ));
+        let settings = crate::Settings {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            store: crate::StoreLocation::Embedded(dir.join("cp.redb")),
+            redis_prefix: String::new(),
+            admin_token: "admin-token-0123456789".into(),
+            internal_token: "internal-token-0123456789".into(),
+            turn_secrets: None,
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            credential_ttl_secs: 600,
+            max_token_ttl_secs: 3600,
+            api_rate: 10_000.0,
+            enforcement_refresh: std::time::Duration::from_secs(2),
+        };
+        let cp = crate::start(settings, floe_common::Shutdown::new())
+            .await
+            .expect("start");
+        let http = reqwest::Client::new();
+        for (path, item) in documented() {
+            let want: BTreeSet<String> = item
+                .as_object()
+                .expect("path item")
+                .keys()
+                .filter(|k| k.as_str() != "parameters")
+                .map(|m| m.to_uppercase())
+                .collect();
+            let url = format!("{}{}", cp.url(), path.replace('{', "x").replace('}', ""));
+            let r = http
+                .request(reqwest::Method::TRACE, &url)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), 405, "{path}");
+            let allow = r
+                .headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let served: BTreeSet<String> = allow
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty() && m != "HEAD")
+                .collect();
+            assert_eq!(served, want, "{path}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -164,6 +164,7 @@ pub struct SignalReport {
     pub offer_answer_by_route_ms: std::collections::BTreeMap<String, Summary>,
     pub messages_relayed: u64,
     pub messages_lost: u64,
+    pub rooms_seconds: f64,
     pub join_seconds: f64,
     pub messaging_seconds: f64,
     pub messages_per_sec: f64,
@@ -180,6 +181,9 @@ pub struct ServerCost {
     pub rss_before_bytes: u64,
     pub rss_connected_bytes: u64,
     pub memory_per_connection_bytes: f64,
+    /// Creating a room (`POST /v1/rooms`), before any peer joins.
+    pub cpu_per_room_us: f64,
+    /// A peer's WebSocket join into an existing room, up to `welcome`.
     pub cpu_per_connection_us: f64,
     pub cpu_per_message_us: f64,
     /// The control plane's CPU over the joins, per connection (with
@@ -411,26 +415,63 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     let server_before = procstat::sample_all(&args.server_pids);
     let control_before = procstat::sample_all(&args.control_pids);
 
-    // Phase 1: rooms and connections, paced at --join-rate.
+    // Phase 1: the rooms, created at --join-rate / --room-size per second,
+    // so the cost of a room and the cost of a join are measured apart.
+    let urls = &args.signal_urls;
+    let interval = Duration::from_secs_f64(room_size as f64 / args.join_rate.max(1.0));
+    let rooms_started = Instant::now();
+    let room_ids = {
+        let pb = crate::progress_bar(rooms as u64, "rooms", "{per_sec} eta {eta}");
+        let mut next_at = tokio::time::Instant::now();
+        let mut creating = Vec::with_capacity(rooms);
+        for r in 0..rooms {
+            tokio::time::sleep_until(next_at).await;
+            next_at += interval;
+            let (args, tally, http, pb) = (args.clone(), tally.clone(), http.clone(), pb.clone());
+            let base = urls[(r * room_size) % urls.len()].clone();
+            creating.push(tokio::spawn(async move {
+                let name = format!("lt-{}-{r}", std::process::id());
+                let created = match args.protocol {
+                    Protocol::Floe => create_room(&http, &base, &args, &name).await,
+                    Protocol::Peerjs => Ok(name),
+                };
+                pb.inc(1);
+                match created {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tally.error(e).await;
+                        None
+                    }
+                }
+            }));
+        }
+        let mut ids = Vec::with_capacity(rooms);
+        for c in creating {
+            ids.push(c.await.ok().flatten());
+        }
+        pb.finish_and_clear();
+        ids
+    };
+    let rooms_seconds = rooms_started.elapsed().as_secs_f64();
+    let server_rooms = procstat::sample_all(&args.server_pids);
+
+    // Phase 2: the connections, paced at --join-rate.
     let join_started = Instant::now();
     let pb = crate::progress_bar(peers as u64, "joining", "{per_sec} eta {eta}");
     let barrier = Arc::new(Barrier::new(rooms + 1));
     let stop = CancellationToken::new();
     let go = Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::with_capacity(rooms);
-    let urls = &args.signal_urls;
-    let interval = Duration::from_secs_f64(room_size as f64 / args.join_rate.max(1.0));
     let mut next_at = tokio::time::Instant::now();
-    for r in 0..rooms {
+    for (r, room) in room_ids.into_iter().enumerate() {
         tokio::time::sleep_until(next_at).await;
         next_at += interval;
-        let (args, tally, barrier, stop, go, http, pb) = (
+        let (args, tally, barrier, stop, go, pb) = (
             args.clone(),
             tally.clone(),
             barrier.clone(),
             stop.clone(),
             go.clone(),
-            http.clone(),
             pb.clone(),
         );
         let room_urls: Vec<(usize, String)> = (0..room_size)
@@ -440,21 +481,13 @@ pub async fn run(args: SignalArgs) -> SignalReport {
             })
             .collect();
         tasks.push(tokio::spawn(async move {
-            let name = format!("lt-{}-{r}", std::process::id());
-            let created = match args.protocol {
-                Protocol::Floe => create_room(&http, &room_urls[0].1, &args, &name).await,
-                Protocol::Peerjs => Ok(name),
-            };
-            let room = match created {
-                Ok(id) => id,
-                Err(e) => {
-                    tally.error(e).await;
-                    tally
-                        .join_failures
-                        .fetch_add(room_size as u64, Ordering::Relaxed);
-                    barrier.wait().await;
-                    return 0;
-                }
+            let Some(room) = room else {
+                tally
+                    .join_failures
+                    .fetch_add(room_size as u64, Ordering::Relaxed);
+                pb.inc(room_size as u64);
+                barrier.wait().await;
+                return 0;
             };
             let mut members = Vec::with_capacity(room_size);
             for (i, (node, base)) in room_urls.iter().enumerate() {
@@ -554,21 +587,27 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     let relayed = tally.relayed.load(Ordering::Relaxed);
     let server = match (
         server_before,
+        server_rooms,
         server_joined,
         server_held,
         server_msg_before,
         server_msg_after,
     ) {
-        (Some(b), Some(j), Some(h), Some(mb), Some(ma)) => {
-            let mut cost = server_cost(b, j, h, mb, ma, peers, relayed);
-            if let (Some(b), Some(j)) = (control_before, control_joined) {
-                cost.control_cpu_per_connection_us =
-                    Some(j.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / peers.max(1) as f64);
-            }
+        (Some(before), Some(rooms_made), Some(joined), Some(held), Some(mb), Some(ma)) => {
+            let mut cost = server_cost(
+                [before, rooms_made, joined, held, mb, ma],
+                rooms,
+                peers,
+                relayed,
+            );
+            cost.control_cpu_per_connection_us = control_before
+                .zip(control_joined)
+                .map(|(b, j)| per(j.cpu.saturating_sub(b.cpu), peers));
             Some(cost)
         }
         _ => None,
     };
+
     let client_after = procstat::sample(None);
     SignalReport {
         peers,
@@ -580,6 +619,7 @@ pub async fn run(args: SignalArgs) -> SignalReport {
         offer_answer_by_route_ms: Samples::summaries(&*tally.rtt_by_route.lock().await),
         messages_relayed: relayed,
         messages_lost: tally.lost.load(Ordering::Relaxed),
+        rooms_seconds,
         join_seconds,
         messaging_seconds,
         messages_per_sec: relayed as f64 / messaging_seconds.max(1e-9),
@@ -593,23 +633,26 @@ pub async fn run(args: SignalArgs) -> SignalReport {
     }
 }
 
-fn server_cost(
-    before: ProcSample,
-    joined: ProcSample,
-    held: ProcSample,
-    msg_before: ProcSample,
-    msg_after: ProcSample,
-    peers: usize,
-    relayed: u64,
-) -> ServerCost {
-    let peers = peers.max(1) as f64;
+/// `cpu` per item, microseconds.
+fn per(cpu: Duration, items: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / items.max(1) as f64
+}
+
+/// The server's costs from its samples: before the run, after the rooms,
+/// after the joins, after the hold, before and after the messages.
+fn server_cost(samples: [ProcSample; 6], rooms: usize, peers: usize, relayed: u64) -> ServerCost {
+    let [before, rooms_made, joined, held, msg_before, msg_after] = samples;
     ServerCost {
         rss_before_bytes: before.rss,
         rss_connected_bytes: held.rss,
-        memory_per_connection_bytes: held.rss.saturating_sub(before.rss) as f64 / peers,
-        cpu_per_connection_us: (joined.cpu.saturating_sub(before.cpu)).as_secs_f64() * 1e6 / peers,
-        cpu_per_message_us: (msg_after.cpu.saturating_sub(msg_before.cpu)).as_secs_f64() * 1e6
-            / (relayed.max(1) as f64),
+        memory_per_connection_bytes: held.rss.saturating_sub(before.rss) as f64
+            / peers.max(1) as f64,
+        cpu_per_room_us: per(rooms_made.cpu.saturating_sub(before.cpu), rooms),
+        cpu_per_connection_us: per(joined.cpu.saturating_sub(rooms_made.cpu), peers),
+        cpu_per_message_us: per(
+            msg_after.cpu.saturating_sub(msg_before.cpu),
+            relayed as usize,
+        ),
         control_cpu_per_connection_us: None,
     }
 }
@@ -621,7 +664,7 @@ pub fn render(r: &SignalReport) -> String {
         "signal load: {} peers in {} rooms, {} connected, {} join failures\n\
          \x20 join (connect→welcome)      {}\n\
          \x20 offer→answer round trip     {}\n\
-         \x20 messages relayed {} lost {}  ({:.0} msg/s over {:.2} s; joins took {:.2} s)\n\
+         \x20 messages relayed {} lost {}  ({:.0} msg/s over {:.2} s; rooms took {:.2} s, joins {:.2} s)\n\
          \x20 load tester: {:.2} s CPU, {:.1} MiB RSS\n",
         r.peers,
         r.rooms,
@@ -633,6 +676,7 @@ pub fn render(r: &SignalReport) -> String {
         r.messages_lost,
         r.messages_per_sec,
         r.messaging_seconds,
+        r.rooms_seconds,
         r.join_seconds,
         r.client_cpu_seconds,
         r.client_rss_bytes as f64 / 1_048_576.0,
@@ -640,16 +684,17 @@ pub fn render(r: &SignalReport) -> String {
     out.push_str(&Summary::by_key(&r.offer_answer_by_route_ms, 2));
     if let Some(s) = &r.server {
         out.push_str(&format!(
-            "  server: {:.2} KiB/connection ({:.1} → {:.1} MiB RSS), {:.1} µs CPU/connection set-up, {:.1} µs CPU/relayed message\n",
+            "  server: {:.2} KiB/connection ({:.1} → {:.1} MiB RSS), {:.1} µs CPU/room created, {:.1} µs CPU/join, {:.1} µs CPU/relayed message\n",
             s.memory_per_connection_bytes / 1024.0,
             s.rss_before_bytes as f64 / 1_048_576.0,
             s.rss_connected_bytes as f64 / 1_048_576.0,
+            s.cpu_per_room_us,
             s.cpu_per_connection_us,
             s.cpu_per_message_us,
         ));
         if let Some(c) = s.control_cpu_per_connection_us {
             out.push_str(&format!(
-                "  control plane: {c:.1} µs CPU/connection set-up\n"
+                "  control plane: {c:.1} µs CPU/peer (rooms and joins)\n"
             ));
         }
     }
