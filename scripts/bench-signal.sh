@@ -77,6 +77,16 @@ if command -v redis-server >/dev/null; then
   "$floe" loadtest --json "$work/redis2.json" signal --signal-url "http://127.0.0.1:$r0" \
     --signal-url "http://127.0.0.1:$r1" --peers "$half" --rounds "$ROUNDS" --join-rate 2000 \
     --hold-secs 1 --server-pid "$rb0" --server-pid "$rb1"
+  echo "== failover: $PEERS peers on one node of two (Redis bus); kill -9 it; they reconnect to the other"
+  f0=$(free_port); signal_node "$f0" "$redis" fo0; fo0=${pids[-1]}
+  f1=$(free_port); signal_node "$f1" "$redis" fo1; fo1=${pids[-1]}
+  "$floe" loadtest --json "$work/failover.json" failover --signal-url "http://127.0.0.1:$f0" \
+    --failover-url "http://127.0.0.1:$f1" --peers "$PEERS" --join-rate 2000 \
+    --ready-file "$work/failover.ready" --server-pid "$fo1" &
+  lt=$!
+  for _ in $(seq 1200); do [ -s "$work/failover.ready" ] && break; sleep 0.1; done
+  { kill -9 "$fo0"; wait "$fo0"; } 2>/dev/null || true
+  wait "$lt"
   python3 - "$work" <<'PY'
 import json, sys
 w = sys.argv[1]
@@ -110,6 +120,10 @@ if peerjs:
           f"memory {s(single,'memory_per_connection_bytes')/s(peerjs,'memory_per_connection_bytes'):.2f}x")
 base = s(single, 'cpu_per_message_us')
 print(f"  cross-node / in-process CPU per message: {s(two,'cpu_per_message_us')/base:.2f}x")
+fo = json.load(open(f"{w}/failover.json"))
+print(f"  failover       : {fo['reconnected']}/{fo['dropped']} peers back on the surviving node in "
+      f"{fo['all_back_seconds'] or float('nan'):.2f} s, all pairs signalling in {fo['all_signalling_seconds'] or float('nan'):.2f} s, "
+      f"{fo['server_cpu_per_reconnect_us'] or float('nan'):.1f} us CPU per reconnect")
 PY
 else
   echo "(redis-server not installed: skipping the Redis bus; scripts/test.sh installs it)"

@@ -4,11 +4,13 @@
 //! Modes: signal-only (rooms of peers trading offers and answers), the
 //! full transfer scenario (signal, relay files through TURN over UDP or
 //! TCP, reconcile the ledger; or TURN-only), a TURN allocation storm, a
-//! STUN Binding flood and timed usage acks against the control plane. Every run is bounded in count and
+//! STUN Binding flood, timed usage acks against the control plane, and a
+//! signal-node failover. Every run is bounded in count and
 //! time, and targets only loopback or explicitly allowed addresses.
 
 pub mod acks;
 pub mod chunks;
+pub mod failover;
 mod join;
 pub mod procstat;
 pub mod signal;
@@ -50,6 +52,10 @@ pub enum Mode {
     /// Signal-only: peers join rooms over WebSocket and trade
     /// offer/answer-sized messages through signaling.
     Signal(signal::SignalArgs),
+    /// Failover: pairs join one signal node; once it goes away (kill it
+    /// when --ready-file appears) they reconnect to another as floe's SDK
+    /// does; reports how long until all are back and signalling.
+    Failover(failover::FailoverArgs),
     /// The full scenario: pairs signal, allocate on TURN with the credentials
     /// signaling gave them, relay a file each way, and the ledger is
     /// reconciled with what they sent.
@@ -150,6 +156,14 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let report = transfer::run(args, &config.allow_targets).await;
             write_json(&config.json, &report)?;
             Ok(transfer::render(&report))
+        }
+        Mode::Failover(args) => {
+            for url in [&args.signal_url, &args.failover_url] {
+                check_url(url, &config.allow_targets)?;
+            }
+            let report = failover::run(args).await?;
+            write_json(&config.json, &report)?;
+            Ok(failover::render(&report))
         }
         Mode::UsageAcks(args) => {
             check_url(&args.control_url, &config.allow_targets)?;
