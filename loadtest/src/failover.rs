@@ -176,7 +176,6 @@ async fn reconnect(
     None
 }
 
-
 /// One room: its pair joins `a`, waits for `a` to go away, reconnects both
 /// to `b`, and trades an offer and an answer.
 async fn pair(
@@ -195,7 +194,10 @@ async fn pair(
         .collect();
     let http = reqwest::Client::new();
     let created = http
-        .post(format!("{}/v1/rooms", args.signal_url.trim_end_matches('/')))
+        .post(format!(
+            "{}/v1/rooms",
+            args.signal_url.trim_end_matches('/')
+        ))
         .bearer_auth(&tokens[0])
         .json(&json!({"ttl_secs": 3600}))
         .send()
@@ -250,15 +252,20 @@ async fn pair(
         }
     }))
     .await;
-    let [Some(mut caller), Some(mut callee)] = <[Option<Peer>; 2]>::try_from(back)
-        .unwrap_or_else(|_| [None, None])
+    let [Some(mut caller), Some(mut callee)] =
+        <[Option<Peer>; 2]>::try_from(back).unwrap_or_else(|_| [None, None])
     else {
         return;
     };
     // The pair signals again: an offer one way, an answer back.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let offer = json!({"type": "signal", "to": callee.id, "payload": {"type": "offer"}});
-    if caller.ws.send(Message::text(offer.to_string())).await.is_err() {
+    if caller
+        .ws
+        .send(Message::text(offer.to_string()))
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
@@ -269,7 +276,12 @@ async fn pair(
         }
     }
     let answer = json!({"type": "signal", "to": caller.id, "payload": {"type": "answer"}});
-    if callee.ws.send(Message::text(answer.to_string())).await.is_err() {
+    if callee
+        .ws
+        .send(Message::text(answer.to_string()))
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
@@ -391,9 +403,7 @@ pub fn render(r: &FailoverReport) -> String {
         Summary::line_of(r.reconnect_ms, 1),
     );
     if let Some(us) = r.server_cpu_per_reconnect_us {
-        out.push_str(&format!(
-            "  surviving node: {us:.1} µs CPU per reconnect\n"
-        ));
+        out.push_str(&format!("  surviving node: {us:.1} µs CPU per reconnect\n"));
     }
     for (what, n) in &r.errors {
         out.push_str(&format!("  error {what}: {n}\n"));

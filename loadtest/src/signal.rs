@@ -137,7 +137,7 @@ impl Protocol {
     }
 
     /// `(sender, sender's session)` of a relayed offer or answer.
-    fn relayed<'a>(self, m: &'a Value, answer: bool) -> Option<(&'a Value, &'a Value)> {
+    fn relayed(self, m: &Value, answer: bool) -> Option<(&Value, &Value)> {
         match self {
             Self::Floe if m["type"] == "signal" => Some((&m["from"], &m["from_sid"])),
             Self::Peerjs if m["type"] == if answer { "ANSWER" } else { "OFFER" } => {
