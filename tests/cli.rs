@@ -212,3 +212,16 @@ async fn tenant_token_and_usage_commands() {
         .expect("join");
     assert!(!ok && err.contains("invalid_request"), "{err}");
 }
+
+/// An unreachable control plane is reported once, cause included (the
+/// cause used to be repeated in the error chain).
+#[test]
+fn an_unreachable_control_plane_is_reported_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let (ok, _, err) = floe(&url, &["tenant", "list"]);
+    assert!(!ok);
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+    assert_eq!(err.matches("error sending request").count(), 1, "{err}");
+}

@@ -263,6 +263,8 @@ impl App {
     }
 
     /// Re-reads the month's bytes of tenants a usage batch just counted.
+    /// Not marked for a rebuild in progress: bytes only grow within a
+    /// month, and the merge keeps the larger count.
     async fn bytes_changed(&self, tenants: Vec<String>, now: u64) -> Result<()> {
         let month = Date::from_unix(now).month_key();
         let bytes = self
@@ -273,12 +275,9 @@ impl App {
             .await?;
         let mut p = lock(&self.policy);
         if let Some(s) = p.snapshot.as_mut().filter(|s| s.month == month) {
-            s.set_bytes(tenants.iter().cloned().zip(bytes));
+            s.set_bytes(tenants.into_iter().zip(bytes));
             self.metrics.tenants_over_quota.set(s.over_quota() as i64);
         }
-        // Bytes only grow within a month, so a rebuild's older read is
-        // harmless: the merge keeps the larger count.
-        drop(p);
         Ok(())
     }
 

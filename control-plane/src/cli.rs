@@ -233,7 +233,7 @@ pub struct UsageCommand {
 /// Why a CLI command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach the control plane: {0}")]
+    #[error("cannot reach the control plane")]
     Http(#[from] reqwest::Error),
     #[error("control plane answered {status}: {body}")]
     Api { status: u16, body: ErrorBody },
@@ -243,7 +243,7 @@ pub enum CliError {
     NoAdminToken,
     #[error("nothing to change")]
     NothingToChange,
-    #[error("cannot encode output: {0}")]
+    #[error("cannot encode output")]
     Json(#[from] serde_json::Error),
 }
 

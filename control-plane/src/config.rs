@@ -119,7 +119,7 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{what} must be at least {min} characters")]
     TooShort { what: &'static str, min: usize },
-    #[error("TURN secrets: {0}")]
+    #[error("TURN secrets")]
     TurnSecrets(#[from] CredentialError),
     #[error(transparent)]
     RedisUrl(#[from] floe_common::config::RedisUrlError),

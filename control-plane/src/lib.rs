@@ -31,7 +31,7 @@ use store::{Store, StoreError};
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
     // Transparent: its message already names what failed, and a wrapper
     // that repeated it printed the cause twice in an error chain.

@@ -90,9 +90,9 @@ pub enum Mode {
 pub enum LoadError {
     #[error(transparent)]
     Target(#[from] target::TargetRefused),
-    #[error("I/O: {0}")]
+    #[error("I/O")]
     Io(#[from] std::io::Error),
-    #[error("cannot write report: {0}")]
+    #[error("cannot write report")]
     Json(#[from] serde_json::Error),
     #[error("bad target URL {0}")]
     BadUrl(String),

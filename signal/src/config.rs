@@ -209,7 +209,7 @@ pub enum ConfigError {
     AppWithoutTenant,
     #[error("--app-tenant: {0}")]
     BadAppTenant(floe_proto::id::IdError),
-    #[error("--node-id: {0}")]
+    #[error("--node-id")]
     BadNodeId(#[from] floe_proto::id::IdError),
     #[error(transparent)]
     OutOfRange(#[from] floe_common::config::OutOfRange),

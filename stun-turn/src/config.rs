@@ -173,7 +173,7 @@ pub enum ConfigError {
     OutOfRange(#[from] floe_common::config::OutOfRange),
     #[error(transparent)]
     Secret(#[from] floe_common::secret::SecretError),
-    #[error("TURN secrets: {0}")]
+    #[error("TURN secrets")]
     TurnSecrets(#[from] CredentialError),
     #[error("the relay port range {0}-{1} is empty or inverted")]
     PortRange(u16, u16),
@@ -181,7 +181,7 @@ pub enum ConfigError {
     ControlWithoutToken,
     #[error("--relay-ip takes at most one IPv4 and one IPv6 address")]
     RelayIps,
-    #[error("--server-id: {0}")]
+    #[error("--server-id")]
     ServerId(#[from] floe_proto::id::IdError),
     #[error("--control-url must be an http(s) URL")]
     ControlUrl,
