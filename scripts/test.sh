@@ -109,7 +109,7 @@ step "web: the SDK against a real floe dev"
 step "web: the file-share app in Chromium (playwright-core)"
 (cd web && node --test --test-concurrency=1 tests/*.test.mjs)
 
-step "schemathesis against the signaling API's OpenAPI document"
+step "schemathesis against the signaling and control-plane OpenAPI documents"
 scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/floe"
 
 step "Helm chart checks"
