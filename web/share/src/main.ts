@@ -136,19 +136,35 @@ function connectTo(peerId: string): void {
   // each side at once (glare) is handled by perfect negotiation, but
   // Chromium can stall ICE gathering on the side that rolls back.
   const l = link;
-  const attach = (pc: RTCPeerConnection) => {
-    if (l.polite) return;
+  // A channel lost on a live connection is replaced; the transfer resumes
+  // from what the receiver has. Each side counts the losses on the current
+  // connection, and the sides take turns opening the replacement: the
+  // impolite side opens the first channel and every even-numbered one, the
+  // polite side the odd ones. Each side's channels take SCTP stream ids of
+  // its own parity, so a replacement never reuses the stream just closed
+  // (Chromium can drop what is sent on a stream reused while the other
+  // side is still resetting it), and only one side opens at a time.
+  let losses = 0;
+  const open = (pc: RTCPeerConnection) => {
     const channel = pc.createDataChannel("files", { ordered: true });
+    use(pc, channel);
+  };
+  const use = (pc: RTCPeerConnection, channel: RTCDataChannel) => {
     transfers.attach(channel);
-    // A channel lost on a live connection is opened again; the transfer
-    // resumes from what the receiver has.
     channel.addEventListener("close", () => {
-      if (pc === l.pc && pc.connectionState === "connected") attach(pc);
+      if (pc !== l.pc || pc.connectionState !== "connected") return;
+      losses += 1;
+      const opensNext = losses % 2 === 0 ? !l.polite : l.polite;
+      if (opensNext) open(pc);
     });
   };
-  attach(l.pc);
-  l.on("pc", attach);
-  l.on("datachannel", (channel) => transfers.attach(channel));
+  const fresh = (pc: RTCPeerConnection) => {
+    losses = 0;
+    if (!l.polite) open(pc);
+  };
+  fresh(l.pc);
+  l.on("pc", fresh);
+  l.on("datachannel", (channel) => use(l.pc, channel));
   link.on("stats", showPath);
   link.on("connectionstatechange", (state) => {
     if (state === "connected") {

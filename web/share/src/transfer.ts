@@ -18,6 +18,10 @@ const HIGH_WATER = 8 * 1024 * 1024;
 const LOW_WATER = 2 * 1024 * 1024;
 /** How much of a file one read takes (then sent as several chunks). */
 const READ_SIZE = 1024 * 1024;
+/** A transfer that moves nothing for this long on an open channel has a
+ * broken channel (Chromium can leave a fresh channel that will not send
+ * after another was closed): it is closed, and a new one replaces it. */
+const STALL_MS = 8_000;
 /** Received files larger than this held in memory get a warning. */
 export const MEMORY_WARNING_BYTES = 512 * 1024 * 1024;
 
@@ -111,6 +115,9 @@ interface Incoming {
   type: string;
   sink?: Sink;
   hasher: Hasher;
+  /** The channel this file was last asked for on: chunks carry no offset,
+   * so the sender must be asked once per channel, or it sends twice. */
+  wantedOn?: RTCDataChannel;
 }
 
 /** Both directions of file transfer between two browsers. */
@@ -122,24 +129,56 @@ export class Transfers {
   private incoming?: Incoming;
   private channel?: RTCDataChannel;
   private pumping = false;
+  /** A pump was asked for while one ran (say, a new channel opened while
+   * the old one's pump awaited a read): run again when it ends. */
+  private pumpAgain = false;
+  /** The channel the receiver last asked for the file being sent on. */
+  private wantedOn?: RTCDataChannel;
   /** Incoming messages are handled one after another, in order. */
   private rx: Promise<void> = Promise.resolve();
   private rateMark = { at: performance.now(), bytes: 0 };
 
+  /** When the channel last moved anything, and its buffer then. */
+  private activity = { at: performance.now(), buffered: 0 };
+
   constructor(
     private readonly sinkFor: SinkFactory,
     private readonly onChange: (p: Progress) => void,
-  ) {}
+  ) {
+    setInterval(() => this.checkStall(), 1_000);
+  }
+
+  private moved(): void {
+    this.activity = { at: performance.now(), buffered: this.channel?.bufferedAmount ?? 0 };
+  }
+
+  /** Closes a channel on which a transfer has stalled (see STALL_MS). */
+  private checkStall(): void {
+    const ch = this.channel;
+    if (!ch || ch.readyState !== "open") return;
+    const busy = this.sending?.progress.state === "moving" || this.incoming?.progress.state === "moving";
+    if (!busy || ch.bufferedAmount !== this.activity.buffered) return this.moved();
+    if (performance.now() - this.activity.at > STALL_MS) {
+      console.warn("floe share: the data channel stalled; opening another");
+      this.moved();
+      ch.close();
+    }
+  }
 
   /** Uses `channel` from now on (a new one after a reconnect). */
   attach(channel: RTCDataChannel): void {
     this.channel = channel;
+    this.moved();
     channel.binaryType = "arraybuffer";
     channel.bufferedAmountLowThreshold = LOW_WATER;
     channel.onmessage = (e) => {
-      this.rx = this.rx.then(() => this.onMessage(e.data)).catch((err) => console.error("floe share:", err));
+      this.rx = this.rx.then(() => this.onMessage(e.data, channel)).catch((err) => console.error("floe share:", err));
     };
-    channel.onbufferedamountlow = () => void this.pump();
+    // Only the current channel drives sending: an old one emptying its
+    // buffer as it closes must not resume from where it stopped.
+    channel.onbufferedamountlow = () => {
+      if (channel === this.channel) void this.pump();
+    };
     channel.onopen = () => this.resume();
     if (channel.readyState === "open") this.resume();
   }
@@ -148,9 +187,14 @@ export class Transfers {
   private resume(): void {
     if (this.sending) this.send({ t: "file", ...this.describe(this.sending) });
     else this.next();
-    if (this.incoming && this.incoming.progress.state === "moving") {
-      this.send({ t: "want", id: this.incoming.progress.id, offset: this.incoming.progress.bytes });
-    }
+    if (this.incoming && this.incoming.progress.state === "moving") this.want(this.incoming);
+  }
+
+  /** Asks the sender for the rest of `i`, once per channel. */
+  private want(i: Incoming): void {
+    if (!this.channel || i.wantedOn === this.channel) return;
+    i.wantedOn = this.channel;
+    this.send({ t: "want", id: i.progress.id, offset: i.progress.bytes });
   }
 
   private describe(o: Outgoing): { id: string; name: string; size: number; type: string } {
@@ -189,7 +233,8 @@ export class Transfers {
     if (this.sending) this.send({ t: "file", ...this.describe(this.sending) });
   }
 
-  private async onMessage(data: string | ArrayBuffer): Promise<void> {
+  private async onMessage(data: string | ArrayBuffer, channel: RTCDataChannel): Promise<void> {
+    if (channel === this.channel) this.moved();
     if (typeof data !== "string") return this.onChunk(data);
     let m: Control;
     try {
@@ -198,15 +243,18 @@ export class Transfers {
       return;
     }
     if (m.t === "file") await this.onOffer(m);
-    else if (m.t === "want") this.onWant(m);
+    else if (m.t === "want") this.onWant(m, channel);
     else if (m.t === "end") await this.onEnd(m);
   }
 
   // ---- sending ----
 
-  private onWant(m: { id: string; offset: number }): void {
+  private onWant(m: { id: string; offset: number }, channel: RTCDataChannel): void {
     const o = this.sending;
-    if (!o || o.progress.id !== m.id) return;
+    // A want says where to go on its own channel; one that arrives on a
+    // channel already replaced is stale.
+    if (!o || o.progress.id !== m.id || channel !== this.channel) return;
+    this.wantedOn = channel;
     this.offset = Math.max(0, Math.min(m.offset, o.file.size));
     o.progress.state = "moving";
     o.progress.bytes = this.offset;
@@ -223,9 +271,14 @@ export class Transfers {
    * Each read is hashed as it goes out (one pass over the file); after a
    * resume that went back, the hash is taken in a pass of its own. */
   private async pump(): Promise<void> {
+    if (this.pumping) {
+      this.pumpAgain = true;
+      return;
+    }
     const o = this.sending;
     const ch = this.channel;
-    if (this.pumping || !o || !ch || o.progress.state !== "moving") return;
+    // Nothing goes out on a channel before the receiver said where to start.
+    if (!o || !ch || ch !== this.wantedOn || o.progress.state !== "moving") return;
     this.pumping = true;
     try {
       const size = this.chunkSize();
@@ -234,6 +287,8 @@ export class Transfers {
         const end = Math.min(start + READ_SIZE, o.file.size);
         const data = await o.file.slice(start, end).arrayBuffer();
         if (ch.readyState !== "open" || this.sending !== o) return;
+        // A want moved the offset while this slice was read: read again.
+        if (this.offset !== start) continue;
         for (let at = 0; at < data.byteLength; at += size) {
           ch.send(new Uint8Array(data, at, Math.min(size, data.byteLength - at)));
         }
@@ -269,6 +324,10 @@ export class Transfers {
       this.next();
     } finally {
       this.pumping = false;
+      if (this.pumpAgain) {
+        this.pumpAgain = false;
+        void this.pump();
+      }
     }
   }
 
@@ -291,7 +350,7 @@ export class Transfers {
     const known = this.incoming;
     if (known && known.progress.id === m.id) {
       // The sender offers again after a reconnect: continue where we are.
-      this.send({ t: "want", id: m.id, offset: known.progress.bytes });
+      this.want(known);
       return;
     }
     const progress: Progress = {
@@ -315,7 +374,7 @@ export class Transfers {
       this.changed(progress);
       return;
     }
-    this.send({ t: "want", id: m.id, offset: 0 });
+    this.want(incoming);
   }
 
   private async onChunk(chunk: ArrayBuffer): Promise<void> {
