@@ -17,8 +17,7 @@ use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
     ApiKey, Changes, CreateTenant, CreatedApiKey, IcePolicy, IceServer, IceServers,
-    IceServersRequest, KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest,
-    UpdateTenant,
+    KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest, UpdateTenant,
 };
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
@@ -333,7 +332,7 @@ fn public_routes() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
         ("/v1/tenants/{id}/usage", get(usage)),
         ("/v1/revocations", post(revoke)),
         ("/v1/tokens", post(mint_token)),
-        ("/v1/ice-servers", post(public_ice_servers)),
+        ("/v1/ice-servers", post(ice_servers)),
         ("/v1/openapi.json", get(openapi)),
     ]
 }
@@ -355,7 +354,6 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     let internal = Router::new()
         .route("/internal/v1/keys/{kid}", get(key_for_verification))
         .route("/internal/v1/tenants/{id}", get(tenant_for_service))
-        .route("/internal/v1/ice-servers", post(ice_servers))
         .route("/internal/v1/ice-policy", get(ice_policy))
         .route("/internal/v1/enforcement", get(get_enforcement))
         .route("/internal/v1/changes", get(changes))
@@ -789,23 +787,6 @@ async fn tenant_for_service(
     Ok(Json(tenant))
 }
 
-async fn ice_servers(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<IceServersRequest>,
-) -> Result<Json<IceServers>> {
-    app.require_internal(&headers)?;
-    id::validate("tenant", &req.tenant)?;
-    id::validate("room", &req.room)?;
-    id::validate("peer", &req.peer)?;
-    let tenant = app.tenant(&req.tenant).await?;
-    let ttl = app.settings.credential_ttl_secs;
-    Ok(Json(
-        app.issue(&tenant.id, &req.room, &req.peer, ttl, unix_now())
-            .await?,
-    ))
-}
-
 /// What signal nodes mint ICE servers from, polled (see [`IcePolicy`]).
 async fn ice_policy(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<IcePolicy>> {
     app.require_internal(&headers)?;
@@ -831,7 +812,7 @@ const DEFAULT_ROOM_LABEL: &str = "default";
 /// `POST /v1/ice-servers`: TURN for tenants with signaling of their own.
 /// The API key's tenant gets ICE servers for an optional (room, peer)
 /// label and lifetime, with everything the internal path enforces.
-async fn public_ice_servers(
+async fn ice_servers(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<TurnCredentialsRequest>,

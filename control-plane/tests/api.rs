@@ -110,13 +110,18 @@ impl Harness {
         serde_json::from_value(v).expect("key")
     }
 
+    /// ICE servers for (tenant, room, peer), through a new API key of
+    /// the tenant.
     async fn ice(&self, tenant: &str, room: &str, peer: &str) -> IceServers {
+        let key = self.create_key(tenant).await;
         let r = self
-            .internal(
-                "/internal/v1/ice-servers",
-                &json!({"tenant": tenant, "room": room, "peer": peer}),
-            )
-            .await;
+            .http
+            .post(self.url("/v1/ice-servers"))
+            .basic_auth(&key.id, Some(&key.secret))
+            .json(&json!({"room": room, "peer": peer}))
+            .send()
+            .await
+            .expect("request");
         assert_eq!(r.status(), 200);
         r.json().await.expect("ice servers")
     }

@@ -154,15 +154,6 @@ pub struct IceServers {
     pub turn_refused: Option<String>,
 }
 
-/// Body of the internal `POST /internal/v1/ice-servers`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IceServersRequest {
-    pub tenant: String,
-    pub room: String,
-    pub peer: String,
-}
-
 /// What a signal node needs to hand out ICE servers itself (internal
 /// `GET /internal/v1/ice-policy`, polled): the URLs, the credential
 /// lifetime, the TURN secret new credentials are signed with, and who may

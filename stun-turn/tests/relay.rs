@@ -136,13 +136,24 @@ impl Stack {
             .expect("turn")
     }
 
-    /// Credentials as signal would get them.
+    /// Credentials as the tenant's back end gets them (`POST
+    /// /v1/ice-servers` with an API key of the tenant).
     async fn credentials(&self, tenant: &str, room: &str, peer: &str) -> (String, String) {
+        let key: Value = self
+            .http
+            .post(format!("{}/v1/tenants/{tenant}/keys", self.url()))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("key")
+            .json()
+            .await
+            .expect("json");
         let ice: IceServers = self
             .http
-            .post(format!("{}/internal/v1/ice-servers", self.url()))
-            .bearer_auth(INTERNAL)
-            .json(&json!({"tenant": tenant, "room": room, "peer": peer}))
+            .post(format!("{}/v1/ice-servers", self.url()))
+            .basic_auth(key["id"].as_str().expect("key id"), key["secret"].as_str())
+            .json(&json!({"room": room, "peer": peer}))
             .send()
             .await
             .expect("ice servers")
