@@ -1,6 +1,5 @@
 //! The operator commands (`floe tenant`, `floe token`, `floe ice-servers`,
-//! `floe usage`)
-//! against a running control plane.
+//! `floe usage`) against a running control plane.
 
 use std::process::Command;
 
@@ -11,10 +10,16 @@ use serde_json::Value;
 const ADMIN: &str = "admin-token-for-cli-tests-0123";
 
 fn floe(url: &str, args: &[&str]) -> (bool, String, String) {
+    floe_env(url, args, &[])
+}
+
+/// `floe args` with the control plane's URL, the admin token and `env`.
+fn floe_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_floe"))
         .args(args)
         .env("FLOE_CONTROL_URL", url)
         .env("FLOE_ADMIN_TOKEN", ADMIN)
+        .envs(env.iter().copied())
         .output()
         .expect("run floe");
     (
@@ -150,41 +155,33 @@ async fn tenant_token_and_usage_commands() {
     let ice = {
         let (url, kid, secret) = (url.clone(), kid.clone(), secret.clone());
         tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_floe"))
-                .arg("ice-servers")
-                .env("FLOE_CONTROL_URL", url)
-                .env("FLOE_KEY_ID", kid)
-                .env("FLOE_KEY_SECRET", secret)
-                .env("FLOE_ROOM", "call-1")
-                .env("FLOE_TTL_SECS", "120")
-                .output()
-                .expect("run floe")
+            let env = [
+                ("FLOE_KEY_ID", kid.as_str()),
+                ("FLOE_KEY_SECRET", secret.as_str()),
+                ("FLOE_ROOM", "call-1"),
+                ("FLOE_TTL_SECS", "120"),
+            ];
+            floe_env(&url, &["ice-servers"], &env)
         })
         .await
         .expect("join")
     };
-    assert!(ice.status.success(), "{ice:?}");
-    let v: Value = serde_json::from_slice(&ice.stdout).expect("json");
+    assert!(ice.0, "{}", ice.2);
+    let v: Value = serde_json::from_str(&ice.1).expect("json");
     assert_eq!(v["turnRefused"], "turn_not_configured", "{v}");
     assert!(v["iceServers"].is_array());
 
     let usage = {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_floe"))
-                .arg("usage")
-                .env("FLOE_CONTROL_URL", url)
-                .env("FLOE_ADMIN_TOKEN", ADMIN)
-                .env("FLOE_TENANT", "acme")
-                .env("FLOE_JSON", "true")
-                .output()
-                .expect("run floe")
+            let env = [("FLOE_TENANT", "acme"), ("FLOE_JSON", "true")];
+            floe_env(&url, &["usage"], &env)
         })
         .await
         .expect("join")
     };
-    assert!(usage.status.success(), "{usage:?}");
-    let u: Value = serde_json::from_slice(&usage.stdout).expect("usage as JSON");
+    assert!(usage.0, "{}", usage.2);
+    let u: Value = serde_json::from_str(&usage.1).expect("usage as JSON");
     assert_eq!(u["total"]["bytes_out"], 0);
     let (ok, out, err) = run(&["usage", "--tenant", "acme"]).await.expect("join");
     assert!(ok, "{err}");

@@ -259,37 +259,11 @@ async fn pair(
     };
     // The pair signals again: an offer one way, an answer back.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
-    let offer = json!({"type": "signal", "to": callee.id, "payload": {"type": "offer"}});
-    if caller
-        .ws
-        .send(Message::text(offer.to_string()))
-        .await
-        .is_err()
-    {
-        return;
+    if !relay(&mut caller, &mut callee, "offer", deadline).await {
+        return tally.error("offer lost after failover").await;
     }
-    loop {
-        match next_json(&mut callee.ws, deadline).await {
-            Some(m) if m["type"] == "signal" => break,
-            Some(_) => {}
-            None => return tally.error("offer lost after failover").await,
-        }
-    }
-    let answer = json!({"type": "signal", "to": caller.id, "payload": {"type": "answer"}});
-    if callee
-        .ws
-        .send(Message::text(answer.to_string()))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    loop {
-        match next_json(&mut caller.ws, deadline).await {
-            Some(m) if m["type"] == "signal" => break,
-            Some(_) => {}
-            None => return tally.error("answer lost after failover").await,
-        }
+    if !relay(&mut callee, &mut caller, "answer", deadline).await {
+        return tally.error("answer lost after failover").await;
     }
     let now = Instant::now();
     tally.pairs_again.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +272,22 @@ async fn pair(
     drop(last);
     let _ = caller.ws.close(None).await;
     let _ = callee.ws.close(None).await;
+}
+
+/// Sends a `signal` of type `what` from `from` to `to`; whether it arrived
+/// by `deadline`.
+async fn relay(from: &mut Peer, to: &mut Peer, what: &str, deadline: tokio::time::Instant) -> bool {
+    let msg = json!({"type": "signal", "to": to.id, "payload": {"type": what}});
+    if from.ws.send(Message::text(msg.to_string())).await.is_err() {
+        return false;
+    }
+    loop {
+        match next_json(&mut to.ws, deadline).await {
+            Some(m) if m["type"] == "signal" => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
 }
 
 /// Runs the scenario.

@@ -106,7 +106,6 @@ impl App {
         })
     }
 
-    /// The tenant `id`, enabled.
     /// ICE servers for `peer` in `record`'s room, minted here (see
     /// [`crate::ice`]); counted by outcome.
     pub async fn ice_servers(
@@ -127,6 +126,7 @@ impl App {
         Ok(ice)
     }
 
+    /// The tenant `id`, enabled.
     pub async fn tenant(&self, id: &str) -> Result<Tenant> {
         let t = self
             .control
