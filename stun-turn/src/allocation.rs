@@ -91,12 +91,15 @@ pub(crate) struct Traffic {
 }
 
 impl Traffic {
+    /// `self - earlier`, counter by counter. Counters only grow, so a
+    /// negative difference would be a bug; it saturates at 0 rather than
+    /// panicking the reporter or wrapping into an absurd bill.
     pub fn minus(&self, earlier: &Traffic) -> Traffic {
         Traffic {
-            bytes_out: self.bytes_out - earlier.bytes_out,
-            bytes_in: self.bytes_in - earlier.bytes_in,
-            packets_out: self.packets_out - earlier.packets_out,
-            packets_in: self.packets_in - earlier.packets_in,
+            bytes_out: self.bytes_out.saturating_sub(earlier.bytes_out),
+            bytes_in: self.bytes_in.saturating_sub(earlier.bytes_in),
+            packets_out: self.packets_out.saturating_sub(earlier.packets_out),
+            packets_in: self.packets_in.saturating_sub(earlier.packets_in),
         }
     }
 
@@ -293,13 +296,16 @@ impl Allocation {
 
     /// Traffic since the last call (and marks it reported).
     pub fn take_unreported(&self) -> Traffic {
+        // The counters are read under the lock: read before it, a
+        // concurrent call (a close racing the report task) could store a
+        // later reading first, and this one would then go backwards.
+        let mut s = self.state();
         let now = Traffic {
             bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
             packets_out: self.counters.packets_out.load(Ordering::Relaxed),
             packets_in: self.counters.packets_in.load(Ordering::Relaxed),
         };
-        let mut s = self.state();
         let delta = now.minus(&s.reported);
         s.reported = now;
         delta
@@ -334,6 +340,46 @@ mod tests {
             bitrate,
             now,
         )
+    }
+
+    /// Two reporters (the report task and a close) and a relay racing:
+    /// the deltas add up to the final counters, none goes backwards.
+    #[tokio::test]
+    async fn concurrent_reports_add_up_to_the_counters() {
+        let a = Arc::new(allocation(None, Instant::now()).await);
+        let total = std::sync::Mutex::new(Traffic::default());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for _ in 0..2_000_000 {
+                    a.record_out(3);
+                    a.record_in(5);
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    while !done.load(Ordering::Relaxed) {
+                        let d = a.take_unreported();
+                        let mut t = total.lock().expect("lock");
+                        t.bytes_out += d.bytes_out;
+                        t.bytes_in += d.bytes_in;
+                        t.packets_out += d.packets_out;
+                        t.packets_in += d.packets_in;
+                    }
+                });
+            }
+        });
+        let mut t = total.into_inner().expect("lock");
+        let last = a.take_unreported();
+        t.bytes_out += last.bytes_out;
+        t.bytes_in += last.bytes_in;
+        t.packets_out += last.packets_out;
+        t.packets_in += last.packets_in;
+        assert_eq!(
+            (t.bytes_out, t.bytes_in, t.packets_out, t.packets_in),
+            (6_000_000, 10_000_000, 2_000_000, 2_000_000)
+        );
     }
 
     #[tokio::test]
