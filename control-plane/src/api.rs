@@ -22,7 +22,7 @@ use floe_proto::api::{
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
 use floe_proto::token::{self, JoinClaims};
-use floe_proto::usage::{Enforcement, Revocation, UsageAck, UsageBatch};
+use floe_proto::usage::{Enforcement, MAX_BATCH_RECORDS, Revocation, UsageAck, UsageBatch};
 use serde::Deserialize;
 
 use crate::config::Settings;
@@ -33,8 +33,6 @@ use crate::store::{KeyRecord, Store, UsageReport};
 
 type Result<T> = std::result::Result<T, ControlError>;
 
-/// Most records one usage batch may carry.
-const MAX_BATCH_RECORDS: usize = 10_000;
 /// Body limit of ordinary requests.
 const BODY_LIMIT: usize = 64 * 1024;
 /// Body limit of usage batches.

@@ -27,6 +27,9 @@ impl UsageRecord {
     }
 }
 
+/// Most records one usage batch may carry; TURN splits larger cuts.
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+
 /// A batch of usage deltas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageBatch {

@@ -9,6 +9,10 @@ use std::time::Duration;
 use floe_proto::credential::{CredentialError, TurnSecrets};
 use ipnet::IpNet;
 
+/// Longest `--server-id`: the meter may add 9 characters and the control
+/// plane takes ids of up to 64.
+const MAX_SERVER_ID_LEN: usize = 55;
+
 /// Flags of `floe turn`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -183,6 +187,8 @@ pub enum ConfigError {
     RelayIps,
     #[error("--server-id")]
     ServerId(#[from] floe_proto::id::IdError),
+    #[error("--server-id is longer than {0} characters")]
+    ServerIdTooLong(usize),
     #[error("--control-url must be an http(s) URL")]
     ControlUrl,
     #[error("--tls-cert-file and --tls-key-file go together")]
@@ -255,6 +261,11 @@ impl Config {
         let server_id = match &self.server_id {
             Some(id) => {
                 floe_proto::id::validate("server id", id)?;
+                // Without a data dir the meter adds `-` and 8 characters,
+                // and the control plane refuses ids over 64.
+                if id.len() > MAX_SERVER_ID_LEN {
+                    return Err(ConfigError::ServerIdTooLong(MAX_SERVER_ID_LEN));
+                }
                 id.clone()
             }
             None => floe_common::host_name("turn"),
@@ -335,5 +346,32 @@ impl Settings {
             kernel_hairpin: false,
             tls: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn a_server_id_leaves_room_for_the_meters_suffix() {
+        let resolve = |id: &str| {
+            Cli::try_parse_from(["turn", "--server-id", id])
+                .expect("flags parse")
+                .config
+                .resolve()
+        };
+        assert!(resolve(&"a".repeat(MAX_SERVER_ID_LEN)).is_ok());
+        assert!(matches!(
+            resolve(&"a".repeat(MAX_SERVER_ID_LEN + 1)),
+            Err(ConfigError::ServerIdTooLong(_))
+        ));
     }
 }

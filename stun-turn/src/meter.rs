@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use floe_proto::usage::{UsageBatch, UsageRecord};
+use floe_proto::usage::{MAX_BATCH_RECORDS, UsageBatch, UsageRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::Traffic;
@@ -132,7 +132,7 @@ impl Meter {
             if s.1.is_empty() {
                 return Ok(false);
             }
-            let records = std::mem::take(&mut s.1)
+            let mut records: Vec<UsageRecord> = std::mem::take(&mut s.1)
                 .into_iter()
                 .map(|((tenant, room), t)| UsageRecord {
                     tenant,
@@ -150,14 +150,19 @@ impl Meter {
                     "usage batches piling up: the control plane has been unreachable for long"
                 );
             }
-            let batch = UsageBatch {
-                server_id: spool.server_id.clone(),
-                seq: spool.next_seq,
-                at: now,
-                records,
-            };
-            spool.next_seq += 1;
-            spool.pending.push_back(batch);
+            // One batch per MAX_BATCH_RECORDS records: the control plane
+            // refuses larger ones.
+            while !records.is_empty() {
+                let rest = records.split_off(records.len().min(MAX_BATCH_RECORDS));
+                let batch = UsageBatch {
+                    server_id: spool.server_id.clone(),
+                    seq: spool.next_seq,
+                    at: now,
+                    records: std::mem::replace(&mut records, rest),
+                };
+                spool.next_seq += 1;
+                spool.pending.push_back(batch);
+            }
         }
         self.persist()?;
         Ok(true)
@@ -226,6 +231,33 @@ mod tests {
         m.cut(102).expect("cut");
         m.acked(2).expect("ack");
         assert_eq!(m.oldest().map(|b| b.seq), Some(3));
+    }
+
+    /// A cut with more (tenant, room) pairs than the control plane takes
+    /// in one batch becomes several batches, nothing lost.
+    #[test]
+    fn a_large_cut_is_split_into_batches_the_control_plane_takes() {
+        let m = Meter::open("turn-a", None).expect("open");
+        let rooms = MAX_BATCH_RECORDS * 2 + 5;
+        for r in 0..rooms {
+            m.add("t", &format!("r{r}"), traffic(1));
+        }
+        assert!(m.cut(1).expect("cut"));
+        let mut sizes = Vec::new();
+        while let Some(b) = m.oldest() {
+            assert!(b.records.len() <= MAX_BATCH_RECORDS);
+            sizes.push((b.seq, b.records.len()));
+            m.acked(b.seq).expect("ack");
+        }
+        let seq1 = sizes[0].0;
+        assert_eq!(
+            sizes,
+            [
+                (seq1, MAX_BATCH_RECORDS),
+                (seq1 + 1, MAX_BATCH_RECORDS),
+                (seq1 + 2, 5)
+            ]
+        );
     }
 
     #[test]

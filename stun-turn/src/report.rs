@@ -1,8 +1,8 @@
 //! The conversation with the control plane: every interval, gather the
 //! allocations' traffic into a usage batch, send queued batches oldest
 //! first, and apply the enforcement state each acknowledgement carries
-//! (polled when there is nothing to send). Failures back off and retry;
-//! batches stay queued until acknowledged.
+//! (polled when there is nothing to send). Failures, refusals included,
+//! back off and retry; batches stay queued until acknowledged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,18 +79,28 @@ pub(crate) async fn flush(turn: &Turn, control: &Control) -> Result<bool, String
             .await;
         let ack: UsageAck = match resp {
             Ok(r) if r.status().is_success() => r.json().await.map_err(|e| e.to_string())?,
-            Ok(r) if r.status().is_client_error() => {
-                // The control plane will never take this batch; keeping it
-                // would block every later one. Loudly drop it.
-                turn.metrics
-                    .usage_batches
-                    .with_label_values(&["rejected"])
-                    .inc();
-                tracing::error!(seq = batch.seq, status = %r.status(), "usage batch rejected by the control plane; dropped");
-                turn.meter.acked(batch.seq).map_err(|e| e.to_string())?;
-                continue;
+            Ok(r) => {
+                // Never dropped, whatever the answer: a batch is money. A
+                // 401 during an internal-token rotation, say, clears by
+                // itself; anything else keeps the queue (and the
+                // FloeTurnUsageBatchesPiling alert) up until fixed.
+                let status = r.status();
+                if status.is_client_error() {
+                    turn.metrics
+                        .usage_batches
+                        .with_label_values(&["rejected"])
+                        .inc();
+                }
+                let body = r.text().await.unwrap_or_default();
+                let code = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "usage batch {}: answered {status} {code}",
+                    batch.seq
+                ));
             }
-            Ok(r) => return Err(format!("usage: answered {}", r.status())),
             Err(e) => return Err(e.to_string()),
         };
         turn.meter.acked(ack.seq).map_err(|e| e.to_string())?;

@@ -28,15 +28,17 @@ struct Stack {
     cp_dir: tempfile::TempDir,
     cp_addr: SocketAddr,
     http: reqwest::Client,
+    /// The internal token the control plane takes.
+    internal: String,
 }
 
-fn cp_settings(dir: &std::path::Path, listen: SocketAddr) -> CpSettings {
+fn cp_settings(dir: &std::path::Path, listen: SocketAddr, internal: &str) -> CpSettings {
     CpSettings {
         listen,
         store: StoreLocation::Embedded(dir.join("cp.redb")),
         redis_prefix: "unused:".into(),
         admin_token: ADMIN.into(),
-        internal_token: INTERNAL.into(),
+        internal_token: internal.into(),
         turn_secrets: Some(TurnSecrets::parse(SECRETS).expect("secrets")),
         stun_urls: vec!["stun:127.0.0.1:3478".into()],
         turn_urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
@@ -51,7 +53,7 @@ impl Stack {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cp = floe_control::start(
-            cp_settings(dir.path(), "127.0.0.1:0".parse().expect("addr")),
+            cp_settings(dir.path(), "127.0.0.1:0".parse().expect("addr"), INTERNAL),
             Shutdown::new(),
         )
         .await
@@ -61,6 +63,7 @@ impl Stack {
             cp: Some(cp),
             cp_dir: dir,
             http: reqwest::Client::new(),
+            internal: INTERNAL.into(),
         };
         for (id, plan) in [
             ("paid", json!({"turn": true})),
@@ -96,7 +99,7 @@ impl Stack {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match floe_control::start(
-                cp_settings(self.cp_dir.path(), self.cp_addr),
+                cp_settings(self.cp_dir.path(), self.cp_addr, &self.internal),
                 Shutdown::new(),
             )
             .await
@@ -659,6 +662,50 @@ async fn usage_survives_a_control_plane_outage_and_a_turn_restart() {
     turn.stop().await;
     let u = stack.usage("paid").await;
     assert_eq!(u["total"]["bytes_out"], first + second);
+}
+
+/// An internal-token rotation where TURN gets the new token first: the
+/// control plane refuses its reports (401) until it has the token too, and
+/// not a byte is lost (refused batches used to be dropped).
+#[tokio::test]
+async fn usage_refused_during_an_internal_token_rotation_is_kept_and_billed() {
+    let mut stack = Stack::new().await;
+    let mut settings = stack.turn_settings(None);
+    let rotated = "rotated-internal-token-0123";
+    settings.internal_token = Some(rotated.into());
+    let turn = floe_turn::start(settings, Shutdown::new())
+        .await
+        .expect("turn");
+    let (user, pass) = stack.credentials("paid", "r", "a").await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    let (c, relay) = client(turn.listen_addr(), &user, &pass).await;
+    let sent = exchange(&relay, &peer, 40, 400).await;
+    c.close().await.expect("close");
+
+    // Several usage intervals of refusals: kept, counted, not billed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &metrics_page(&turn).await,
+        "floe_turn_usage_batches_total{result=\"rejected\"}",
+    ) < 2.0
+    {
+        assert!(Instant::now() < deadline, "no refusal seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metric(
+            &metrics_page(&turn).await,
+            "floe_turn_usage_batches_pending"
+        ) >= 1.0
+    );
+    assert_eq!(stack.usage("paid").await["total"]["bytes_out"], 0);
+
+    // The control plane gets the new token: everything arrives, once.
+    stack.stop_control_plane().await;
+    stack.internal = rotated.into();
+    stack.start_control_plane().await;
+    stack.await_usage("paid", sent, sent).await;
+    turn.stop().await;
 }
 
 #[tokio::test]
