@@ -50,6 +50,7 @@ impl IntoResponse for ControlError {
             Self::Store(StoreError::Backend(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
+            Self::Store(StoreError::Overflow(_)) => (StatusCode::BAD_REQUEST, "ledger_overflow"),
             Self::Store(StoreError::Corrupt(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
             }

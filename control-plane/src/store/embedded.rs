@@ -186,7 +186,9 @@ fn add_totals(table: &mut redb::Table<&str, &str>, key: &str, delta: &Totals) ->
         Some(v) => serde_json::from_str(v.value())?,
         None => Totals::default(),
     };
-    totals.add(delta);
+    totals = totals
+        .checked_sum(delta)
+        .ok_or_else(|| StoreError::Overflow(key.to_owned()))?;
     table
         .insert(key, serde_json::to_string(&totals)?.as_str())
         .map_err(backend)?;
@@ -330,9 +332,11 @@ impl Store for EmbeddedStore {
                     .map_err(backend)?
                     .map(|v| v.value())
                     .unwrap_or(0);
-                months
-                    .insert(key.as_str(), old.saturating_add(*bytes))
-                    .map_err(backend)?;
+                let new = old
+                    .checked_add(*bytes)
+                    .filter(|v| *v <= super::LEDGER_MAX)
+                    .ok_or_else(|| StoreError::Overflow(key.clone()))?;
+                months.insert(key.as_str(), new).map_err(backend)?;
             }
             Ok(true)
         })
@@ -557,6 +561,12 @@ mod tests {
     async fn suite_ledger_exactly_once() {
         let (_d, s) = open();
         suite::ledger_exactly_once(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_refuses_overflow_whole() {
+        let (_d, s) = open();
+        suite::ledger_refuses_overflow_whole(&s, "").await;
     }
 
     #[tokio::test]

@@ -27,7 +27,15 @@ pub enum StoreError {
     Backend(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A batch would take a ledger counter past [`LEDGER_MAX`]; nothing of
+    /// it was applied.
+    #[error("ledger overflow at {0}")]
+    Overflow(String),
 }
+
+/// Largest value a ledger counter holds (Redis integers are signed 64-bit;
+/// the embedded store keeps the same bound).
+pub const LEDGER_MAX: u64 = i64::MAX as u64;
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
@@ -59,6 +67,17 @@ pub struct Totals {
 impl Totals {
     pub fn bytes(&self) -> u64 {
         self.bytes_out.saturating_add(self.bytes_in)
+    }
+
+    /// `self + other`, or `None` past [`LEDGER_MAX`].
+    pub fn checked_sum(&self, other: &Totals) -> Option<Totals> {
+        let sum = |a: u64, b: u64| a.checked_add(b).filter(|v| *v <= LEDGER_MAX);
+        Some(Totals {
+            bytes_out: sum(self.bytes_out, other.bytes_out)?,
+            bytes_in: sum(self.bytes_in, other.bytes_in)?,
+            packets_out: sum(self.packets_out, other.packets_out)?,
+            packets_in: sum(self.packets_in, other.packets_in)?,
+        })
     }
 
     pub fn add(&mut self, other: &Totals) {
@@ -364,6 +383,47 @@ pub(crate) mod suite {
             .await
             .expect("usage");
         assert_eq!(one_day.total.bytes(), 3 * 31);
+    }
+
+    /// A batch that would overflow a counter is refused whole, every time
+    /// it is sent: it is neither half-applied nor later taken for a
+    /// duplicate.
+    pub async fn ledger_refuses_overflow_whole(store: &dyn Store, prefix: &str) {
+        let t = format!("{prefix}big");
+        let s = format!("{prefix}srv-big");
+        let day = 1_795_435_200;
+        let half = 1u64 << 61;
+        assert!(
+            store
+                .apply_batch(&batch(&s, 1, day, &t, "r", half))
+                .await
+                .expect("fits")
+        );
+        let month = store.month_bytes(&t, "2026-11").await.expect("month");
+        assert_eq!(month, 3 * half);
+        let over = batch(&s, 2, day, &t, "r", half);
+        for _ in 0..2 {
+            assert!(matches!(
+                store.apply_batch(&over).await,
+                Err(StoreError::Overflow(_))
+            ));
+        }
+        assert_eq!(
+            store.month_bytes(&t, "2026-11").await.expect("month"),
+            month
+        );
+        let report = store
+            .usage(&t, "2026-11-23", "2026-11-23")
+            .await
+            .expect("usage");
+        assert_eq!(report.total.bytes_out, half, "nothing of the refused batch");
+        // Later batches still apply.
+        assert!(
+            store
+                .apply_batch(&batch(&s, 3, day, &t, "r", 1))
+                .await
+                .expect("small")
+        );
     }
 
     pub async fn ledger_concurrent_duplicates(store: std::sync::Arc<dyn Store>, prefix: &str) {

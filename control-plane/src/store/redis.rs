@@ -81,16 +81,31 @@ return 1";
 
 /// KEYS[1] watermark, KEYS[2] set of applied seqs above it, then `ARGV[2]`
 /// hash keys taking four HINCRBY field/amount pairs each from ARGV, then
-/// counter keys taking one INCRBY amount each.
+/// counter keys taking one INCRBY amount each. Returns 1 (applied), 0
+/// (seen before) or -1 (a counter would pass 2^63 - 1; nothing written).
+/// Redis does not roll back a script that fails halfway, so every bound is
+/// checked before the first write, and the batch is marked seen only after
+/// its totals are added. Lua numbers are doubles: the bound keeps a margin
+/// of 4096 below 2^63 - 1 that rounding cannot cross.
 const APPLY_BATCH: &str = r"
 local seq = tonumber(ARGV[1])
 local w = tonumber(redis.call('GET', KEYS[1]) or '0')
 if seq <= w or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-while redis.call('SREM', KEYS[2], tostring(w + 1)) == 1 do w = w + 1 end
-redis.call('SET', KEYS[1], tostring(w))
+local limit = 9223372036854771712
 local hashes = tonumber(ARGV[2])
 local a = 3
+for i = 3, 2 + hashes do
+  for _ = 1, 4 do
+    local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[a]) or '0')
+    if cur + tonumber(ARGV[a + 1]) >= limit then return -1 end
+    a = a + 2
+  end
+end
+for i = 3 + hashes, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[a]) >= limit then return -1 end
+  a = a + 1
+end
+a = 3
 for i = 3, 2 + hashes do
   for _ = 1, 4 do
     redis.call('HINCRBY', KEYS[i], ARGV[a], ARGV[a + 1])
@@ -101,6 +116,9 @@ for i = 3 + hashes, #KEYS do
   redis.call('INCRBY', KEYS[i], ARGV[a])
   a = a + 1
 end
+redis.call('SADD', KEYS[2], ARGV[1])
+while redis.call('SREM', KEYS[2], tostring(w + 1)) == 1 do w = w + 1 end
+redis.call('SET', KEYS[1], tostring(w))
 return 1";
 
 impl RedisStore {
@@ -322,7 +340,13 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
-        Ok(applied == 1)
+        match applied {
+            -1 => Err(StoreError::Overflow(format!(
+                "batch {} of {}",
+                batch.seq, batch.server_id
+            ))),
+            n => Ok(n == 1),
+        }
     }
 
     async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64> {
@@ -542,6 +566,12 @@ mod tests {
     async fn suite_ledger_exactly_once() {
         let (s, _) = test_store().await;
         suite::ledger_exactly_once(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_refuses_overflow_whole() {
+        let (s, _) = test_store().await;
+        suite::ledger_refuses_overflow_whole(&s, "").await;
     }
 
     #[tokio::test]
