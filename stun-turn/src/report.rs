@@ -50,10 +50,12 @@ impl Control {
     }
 }
 
-/// Gathers traffic of every allocation into the meter and cuts a batch.
+/// Gathers traffic of every allocation (and of those closed since the
+/// last cut, for bytes counted after their final accounting) into the
+/// meter and cuts a batch.
 pub(crate) fn collect(turn: &Turn) {
-    for a in turn.allocations() {
-        turn.account(&a);
+    for a in turn.allocations().iter().chain(&turn.take_closed()) {
+        turn.account(a);
     }
     if let Err(e) = turn.meter.cut(unix_now()) {
         tracing::error!(error = %e, "cannot persist usage");

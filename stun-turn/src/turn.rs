@@ -107,6 +107,10 @@ struct Table {
     /// for one of this server's own relays skips the kernel round trip.
     by_relay: HashMap<SocketAddr, Arc<Allocation>>,
     per_tenant: HashMap<String, u32>,
+    /// Allocations closed since the last usage cut: a relay that held one
+    /// as it closed may still count bytes on it, and the next cut bills
+    /// them ([`Turn::take_closed`]).
+    closed: Vec<Arc<Allocation>>,
 }
 
 /// The running TURN logic, shared by every socket task.
@@ -186,7 +190,13 @@ impl Turn {
     pub fn close(&self, a: &Allocation, reason: &str) {
         let removed = {
             let mut t = self.table_mut();
-            let removed = t.by_client.remove(&(a.client, a.transport)).is_some();
+            let removed = match t.by_client.remove(&(a.client, a.transport)) {
+                Some(gone) => {
+                    t.closed.push(gone);
+                    true
+                }
+                None => false,
+            };
             if removed {
                 t.by_relay.remove(&a.relayed);
             }
@@ -208,6 +218,11 @@ impl Turn {
             .with_label_values(&[a.user.tenant.as_str()])
             .dec();
         tracing::debug!(client = %a.client, tenant = %a.user.tenant, room = %a.user.room, reason, "allocation closed");
+    }
+
+    /// The allocations closed since the last call (see `Table::closed`).
+    pub fn take_closed(&self) -> Vec<Arc<Allocation>> {
+        std::mem::take(&mut self.table_mut().closed)
     }
 
     /// Moves an allocation's unreported traffic into the next usage batch
@@ -1122,6 +1137,65 @@ mod tests {
         let meter = Arc::new(Meter::open("fuzz", None).expect("meter"));
         let metrics = Arc::new(Metrics::new(s.max_allocations));
         Arc::new(Turn::new(s, metrics, meter))
+    }
+
+    /// Bytes a relay counts on an allocation after it closed (it held the
+    /// allocation as it closed) are billed with the next cut, not lost.
+    #[tokio::test]
+    async fn traffic_after_the_final_accounting_is_billed_at_the_next_cut() {
+        let turn = server();
+        let relay = Arc::new(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+        let addr = relay.local_addr().expect("addr");
+        let client: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let a = Arc::new(Allocation::new(
+            client,
+            Transport::Udp,
+            floe_proto::credential::TurnUsername {
+                expires: 0,
+                kid: "k1".into(),
+                tenant: "t".into(),
+                room: "r".into(),
+                peer: "p".into(),
+            },
+            relay.clone(),
+            addr,
+            ClientSink::Udp {
+                socket: relay,
+                addr,
+            },
+            [0; 12],
+            Duration::from_secs(600),
+            None,
+            Instant::now(),
+        ));
+        {
+            let mut t = turn.table_mut();
+            t.by_client.insert((client, Transport::Udp), a.clone());
+            t.by_relay.insert(addr, a.clone());
+            t.per_tenant.insert("t".into(), 1);
+        }
+        a.record_out(100);
+        turn.close(&a, "test");
+        a.record_out(7);
+        a.record_in(11);
+        crate::report::collect(&turn);
+        let mut total = (0, 0);
+        while let Some(b) = turn.meter.oldest() {
+            for r in &b.records {
+                total.0 += r.bytes_out;
+                total.1 += r.bytes_in;
+            }
+            turn.meter.acked(b.seq).expect("ack");
+        }
+        assert_eq!(total, (107, 11));
+        assert!(
+            turn.take_closed().is_empty(),
+            "each closed allocation is billed once more, then forgotten"
+        );
     }
 
     /// A well-formed STUN header around arbitrary attribute bytes.
