@@ -176,7 +176,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
             }
             reporter_stop.cancel();
             let _ = reporter.await;
-            report::collect(&turn);
+            report::collect(&turn, floe_proto::time::unix_now());
             final_flush(&turn).await;
             stop.cancel();
             for t in sockets {

@@ -53,11 +53,12 @@ impl Control {
 /// Gathers traffic of every allocation (and of those closed since the
 /// last cut, for bytes counted after their final accounting) into the
 /// meter and cuts a batch.
-pub(crate) fn collect(turn: &Turn) {
+/// `at` dates the batch: its day and month in the ledger.
+pub(crate) fn collect(turn: &Turn, at: u64) {
     for a in turn.allocations().iter().chain(&turn.take_closed()) {
         turn.account(a);
     }
-    if let Err(e) = turn.meter.cut(unix_now()) {
+    if let Err(e) = turn.meter.cut(at) {
         tracing::error!(error = %e, "cannot persist usage");
     }
     turn.metrics.usage_pending.set(turn.meter.pending() as i64);
@@ -133,18 +134,36 @@ pub(crate) async fn prime(turn: &Turn, control: &Control, ok: &Check) {
     }
 }
 
+/// The first UTC midnight after `now` (unix seconds).
+fn next_midnight(now: u64) -> u64 {
+    (now / 86_400 + 1) * 86_400
+}
+
+/// The date of a cut taken at `now` by a wake-up scheduled for at most
+/// `midnight`: a cut that crossed midnight holds the ending day's traffic
+/// (all but the last second at most), so it is dated that day's last
+/// second.
+fn cut_time(now: u64, midnight: u64) -> u64 {
+    if now >= midnight { midnight - 1 } else { now }
+}
+
 /// Runs until `stop` fires.
 pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, stop: Shutdown) {
     let interval = turn.settings.usage_interval;
     let mut backoff = Duration::ZERO;
     loop {
-        let pause = interval.max(backoff);
+        // A cut is taken at every UTC midnight too, so a day's traffic is
+        // not dated the next day (nor a month's the next month), however
+        // long the interval or the backoff.
+        let midnight = next_midnight(unix_now());
+        let to_midnight = Duration::from_secs(midnight.saturating_sub(unix_now()).max(1));
+        let pause = interval.max(backoff).min(to_midnight);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
         turn.sweep(std::time::Instant::now());
-        collect(&turn);
+        collect(&turn, cut_time(unix_now(), midnight));
         let Some(control) = &control else { continue };
         let result = match flush(&turn, control).await {
             Ok(true) => Ok(()),
@@ -175,5 +194,24 @@ pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, st
                 backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_that_cross_midnight_belong_to_the_ending_day() {
+        use floe_proto::time::Date;
+        // 2026-11-30 23:59:58 UTC, and the midnight that starts December.
+        let late = 1_796_083_198;
+        let midnight = next_midnight(late);
+        assert_eq!(midnight, late + 2);
+        assert_eq!(Date::from_unix(midnight).month_key(), "2026-12");
+        assert_eq!(cut_time(late, midnight), late);
+        let at = cut_time(midnight + 1, midnight);
+        assert_eq!(Date::from_unix(at).day_key(), "2026-11-30");
+        assert_eq!(next_midnight(midnight), midnight + 86_400);
     }
 }

@@ -1182,7 +1182,7 @@ mod tests {
         turn.close(&a, "test");
         a.record_out(7);
         a.record_in(11);
-        crate::report::collect(&turn);
+        crate::report::collect(&turn, floe_proto::time::unix_now());
         let mut total = (0, 0);
         while let Some(b) = turn.meter.oldest() {
             for r in &b.records {
