@@ -313,10 +313,11 @@ impl Allocation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    async fn allocation(bitrate: Option<u64>, now: Instant) -> Allocation {
+    /// An allocation of tenant `t`, room `r`, for client 127.0.0.1:5000.
+    pub(crate) async fn allocation(bitrate: Option<u64>, now: Instant) -> Allocation {
         let relay = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
         let addr = relay.local_addr().expect("addr");
         Allocation::new(

@@ -52,8 +52,7 @@ impl Control {
 
 /// Gathers traffic of every allocation (and of those closed since the
 /// last cut, for bytes counted after their final accounting) into the
-/// meter and cuts a batch.
-/// `at` dates the batch: its day and month in the ledger.
+/// meter and cuts a batch dated `at` (its day and month in the ledger).
 pub(crate) fn collect(turn: &Turn, at: u64) {
     for a in turn.allocations().iter().chain(&turn.take_closed()) {
         turn.account(a);

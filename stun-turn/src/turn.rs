@@ -1144,34 +1144,8 @@ mod tests {
     #[tokio::test]
     async fn traffic_after_the_final_accounting_is_billed_at_the_next_cut() {
         let turn = server();
-        let relay = Arc::new(
-            tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind"),
-        );
-        let addr = relay.local_addr().expect("addr");
-        let client: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
-        let a = Arc::new(Allocation::new(
-            client,
-            Transport::Udp,
-            floe_proto::credential::TurnUsername {
-                expires: 0,
-                kid: "k1".into(),
-                tenant: "t".into(),
-                room: "r".into(),
-                peer: "p".into(),
-            },
-            relay.clone(),
-            addr,
-            ClientSink::Udp {
-                socket: relay,
-                addr,
-            },
-            [0; 12],
-            Duration::from_secs(600),
-            None,
-            Instant::now(),
-        ));
+        let a = Arc::new(crate::allocation::tests::allocation(None, Instant::now()).await);
+        let (client, addr) = (a.client, a.relayed);
         {
             let mut t = turn.table_mut();
             t.by_client.insert((client, Transport::Udp), a.clone());
