@@ -9,7 +9,7 @@ use std::time::Duration;
 use floe_proto::credential::{CredentialError, TurnSecrets};
 use ipnet::IpNet;
 
-/// Longest `--server-id`: the meter may add 9 characters and the control
+/// Longest `--server-id`: the meter adds 9 characters and the control
 /// plane takes ids of up to 64.
 const MAX_SERVER_ID_LEN: usize = 55;
 
@@ -101,7 +101,8 @@ pub struct Config {
     #[arg(long, env = "FLOE_USAGE_INTERVAL_SECS", default_value_t = 2)]
     pub usage_interval_secs: u64,
 
-    /// This server's id in usage batches (default: host name).
+    /// Prefix of this server's id in usage batches (default: host name);
+    /// each process adds a random suffix, so ids never collide.
     #[arg(long, env = "FLOE_SERVER_ID")]
     pub server_id: Option<String>,
 
@@ -261,8 +262,8 @@ impl Config {
         let server_id = match &self.server_id {
             Some(id) => {
                 floe_proto::id::validate("server id", id)?;
-                // Without a data dir the meter adds `-` and 8 characters,
-                // and the control plane refuses ids over 64.
+                // The meter adds `-` and 8 characters, and the control
+                // plane refuses ids over 64.
                 if id.len() > MAX_SERVER_ID_LEN {
                     return Err(ConfigError::ServerIdTooLong(MAX_SERVER_ID_LEN));
                 }

@@ -105,7 +105,9 @@ pub(crate) async fn flush(turn: &Turn, control: &Control) -> Result<bool, String
             }
             Err(e) => return Err(e.to_string()),
         };
-        turn.meter.acked(ack.seq).map_err(|e| e.to_string())?;
+        turn.meter
+            .acked(&ack.server_id, ack.seq)
+            .map_err(|e| e.to_string())?;
         turn.metrics
             .usage_batches
             .with_label_values(&["acked"])

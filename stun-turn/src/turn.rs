@@ -1163,7 +1163,7 @@ mod tests {
                 total.0 += r.bytes_out;
                 total.1 += r.bytes_in;
             }
-            turn.meter.acked(b.seq).expect("ack");
+            turn.meter.acked(&b.server_id, b.seq).expect("ack");
         }
         assert_eq!(total, (107, 11));
         assert!(
