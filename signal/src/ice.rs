@@ -7,7 +7,7 @@
 //! each one; TURN enforces the same lists on its side.
 //!
 //! [`Policy::issue`] is pure. [`Ice`] keeps the latest policy and fetches
-//! one inline only when it has none yet (or only a stale one).
+//! one inline only when it has none yet.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -21,6 +21,8 @@ use crate::control::{Control, Unavailable};
 
 /// Why TURN is left out when the policy is too old to trust.
 const STALE: &str = "control_plane_unavailable";
+/// How long joins of a node without any policy wait before asking again.
+const RETRY: Duration = Duration::from_secs(2);
 
 /// A fetched [`IcePolicy`], indexed for issuing.
 pub(crate) struct Policy {
@@ -128,8 +130,8 @@ impl Policy {
 /// The node's latest policy and when it was fetched.
 pub(crate) struct Ice {
     latest: RwLock<Option<(Instant, std::sync::Arc<Policy>)>>,
-    /// One inline fetch at a time.
-    fetching: tokio::sync::Mutex<()>,
+    /// One inline fetch at a time, and when the last one failed.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
     /// Past this age the policy is refreshed inline, and TURN is withheld
     /// if that fails.
     max_age: Duration,
@@ -139,7 +141,7 @@ impl Ice {
     pub fn new(max_age: Duration) -> Self {
         Self {
             latest: RwLock::new(None),
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: tokio::sync::Mutex::new(None),
             max_age,
         }
     }
@@ -158,7 +160,8 @@ impl Ice {
     }
 
     /// ICE servers for (tenant, room, peer). Fails only when this node has
-    /// never had a policy and cannot fetch one.
+    /// never had a policy and cannot fetch one. A stale policy is not
+    /// refreshed here (the poll loop keeps trying): it withholds TURN.
     pub async fn servers(
         &self,
         control: &Control,
@@ -167,19 +170,23 @@ impl Ice {
         peer: &str,
         now: u64,
     ) -> Result<IceServers, Unavailable> {
-        let fresh = |at: Instant| at.elapsed() < self.max_age;
-        if let Some((_, p)) = self.current().filter(|(at, _)| fresh(*at)) {
-            return Ok(p.issue(tenant, room, peer, now, false));
+        if let Some((at, p)) = self.current() {
+            return Ok(p.issue(tenant, room, peer, now, at.elapsed() >= self.max_age));
         }
-        let _one = self.fetching.lock().await;
-        if self.current().is_none_or(|(at, _)| !fresh(at)) {
+        // No policy yet (the node just started): one join fetches it, the
+        // others wait for that answer rather than each asking again.
+        let mut last_failure = self.fetching.lock().await;
+        if self.current().is_none() && last_failure.is_none_or(|t| t.elapsed() >= RETRY) {
             match control.ice_policy().await {
                 Ok(p) => self.update(p),
-                Err(e) => tracing::warn!(error = %e, "cannot fetch the ICE policy"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the ICE policy");
+                    *last_failure = Some(Instant::now());
+                }
             }
         }
         match self.current() {
-            Some((at, p)) => Ok(p.issue(tenant, room, peer, now, !fresh(at))),
+            Some((_, p)) => Ok(p.issue(tenant, room, peer, now, false)),
             None => Err(Unavailable(
                 "no ICE policy from the control plane yet".into(),
             )),
@@ -275,5 +282,31 @@ mod tests {
         let ice = no_turn.issue(&tenant("t", true, false), "r", "a", 1_000, false);
         assert_eq!(ice.turn_refused.as_deref(), Some("turn_not_configured"));
         assert_eq!(ice.expires, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stale_policy_withholds_turn_without_asking_per_join() {
+        // A control plane that is not there: asking would fail.
+        let control = Control::new("http://127.0.0.1:9", "token").expect("client");
+        let ice = Ice::new(Duration::ZERO);
+        assert!(
+            ice.servers(&control, &tenant("t", true, false), "r", "a", 1)
+                .await
+                .is_err(),
+            "no policy at all: the join cannot be served"
+        );
+        ice.update(IcePolicy {
+            stun_urls: vec!["stun:s".into()],
+            turn_urls: vec!["turn:s".into()],
+            credential_ttl_secs: 600,
+            turn_secret: Some("k9=signal-side-secret-0123".into()),
+            ..IcePolicy::default()
+        });
+        let got = ice
+            .servers(&control, &tenant("t", true, false), "r", "a", 1)
+            .await
+            .expect("served from the stale policy");
+        assert_eq!(got.turn_refused.as_deref(), Some(STALE));
+        assert_eq!(got.ice_servers.len(), 1, "STUN only");
     }
 }
