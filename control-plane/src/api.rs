@@ -16,9 +16,10 @@ use axum::{Json, Router};
 use floe_common::http::{JsonBody, basic, bearer, secret_eq};
 use floe_common::ratelimit::RateLimiter;
 use floe_proto::api::{
-    ApiKey, Changes, CreateTenant, CreatedApiKey, IcePolicy, IceServer, IceServers,
-    KeyVerification, MintToken, MintedToken, Tenant, TurnCredentialsRequest, UpdateTenant,
+    ApiKey, Changes, CreateTenant, CreatedApiKey, IcePolicy, IceServers, KeyVerification,
+    MintToken, MintedToken, Tenant, TurnCredentialsRequest, UpdateTenant,
 };
+use floe_proto::credential::IceSource;
 use floe_proto::id;
 use floe_proto::time::{Date, unix_now};
 use floe_proto::token::{self, JoinClaims};
@@ -861,45 +862,26 @@ impl App {
         ttl: u64,
         now: u64,
     ) -> Result<IceServers> {
-        let mut servers = Vec::new();
-        if !self.settings.stun_urls.is_empty() {
-            servers.push(IceServer {
-                urls: self.settings.stun_urls.clone(),
-                username: None,
-                credential: None,
-            });
-        }
         let refused = self.turn_refusal(tenant, room, peer, now).await?;
-        let (expires, ttl) = match (refused, &self.settings.turn_secrets) {
-            (None, Some(secrets)) => {
-                let expires = now + ttl;
-                let (username, password) = secrets.issue(expires, tenant, room, peer);
-                servers.push(IceServer {
-                    urls: self.settings.turn_urls.clone(),
-                    username: Some(username.to_string()),
-                    credential: Some(password),
-                });
-                self.metrics
-                    .credentials_issued
-                    .with_label_values(&[tenant])
-                    .inc();
-                (expires, ttl)
-            }
-            (refused, _) => {
-                let reason = refused.unwrap_or("turn_not_configured");
-                self.metrics
-                    .credentials_refused
-                    .with_label_values(&[tenant, reason])
-                    .inc();
-                (0, 0)
-            }
+        let source = IceSource {
+            stun_urls: &self.settings.stun_urls,
+            turn_urls: &self.settings.turn_urls,
+            secrets: self.settings.turn_secrets.as_ref(),
         };
-        Ok(IceServers {
-            ice_servers: servers,
-            ttl,
-            expires,
-            turn_refused: refused.map(str::to_owned),
-        })
+        let ice = source.servers(tenant, room, peer, ttl, now, refused);
+        if ice.expires != 0 {
+            self.metrics
+                .credentials_issued
+                .with_label_values(&[tenant])
+                .inc();
+        } else {
+            let reason = refused.unwrap_or("turn_not_configured");
+            self.metrics
+                .credentials_refused
+                .with_label_values(&[tenant, reason])
+                .inc();
+        }
+        Ok(ice)
     }
 }
 

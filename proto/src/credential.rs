@@ -12,6 +12,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+use crate::api::{IceServer, IceServers};
 use crate::id;
 
 /// The parsed form of a floe TURN username.
@@ -187,6 +188,59 @@ impl TurnSecrets {
             .expect("the active kid is always in the map");
         let password = turn_password(secret, &username.to_string());
         (username, password)
+    }
+}
+
+/// What ICE servers are made of: STUN and TURN URLs, and the secrets TURN
+/// credentials are signed with. The one place that shapes what peers get,
+/// whoever hands it out (signal for joining peers, the control plane for
+/// `POST /v1/ice-servers`).
+pub struct IceSource<'a> {
+    pub stun_urls: &'a [String],
+    pub turn_urls: &'a [String],
+    pub secrets: Option<&'a TurnSecrets>,
+}
+
+impl IceSource<'_> {
+    /// ICE servers for (tenant, room, peer): STUN, and unless `refused`
+    /// (whose reason goes in `turn_refused`) TURN with credentials valid
+    /// `ttl` seconds from `now`.
+    pub fn servers(
+        &self,
+        tenant: &str,
+        room: &str,
+        peer: &str,
+        ttl: u64,
+        now: u64,
+        refused: Option<&str>,
+    ) -> IceServers {
+        let mut ice_servers = Vec::with_capacity(2);
+        if !self.stun_urls.is_empty() {
+            ice_servers.push(IceServer {
+                urls: self.stun_urls.to_vec(),
+                username: None,
+                credential: None,
+            });
+        }
+        let (ttl, expires) = match (refused, self.secrets) {
+            (None, Some(secrets)) => {
+                let expires = now + ttl;
+                let (username, password) = secrets.issue(expires, tenant, room, peer);
+                ice_servers.push(IceServer {
+                    urls: self.turn_urls.to_vec(),
+                    username: Some(username.to_string()),
+                    credential: Some(password),
+                });
+                (ttl, expires)
+            }
+            _ => (0, 0),
+        };
+        IceServers {
+            ice_servers,
+            ttl,
+            expires,
+            turn_refused: refused.map(str::to_owned),
+        }
     }
 }
 

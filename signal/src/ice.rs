@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use floe_proto::api::{IcePolicy, IceServer, IceServers, Tenant};
-use floe_proto::credential::TurnSecrets;
+use floe_proto::api::{IcePolicy, IceServers, Tenant};
+use floe_proto::credential::{IceSource, TurnSecrets};
 use floe_proto::usage::Revocation;
 
 use crate::control::{Control, Unavailable};
@@ -92,38 +92,17 @@ impl Policy {
         now: u64,
         stale: bool,
     ) -> IceServers {
-        let mut ice_servers = Vec::with_capacity(2);
-        if !self.stun_urls.is_empty() {
-            ice_servers.push(IceServer {
-                urls: self.stun_urls.clone(),
-                username: None,
-                credential: None,
-            });
-        }
         let refused = if stale {
             Some(STALE)
         } else {
             self.refusal(tenant, room, peer)
         };
-        let (ttl, expires) = match (refused, &self.secrets) {
-            (None, Some(secrets)) => {
-                let expires = now + self.ttl;
-                let (username, password) = secrets.issue(expires, &tenant.id, room, peer);
-                ice_servers.push(IceServer {
-                    urls: self.turn_urls.clone(),
-                    username: Some(username.to_string()),
-                    credential: Some(password),
-                });
-                (self.ttl, expires)
-            }
-            _ => (0, 0),
+        let source = IceSource {
+            stun_urls: &self.stun_urls,
+            turn_urls: &self.turn_urls,
+            secrets: self.secrets.as_ref(),
         };
-        IceServers {
-            ice_servers,
-            ttl,
-            expires,
-            turn_refused: refused.map(str::to_owned),
-        }
+        source.servers(&tenant.id, room, peer, self.ttl, now, refused)
     }
 }
 
