@@ -114,16 +114,9 @@ impl Harness {
     /// the tenant.
     async fn ice(&self, tenant: &str, room: &str, peer: &str) -> IceServers {
         let key = self.create_key(tenant).await;
-        let r = self
-            .http
-            .post(self.url("/v1/ice-servers"))
-            .basic_auth(&key.id, Some(&key.secret))
-            .json(&json!({"room": room, "peer": peer}))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status(), 200);
-        r.json().await.expect("ice servers")
+        let (status, v) = public_ice(self, &key, json!({"room": room, "peer": peer})).await;
+        assert_eq!(status, 200, "{v}");
+        serde_json::from_value(v).expect("ice servers")
     }
 
     async fn usage(&self, batch: &UsageBatch) -> UsageAck {

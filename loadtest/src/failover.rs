@@ -19,8 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::procstat;
 use crate::stats::{Samples, Summary};
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::join::{Ws, next_json};
 
 /// Flags of `floe loadtest failover`.
 #[derive(Debug, Clone, clap::Args)]
@@ -100,16 +99,6 @@ struct Peer {
     ws: Ws,
     id: String,
     secret: String,
-}
-
-async fn next_json(ws: &mut Ws, deadline: tokio::time::Instant) -> Option<Value> {
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await.ok()?? {
-            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
 }
 
 async fn join(url: &str, deadline: tokio::time::Instant) -> Result<Peer, String> {

@@ -1,7 +1,15 @@
 //! How a simulated peer reaches signaling: join tokens minted locally with
-//! the tenant's API key, and WebSocket URLs from the signal base URLs.
+//! the tenant's API key, WebSocket URLs from the signal base URLs, and the
+//! socket's next JSON message.
 
 use floe_proto::token::{self, Grants, JoinClaims, TokenError};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A simulated peer's WebSocket.
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Lifetime of the join tokens a load run mints.
 const TOKEN_TTL_SECS: u64 = 3_600;
@@ -31,15 +39,30 @@ pub(crate) fn join_token(
     )
 }
 
-/// The WebSocket URL of `room` on the signal node at `base` (http → ws).
+/// `base` with its scheme turned to WebSocket's (http → ws, https → wss)
+/// and no trailing slash.
+pub(crate) fn ws_base(base: &str) -> String {
+    base.replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The WebSocket URL of `room` on the signal node at `base`.
 pub(crate) fn ws_url(base: &str, room: &str, client: &str) -> String {
-    let ws = base
-        .replacen("https://", "wss://", 1)
-        .replacen("http://", "ws://", 1);
-    format!(
-        "{}/v1/rooms/{room}/ws?client_id={client}",
-        ws.trim_end_matches('/')
-    )
+    format!("{}/v1/rooms/{room}/ws?client_id={client}", ws_base(base))
+}
+
+/// The next text message on `ws` as JSON, skipping others; `None` when
+/// the socket closes or `deadline` passes first.
+pub(crate) async fn next_json(ws: &mut Ws, deadline: tokio::time::Instant) -> Option<Value> {
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await.ok()?? {
+            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::procstat::{self, ProcSample};
 use crate::stats::{Samples, Summary};
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::join::Ws;
 
 /// Knobs of a signal-only run.
 #[derive(Debug, Clone, clap::Args)]
@@ -100,16 +99,11 @@ impl Protocol {
                 }
                 url
             }
-            Self::Peerjs => {
-                let ws = base
-                    .replacen("https://", "wss://", 1)
-                    .replacen("http://", "ws://", 1);
-                format!(
-                    "{}/peerjs?key=peerjs&id={client}&token={}",
-                    ws.trim_end_matches('/'),
-                    floe_common::secret::random_token(4)
-                )
-            }
+            Self::Peerjs => format!(
+                "{}/peerjs?key=peerjs&id={client}&token={}",
+                crate::join::ws_base(base),
+                floe_common::secret::random_token(4)
+            ),
         }
     }
 
@@ -211,15 +205,9 @@ impl Tally {
     }
 }
 
+/// The next JSON message on `ws` within `timeout`.
 async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await.ok()?? {
-            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
+    crate::join::next_json(ws, tokio::time::Instant::now() + timeout).await
 }
 
 /// One connected peer.

@@ -30,8 +30,7 @@ use crate::chunks::{Counters, FileShape, Round};
 use crate::stats::{Samples, Summary};
 use crate::stream_conn::StreamConn;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::join::Ws;
 
 /// How long any one signaling step may take.
 const SIGNAL_WAIT: Duration = Duration::from_secs(10);
