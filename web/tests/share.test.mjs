@@ -73,6 +73,12 @@ async function creator({ password, oneTime, relay } = {}) {
   return { a, link: await a.inputValue("#link") };
 }
 
+/** Opens a share link (served by this test's floe) on a new page. */
+async function visit(link) {
+  const u = new URL(link);
+  return page(u.pathname + u.search + u.hash);
+}
+
 async function connected(p) {
   await p.waitForSelector("#files:not([disabled])", { timeout: 30_000 });
 }
@@ -115,7 +121,7 @@ async function billed(roomId) {
 
 test("a 32 MiB file goes browser to browser on a direct path, and nothing is billed", { skip: noNetwork }, async () => {
   const { a, link } = await creator();
-  const b = await page(new URL(link).pathname + new URL(link).search + new URL(link).hash);
+  const b = await visit(link);
   await transfer(a, b);
   await b.waitForSelector('#path[data-path="direct"]', { timeout: 10_000 });
   await b.screenshot({ path: join(outDir, "transfer-direct.png"), fullPage: true });
@@ -131,7 +137,7 @@ test("forced through floe's TURN, the file arrives and the room is billed for it
   const { a, link } = await creator({ relay: true });
   const url = new URL(link);
   assert.equal(url.searchParams.get("relay"), "1", "the link keeps the relay policy");
-  const b = await page(url.pathname + url.search + url.hash);
+  const b = await visit(link);
   await transfer(a, b);
   await b.waitForSelector('#path[data-path="relayed"]', { timeout: 10_000 });
   await b.screenshot({ path: join(outDir, "transfer-relayed.png"), fullPage: true });
@@ -148,8 +154,7 @@ test("forced through floe's TURN, the file arrives and the room is billed for it
 
 test("the receiver's signaling socket is cut mid-transfer: the transfer completes", { skip: noNetwork }, async () => {
   const { a, link } = await creator();
-  const url = new URL(link);
-  const b = await page(url.pathname + url.search + url.hash);
+  const b = await visit(link);
   await transfer(a, b, {
     whileMoving: () => b.evaluate(() => window.floeShare.room.dropConnection()),
   });
@@ -160,8 +165,7 @@ test("the receiver's signaling socket is cut mid-transfer: the transfer complete
 
 test("the data channel is lost mid-transfer: a new one resumes where the receiver stands", { skip: noNetwork }, async () => {
   const { a, link } = await creator();
-  const url = new URL(link);
-  const b = await page(url.pathname + url.search + url.hash);
+  const b = await visit(link);
   await transfer(a, b, {
     // The receiver's channel closes (as a crashed SCTP association would).
     whileMoving: () => b.evaluate(() => window.floeShare.transfers.channel.close()),
@@ -172,8 +176,7 @@ test("the data channel is lost mid-transfer: a new one resumes where the receive
 
 test("a wrong password is refused clearly, and a one-time link admits two browsers only", { skip: noNetwork }, async () => {
   const { a, link } = await creator({ password: "right horse" });
-  const url = new URL(link);
-  const b = await page(url.pathname + url.search + url.hash);
+  const b = await visit(link);
   await b.waitForSelector("#join-form:not([hidden])");
   await b.fill("#join-password", "wrong horse");
   await b.click("#join-form button");
@@ -182,10 +185,9 @@ test("a wrong password is refused clearly, and a one-time link admits two browse
   await b.context().close();
 
   const once = await creator({ oneTime: true });
-  const u = new URL(once.link);
-  const second = await page(u.pathname + u.search + u.hash);
+  const second = await visit(once.link);
   await connected(second);
-  const third = await page(u.pathname + u.search + u.hash);
+  const third = await visit(once.link);
   await third.waitForFunction(
     () => document.querySelector("#status").textContent === "This one-time link has been used already.",
   );
