@@ -40,7 +40,7 @@ const BODY_LIMIT: usize = 64 * 1024;
 const USAGE_BODY_LIMIT: usize = 4 * 1024 * 1024;
 /// Longest TURN credential lifetime any plan may allow (a day, as with
 /// join tokens: a revocation must outlive every credential it covers).
-pub(crate) const MAX_CREDENTIAL_TTL_SECS: u64 = 86_400;
+const MAX_CREDENTIAL_TTL_SECS: u64 = 86_400;
 /// Longest usage report, in days.
 const MAX_REPORT_DAYS: usize = 400;
 
@@ -181,7 +181,7 @@ impl App {
     /// Rebuilds the enforcement snapshot from the store (on a tick, so
     /// changes made through other replicas arrive). Edits made through
     /// this replica while it reads are kept.
-    pub async fn rebuild_policy(&self, now: u64) -> Result<()> {
+    async fn rebuild_policy(&self, now: u64) -> Result<()> {
         let _one = self.rebuilding.lock().await;
         {
             let mut p = lock(&self.policy);
