@@ -6,9 +6,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use floe_proto::api::{Change, Changes, Tenant};
+use floe_proto::time::unix_now;
 use floe_proto::usage::{Revocation, UsageBatch};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -36,11 +38,15 @@ const OUTBOX: TableDefinition<&str, &str> = TableDefinition::new("webhook_outbox
 
 /// Which sequence numbers of one server have been applied: all up to
 /// `watermark`, plus those in `above`. Kept small by advancing the
-/// watermark over every contiguous run.
+/// watermark over every contiguous run, and over the oldest gap once
+/// `above` holds [`super::SEEN_WINDOW`].
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Seen {
     watermark: u64,
     above: BTreeSet<u64>,
+    /// When the last batch was applied (unix seconds).
+    #[serde(default)]
+    at: u64,
 }
 
 impl Seen {
@@ -48,18 +54,65 @@ impl Seen {
         seq <= self.watermark || self.above.contains(&seq)
     }
 
-    fn insert(&mut self, seq: u64) {
+    /// Records `seq`; returns how many missing sequences the watermark
+    /// jumped over to stay within the window.
+    fn insert(&mut self, seq: u64, now: u64) -> u64 {
+        self.at = now;
         self.above.insert(seq);
+        let mut skipped = 0;
+        if self.above.len() > super::SEEN_WINDOW {
+            let lowest = *self.above.first().expect("over the window");
+            skipped = lowest - 1 - self.watermark;
+            self.watermark = lowest - 1;
+        }
         while self.above.remove(&(self.watermark + 1)) {
             self.watermark += 1;
         }
+        skipped
     }
+}
+
+/// How often an apply also forgets idle servers' dedup state.
+const PRUNE_EVERY_SECS: u64 = 3600;
+
+/// Forgets the dedup state of servers idle for [`super::SEEN_RETENTION_SECS`].
+/// State written before idle times were kept is stamped `now`, so it ages
+/// out from here.
+fn prune_seen(t: &mut redb::Table<&str, &str>, now: u64) -> Result<()> {
+    let cutoff = now.saturating_sub(super::SEEN_RETENTION_SECS);
+    let mut stale = Vec::new();
+    let mut unstamped = Vec::new();
+    for entry in t.iter().map_err(backend)? {
+        let (k, v) = entry.map_err(backend)?;
+        let seen: Seen = serde_json::from_str(v.value())?;
+        if seen.at == 0 {
+            unstamped.push((k.value().to_owned(), Seen { at: now, ..seen }));
+        } else if seen.at < cutoff {
+            stale.push(k.value().to_owned());
+        }
+    }
+    for k in &stale {
+        t.remove(k.as_str()).map_err(backend)?;
+    }
+    for (k, seen) in unstamped {
+        t.insert(k.as_str(), serde_json::to_string(&seen)?.as_str())
+            .map_err(backend)?;
+    }
+    if !stale.is_empty() {
+        tracing::info!(
+            servers = stale.len(),
+            "forgot the usage dedup state of idle servers"
+        );
+    }
+    Ok(())
 }
 
 /// A redb-backed [`Store`].
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// When dedup state was last pruned (unix seconds).
+    pruned_at: Arc<AtomicU64>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -97,7 +150,10 @@ impl EmbeddedStore {
         txn.open_table(OUTBOX).map_err(backend)?;
         txn.open_table(CHANGES).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            pruned_at: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Runs `f` on the blocking pool with the database.
@@ -303,19 +359,28 @@ impl Store for EmbeddedStore {
     async fn apply_batch(&self, batch: &UsageBatch) -> Result<bool> {
         let (server, seq) = (batch.server_id.clone(), batch.seq);
         let delta = LedgerDelta::of(batch);
-        self.write(move |txn| {
-            let mut seen_t = txn.open_table(SEEN).map_err(backend)?;
-            let mut seen: Seen = match seen_t.get(server.as_str()).map_err(backend)? {
-                Some(v) => serde_json::from_str(v.value())?,
-                None => Seen::default(),
-            };
-            if seen.contains(seq) {
-                return Ok(false);
-            }
-            seen.insert(seq);
-            seen_t
-                .insert(server.as_str(), serde_json::to_string(&seen)?.as_str())
-                .map_err(backend)?;
+        let now = unix_now();
+        let prune = now.saturating_sub(self.pruned_at.load(Ordering::Relaxed)) >= PRUNE_EVERY_SECS;
+        let applied = self
+            .write(move |txn| {
+                let mut seen_t = txn.open_table(SEEN).map_err(backend)?;
+                let mut seen: Seen = match seen_t.get(server.as_str()).map_err(backend)? {
+                    Some(v) => serde_json::from_str(v.value())?,
+                    None => Seen::default(),
+                };
+                if seen.contains(seq) {
+                    return Ok(false);
+                }
+                let skipped = seen.insert(seq, now);
+                if skipped > 0 {
+                    tracing::warn!(server = %server, seq, skipped, "usage sequences never received; no longer awaited");
+                }
+                seen_t
+                    .insert(server.as_str(), serde_json::to_string(&seen)?.as_str())
+                    .map_err(backend)?;
+                if prune {
+                    prune_seen(&mut seen_t, now)?;
+                }
             let mut days = txn.open_table(DAYS).map_err(backend)?;
             for ((tenant, day), t) in &delta.days {
                 add_totals(&mut days, &format!("{tenant}/{day}"), t)?;
@@ -340,7 +405,11 @@ impl Store for EmbeddedStore {
             }
             Ok(true)
         })
-        .await
+        .await;
+        if prune && applied.is_ok() {
+            self.pruned_at.store(now, Ordering::Relaxed);
+        }
+        applied
     }
 
     async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64> {
@@ -542,13 +611,73 @@ mod tests {
     fn seen_advances_watermark_over_contiguous_runs() {
         let mut seen = Seen::default();
         for seq in [3, 1, 5] {
-            seen.insert(seq);
+            assert_eq!(seen.insert(seq, 1), 0);
         }
         assert_eq!(seen.watermark, 1);
-        seen.insert(2);
+        seen.insert(2, 1);
         assert_eq!(seen.watermark, 3);
         assert_eq!(seen.above.iter().copied().collect::<Vec<_>>(), [5]);
         assert!(seen.contains(2) && seen.contains(5) && !seen.contains(4));
+    }
+
+    /// A sequence that never comes (4) leaves at most a window of later
+    /// ones remembered; then the watermark jumps over it.
+    #[test]
+    fn seen_stays_within_its_window_past_a_gap() {
+        let mut seen = Seen::default();
+        let top = 4 + super::super::SEEN_WINDOW as u64;
+        let mut skipped = 0;
+        for seq in (1..=top).filter(|s| *s != 4) {
+            skipped += seen.insert(seq, 1);
+        }
+        assert_eq!(
+            (skipped, seen.watermark, seen.above.len()),
+            (0, 3, super::super::SEEN_WINDOW)
+        );
+        assert_eq!(seen.insert(top + 1, 1), 1);
+        assert_eq!((seen.watermark, seen.above.len()), (top + 1, 0));
+        assert!(seen.contains(4), "the skipped sequence counts as seen");
+    }
+
+    /// Idle servers' dedup state is dropped once the retention passes;
+    /// state from before idle times were kept is stamped, not dropped.
+    #[test]
+    fn idle_servers_are_forgotten() {
+        let (_d, s) = open();
+        let now = 1_800_000_000;
+        let txn = s.db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(SEEN).expect("table");
+            let put = |t: &mut redb::Table<&str, &str>, id: &str, at: u64| {
+                let seen = Seen {
+                    watermark: 7,
+                    at,
+                    ..Seen::default()
+                };
+                t.insert(id, serde_json::to_string(&seen).expect("json").as_str())
+                    .expect("insert");
+            };
+            put(&mut t, "idle", now - super::super::SEEN_RETENTION_SECS - 1);
+            put(&mut t, "busy", now - 60);
+            put(&mut t, "legacy", 0);
+            prune_seen(&mut t, now).expect("prune");
+            let left: Vec<(String, u64)> = t
+                .iter()
+                .expect("iter")
+                .map(|e| {
+                    let (k, v) = e.expect("entry");
+                    (
+                        k.value().to_owned(),
+                        serde_json::from_str::<Seen>(v.value()).expect("seen").at,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                left,
+                [("busy".to_owned(), now - 60), ("legacy".to_owned(), now)]
+            );
+        }
+        txn.commit().expect("commit");
     }
 
     #[tokio::test]

@@ -37,6 +37,17 @@ pub enum StoreError {
 /// the embedded store keeps the same bound).
 pub const LEDGER_MAX: u64 = i64::MAX as u64;
 
+/// How many applied sequence numbers above a server id's watermark the
+/// dedup state keeps. A server sends its batches in order, one at a time,
+/// so a gap means a batch that will never come; past this many, the
+/// watermark jumps over the oldest gap (logged) instead of growing.
+pub const SEEN_WINDOW: usize = 4096;
+
+/// How long the dedup state of a server id outlives its last batch. Every
+/// TURN process has an id of its own, so ids of stopped processes would
+/// otherwise pile up; a resend comes within minutes, never weeks.
+pub const SEEN_RETENTION_SECS: u64 = 40 * 86_400;
+
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
         Self::Corrupt(e.to_string())
@@ -164,7 +175,9 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_key(&self, id: &str) -> Result<bool>;
 
     /// Applies a usage batch exactly once. `Ok(false)`: seen before, nothing
-    /// changed.
+    /// changed. The record of what was seen is bounded: [`SEEN_WINDOW`]
+    /// sequences above a watermark per server id, forgotten
+    /// [`SEEN_RETENTION_SECS`] after the id's last batch.
     async fn apply_batch(&self, batch: &UsageBatch) -> Result<bool>;
     /// Relayed bytes of a tenant in a month (`YYYY-MM`).
     async fn month_bytes(&self, tenant: &str, month: &str) -> Result<u64>;

@@ -80,9 +80,12 @@ redis.call('DEL', KEYS[3])
 return 1";
 
 /// KEYS[1] watermark, KEYS[2] set of applied seqs above it, then `ARGV[2]`
-/// hash keys taking four HINCRBY field/amount pairs each from ARGV, then
-/// counter keys taking one INCRBY amount each. Returns 1 (applied), 0
-/// (seen before) or -1 (a counter would pass 2^63 - 1; nothing written).
+/// hash keys taking four HINCRBY field/amount pairs each from ARGV (from
+/// ARGV[5]), then counter keys taking one INCRBY amount each. ARGV[3] is
+/// the dedup window, ARGV[4] the dedup state's lifetime in seconds.
+/// Returns 1 (applied), 0 (seen before), -1 (a counter would pass
+/// 2^63 - 1; nothing written) or, applied but the window was full, 1 plus
+/// the number of never-received sequences the watermark jumped over.
 /// Redis does not roll back a script that fails halfway, so every bound is
 /// checked before the first write, and the batch is marked seen only after
 /// its totals are added. Lua numbers are doubles: the bound keeps a margin
@@ -93,7 +96,7 @@ local w = tonumber(redis.call('GET', KEYS[1]) or '0')
 if seq <= w or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 local limit = 9223372036854771712
 local hashes = tonumber(ARGV[2])
-local a = 3
+local a = 5
 for i = 3, 2 + hashes do
   for _ = 1, 4 do
     local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[a]) or '0')
@@ -105,7 +108,7 @@ for i = 3 + hashes, #KEYS do
   if tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[a]) >= limit then return -1 end
   a = a + 1
 end
-a = 3
+a = 5
 for i = 3, 2 + hashes do
   for _ = 1, 4 do
     redis.call('HINCRBY', KEYS[i], ARGV[a], ARGV[a + 1])
@@ -117,9 +120,19 @@ for i = 3 + hashes, #KEYS do
   a = a + 1
 end
 redis.call('SADD', KEYS[2], ARGV[1])
+local skipped = 0
+if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[3]) then
+  local lowest = seq
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    lowest = math.min(lowest, tonumber(m))
+  end
+  skipped = lowest - 1 - w
+  w = lowest - 1
+end
 while redis.call('SREM', KEYS[2], tostring(w + 1)) == 1 do w = w + 1 end
-redis.call('SET', KEYS[1], tostring(w))
-return 1";
+redis.call('SET', KEYS[1], tostring(w), 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1 + skipped";
 
 impl RedisStore {
     /// Connects to `url` (`redis://…`); keys start with `prefix`.
@@ -320,6 +333,8 @@ impl Store for RedisStore {
         let mut argv = vec![
             batch.seq.to_string(),
             (delta.days.len() + delta.rooms.len()).to_string(),
+            super::SEEN_WINDOW.to_string(),
+            super::SEEN_RETENTION_SECS.to_string(),
         ];
         for ((tenant, day), t) in &delta.days {
             script.key(self.key(&["day", tenant, day]));
@@ -336,7 +351,7 @@ impl Store for RedisStore {
         for a in argv {
             script.arg(a);
         }
-        let applied: i32 = script
+        let applied: i64 = script
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
@@ -345,7 +360,13 @@ impl Store for RedisStore {
                 "batch {} of {}",
                 batch.seq, batch.server_id
             ))),
-            n => Ok(n == 1),
+            0 => Ok(false),
+            n => {
+                if n > 1 {
+                    tracing::warn!(server = %batch.server_id, seq = batch.seq, skipped = n - 1, "usage sequences never received; no longer awaited");
+                }
+                Ok(true)
+            }
         }
     }
 
@@ -631,5 +652,56 @@ mod tests {
             stores[0].month_bytes("t", "2026-11").await.expect("month"),
             (1..=40).sum::<u64>()
         );
+    }
+
+    /// A sequence that never comes leaves at most a window of later ones
+    /// remembered, and the dedup keys of a server expire after its last
+    /// batch.
+    #[tokio::test]
+    async fn dedup_state_is_bounded() {
+        let (s, prefix) = test_store().await;
+        let batch = |seq| UsageBatch {
+            server_id: "turn-gap".into(),
+            seq,
+            at: 1_795_435_200,
+            records: vec![floe_proto::usage::UsageRecord {
+                tenant: "t".into(),
+                room: "r".into(),
+                bytes_out: 1,
+                bytes_in: 0,
+                packets_out: 1,
+                packets_in: 0,
+            }],
+        };
+        let top = 4 + super::super::SEEN_WINDOW as u64;
+        for seq in (1..=top + 1).filter(|s| *s != 4) {
+            assert!(
+                s.apply_batch(&batch(seq)).await.expect("apply"),
+                "seq {seq}"
+            );
+        }
+        let mut conn = s.conn.clone();
+        let above: usize = conn
+            .scard(format!("{prefix}seenabove:turn-gap"))
+            .await
+            .expect("scard");
+        let watermark: u64 = conn
+            .get(format!("{prefix}seen:turn-gap"))
+            .await
+            .expect("get");
+        assert_eq!((watermark, above), (top + 1, 0));
+        assert!(
+            !s.apply_batch(&batch(4)).await.expect("apply"),
+            "skipped counts as seen"
+        );
+        let ttl: i64 = conn
+            .ttl(format!("{prefix}seen:turn-gap"))
+            .await
+            .expect("ttl");
+        assert!(
+            ttl > 0 && ttl as u64 <= super::super::SEEN_RETENTION_SECS,
+            "ttl {ttl}"
+        );
+        assert_eq!(s.month_bytes("t", "2026-11").await.expect("month"), top);
     }
 }
