@@ -54,19 +54,68 @@ pub(crate) enum ClientSink {
         socket: Arc<UdpSocket>,
         addr: SocketAddr,
     },
-    /// A stream connection's writer queue (already framed bytes).
-    Stream(mpsc::Sender<Bytes>),
+    /// A stream connection's writer queue.
+    Stream(mpsc::Sender<Outbound>),
+}
+
+/// Framed bytes on their way to a stream client, and the relayed payload
+/// they carry with the counters to bill it to: billed "in" once written
+/// to the socket, so bytes a connection never took are not billed.
+pub(crate) struct Outbound {
+    pub bytes: Bytes,
+    pub credit: Option<(Arc<Counters>, usize)>,
+}
+
+/// Why relayed bytes did not reach a client (the `reason` label of the
+/// discard metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Undelivered {
+    /// The kernel refused a UDP send.
+    SendFailed,
+    /// A stream client's queue was full: it reads slower than it is sent to.
+    Slow,
+    /// A stream client's connection is gone.
+    Gone,
+}
+
+impl Undelivered {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::SendFailed => "client_send_failed",
+            Self::Slow => "client_slow",
+            Self::Gone => "client_gone",
+        }
+    }
 }
 
 impl ClientSink {
-    /// Sends without waiting; `false` when the bytes had to be dropped.
-    pub fn send(&self, bytes: &[u8]) -> bool {
+    /// Hands `bytes`, carrying `payload` relayed bytes, to the client,
+    /// without waiting. Over UDP they are billed when the kernel takes
+    /// them; over a stream when the writer has written them.
+    pub fn relay(
+        &self,
+        bytes: &[u8],
+        payload: usize,
+        counters: &Arc<Counters>,
+    ) -> Result<(), Undelivered> {
         match self {
             // The kernel decides, not tokio's readiness (see `Turn::to_peer`).
-            Self::Udp { socket, addr } => socket2::SockRef::from(&**socket)
-                .send_to(bytes, &(*addr).into())
-                .is_ok(),
-            Self::Stream(tx) => tx.try_send(Bytes::copy_from_slice(bytes)).is_ok(),
+            Self::Udp { socket, addr } => {
+                socket2::SockRef::from(&**socket)
+                    .send_to(bytes, &(*addr).into())
+                    .map_err(|_| Undelivered::SendFailed)?;
+                counters.record_in(payload);
+                Ok(())
+            }
+            Self::Stream(tx) => tx
+                .try_send(Outbound {
+                    bytes: Bytes::copy_from_slice(bytes),
+                    credit: Some((counters.clone(), payload)),
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Undelivered::Slow,
+                    mpsc::error::TrySendError::Closed(_) => Undelivered::Gone,
+                }),
         }
     }
 }
@@ -78,7 +127,18 @@ pub(crate) struct Counters {
     pub bytes_in: AtomicU64,
     pub packets_out: AtomicU64,
     pub packets_in: AtomicU64,
-    pub dropped: AtomicU64,
+}
+
+impl Counters {
+    pub fn record_out(&self, bytes: usize) {
+        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.packets_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_in(&self, bytes: usize) {
+        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.packets_in.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of counters.
@@ -130,7 +190,7 @@ pub(crate) struct Allocation {
     pub sink: ClientSink,
     /// Transaction id of the Allocate that created it (retransmissions).
     pub created_by: [u8; 12],
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
     pub closed: CancellationToken,
     state: Mutex<State>,
 }
@@ -165,7 +225,7 @@ impl Allocation {
             relayed,
             sink,
             created_by,
-            counters: Counters::default(),
+            counters: Arc::default(),
             closed: CancellationToken::new(),
             state: Mutex::new(State {
                 expires: now + lifetime,
@@ -280,20 +340,6 @@ impl Allocation {
         });
     }
 
-    pub fn record_out(&self, bytes: usize) {
-        self.counters
-            .bytes_out
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.counters.packets_out.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn record_in(&self, bytes: usize) {
-        self.counters
-            .bytes_in
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.counters.packets_in.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Traffic since the last call (and marks it reported).
     pub fn take_unreported(&self) -> Traffic {
         // The counters are read under the lock: read before it, a
@@ -353,8 +399,8 @@ pub(crate) mod tests {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for _ in 0..2_000_000 {
-                    a.record_out(3);
-                    a.record_in(5);
+                    a.counters.record_out(3);
+                    a.counters.record_in(5);
                 }
                 done.store(true, Ordering::Relaxed);
             });
@@ -411,16 +457,16 @@ pub(crate) mod tests {
     async fn counters_report_deltas_and_bitrate_caps() {
         let t0 = Instant::now();
         let a = allocation(Some(80_000), t0).await;
-        a.record_out(100);
-        a.record_in(40);
-        a.record_in(60);
+        a.counters.record_out(100);
+        a.counters.record_in(40);
+        a.counters.record_in(60);
         let d = a.take_unreported();
         assert_eq!(
             (d.bytes_out, d.bytes_in, d.packets_out, d.packets_in),
             (100, 100, 1, 2)
         );
         assert!(a.take_unreported().is_zero());
-        a.record_out(1);
+        a.counters.record_out(1);
         assert_eq!(a.take_unreported().bytes_out, 1);
         // 80 kbit/s: 10,000 bytes at once, then nothing until refilled.
         assert!(a.within_rate(10_000, t0));

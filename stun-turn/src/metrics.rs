@@ -11,6 +11,7 @@ pub(crate) struct Metrics {
     pub stun_requests: IntCounterVec,
     pub request_seconds: HistogramVec,
     pub discarded: IntCounterVec,
+    pub discarded_bytes: IntCounterVec,
     pub hairpinned: IntCounter,
     pub tcp_connections: IntGauge,
     pub allocations: IntGaugeVec,
@@ -56,6 +57,11 @@ impl Metrics {
             discarded: counter_vec(
                 "floe_turn_discarded_total",
                 "Datagrams or frames not relayed or answered, by reason",
+                &["reason"],
+            ),
+            discarded_bytes: counter_vec(
+                "floe_turn_discarded_bytes_total",
+                "Payload bytes of datagrams or frames not relayed, by reason",
                 &["reason"],
             ),
             hairpinned: IntCounter::new(
@@ -146,6 +152,17 @@ impl Metrics {
         ] {
             m.allocations_refused.with_label_values(&[reason]);
         }
+        for reason in [
+            "no_permission",
+            "bitrate",
+            "send_failed",
+            "client_send_failed",
+            "client_slow",
+            "client_gone",
+        ] {
+            m.discarded.with_label_values(&[reason]);
+            m.discarded_bytes.with_label_values(&[reason]);
+        }
         for result in ["sent", "acked", "failed", "rejected"] {
             m.usage_batches.with_label_values(&[result]);
         }
@@ -153,6 +170,7 @@ impl Metrics {
             Box::new(m.stun_requests.clone()),
             Box::new(m.request_seconds.clone()),
             Box::new(m.discarded.clone()),
+            Box::new(m.discarded_bytes.clone()),
             Box::new(m.hairpinned.clone()),
             Box::new(m.tcp_connections.clone()),
             Box::new(m.allocations.clone()),

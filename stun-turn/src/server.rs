@@ -17,8 +17,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
-use crate::allocation::{ClientSink, Transport};
+use crate::allocation::{ClientSink, Outbound, Transport, Undelivered};
 use crate::framing::{self, Frame, MAX_FRAME};
 use crate::turn::Turn;
 
@@ -30,6 +31,11 @@ const PORT_ATTEMPTS: usize = 20;
 const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Frames queued towards one TCP client before it counts as too slow.
 const TCP_QUEUE: usize = 1_024;
+/// How long a stream client may take nothing before it counts as gone.
+const TCP_WRITE_STALL: Duration = Duration::from_secs(30);
+/// How long queued frames may still go out once a connection's reader
+/// is done.
+const TCP_FLUSH: Duration = Duration::from_secs(1);
 
 fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -232,6 +238,10 @@ async fn stream_accept(
     }
 }
 
+/// Serves one stream connection: a reader that frames and handles what
+/// the client sends, and a writer draining the connection's queue. The
+/// connection ends when either side fails, so an allocation never
+/// outlives the socket that delivers to it.
 async fn stream_connection<S>(
     turn: &Arc<Turn>,
     stream: S,
@@ -242,21 +252,29 @@ async fn stream_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
-    let write_task = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if writer.write_all(&b).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Outbound>(TCP_QUEUE);
+    let (reading_done, writer_failed) = (CancellationToken::new(), CancellationToken::new());
+    let write_task = tokio::spawn(write_stream(
+        turn.clone(),
+        writer,
+        rx,
+        reading_done.clone(),
+        writer_failed.clone(),
+    ));
     let sink = ClientSink::Stream(tx.clone());
     let mut buf = vec![0u8; 2 * MAX_FRAME];
     let mut filled = 0;
+    let gone = || {
+        std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "writing to the client failed",
+        )
+    };
     let result = loop {
         let n = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = writer_failed.cancelled() => break Err(gone()),
             r = tokio::time::timeout(TCP_IDLE, reader.read(&mut buf[filled..])) => match r {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => break Err(e),
@@ -268,17 +286,20 @@ where
         }
         filled += n;
         let mut start = 0;
-        let framing_error = loop {
+        let failure = loop {
             match framing::next_frame(&buf[start..filled], true) {
                 Ok(Some(Frame::Stun { len })) => {
-                    if let Some(resp) = turn
-                        .on_stun(&buf[start..start + len], from, transport, &sink)
-                        .await
-                        && tx.send(Bytes::from(resp)).await.is_err()
-                    {
-                        break None;
-                    }
+                    let frame = start..start + len;
                     start += len;
+                    if let Some(resp) = turn.on_stun(&buf[frame], from, transport, &sink).await {
+                        let out = Outbound {
+                            bytes: Bytes::from(resp),
+                            credit: None,
+                        };
+                        if tx.send(out).await.is_err() {
+                            break Some(gone());
+                        }
+                    }
                 }
                 Ok(Some(Frame::ChannelData { channel, data, len })) => {
                     turn.on_channel_data(
@@ -290,21 +311,201 @@ where
                     start += len;
                 }
                 Ok(None) => break None,
-                Err(e) => break Some(e),
+                Err(e) => {
+                    turn.metrics
+                        .discarded
+                        .with_label_values(&["bad_framing"])
+                        .inc();
+                    break Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
             }
         };
-        if let Some(e) = framing_error {
-            turn.metrics
-                .discarded
-                .with_label_values(&["bad_framing"])
-                .inc();
-            break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        if let Some(e) = failure {
+            break Err(e);
         }
         buf.copy_within(start..filled, 0);
         filled -= start;
     };
+    reading_done.cancel();
     drop(sink);
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+    let _ = write_task.await;
     result
+}
+
+/// Writes a stream connection's queue to its socket, billing relayed
+/// payload as it goes out. A client that takes nothing for
+/// [`TCP_WRITE_STALL`], or a failed write, ends the connection
+/// (`failed`). Once the reader is done, what is queued gets
+/// [`TCP_FLUSH`] to go out; whatever is left is counted as undelivered.
+async fn write_stream<W: AsyncWrite>(
+    turn: Arc<Turn>,
+    writer: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    reading_done: CancellationToken,
+    failed: CancellationToken,
+) {
+    let mut writer = std::pin::pin!(writer);
+    let flush_deadline = async {
+        reading_done.cancelled().await;
+        tokio::time::sleep(TCP_FLUSH).await;
+    };
+    let mut flush_deadline = std::pin::pin!(flush_deadline);
+    let mut ok = true;
+    while ok {
+        let item = tokio::select! {
+            biased;
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            // The reader is done and the queue is empty.
+            _ = reading_done.cancelled(), if rx.is_empty() => break,
+        };
+        ok = tokio::select! {
+            r = tokio::time::timeout(TCP_WRITE_STALL, writer.write_all(&item.bytes)) => matches!(r, Ok(Ok(()))),
+            _ = &mut flush_deadline => false,
+        };
+        match (&item.credit, ok) {
+            (Some((counters, n)), true) => counters.record_in(*n),
+            (Some((_, n)), false) => turn.undelivered(Undelivered::Gone.reason(), *n),
+            (None, _) => {}
+        }
+    }
+    rx.close();
+    while let Ok(item) = rx.try_recv() {
+        if let Some((_, n)) = item.credit {
+            turn.undelivered(Undelivered::Gone.reason(), n);
+        }
+    }
+    if !ok {
+        failed.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::allocation::Counters;
+
+    /// A writer that takes `accept` writes, then fails every one.
+    struct FailingWriter {
+        accept: usize,
+    }
+
+    impl AsyncWrite for FailingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.accept == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            self.accept -= 1;
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn binding_request() -> Vec<u8> {
+        let mut m = stun::message::Message::new();
+        m.build(&[
+            Box::new(stun::message::BINDING_REQUEST),
+            Box::new(stun::agent::TransactionId::new()),
+        ])
+        .expect("build");
+        m.raw
+    }
+
+    fn binding_successes(turn: &Turn) -> u64 {
+        turn.metrics
+            .stun_requests
+            .with_label_values(&["binding", "tcp", "success"])
+            .get()
+    }
+
+    /// When writing to a client fails, the connection ends at once (it
+    /// used to read on for the idle timeout, its allocation billing bytes
+    /// no one delivered), and no request is handled twice.
+    #[tokio::test]
+    async fn a_failed_writer_ends_the_connection() {
+        let turn = crate::turn::tests::server();
+        let (mut client, server_side) = tokio::io::duplex(4096);
+        let stream = tokio::io::join(server_side, FailingWriter { accept: 0 });
+        let conn = tokio::spawn({
+            let turn = turn.clone();
+            async move {
+                let from = "127.0.0.1:4000".parse().expect("addr");
+                stream_connection(&turn, stream, from, Transport::Tcp, &Shutdown::new()).await
+            }
+        });
+        client.write_all(&binding_request()).await.expect("write");
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection ends without waiting for the idle timeout")
+            .expect("join");
+        assert_eq!(
+            ended.expect_err("broken pipe").kind(),
+            std::io::ErrorKind::BrokenPipe
+        );
+        // The client's next request finds no one.
+        let _ = client.write_all(&binding_request()).await;
+        assert_eq!(binding_successes(&turn), 1);
+    }
+
+    /// Relayed bytes are billed "in" when written; what a failed
+    /// connection never took is counted undelivered instead.
+    #[tokio::test]
+    async fn relayed_bytes_are_billed_when_written() {
+        let turn = crate::turn::tests::server();
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(16);
+        for _ in 0..5 {
+            let bytes = Bytes::from_static(&[0u8; 104]);
+            tx.try_send(Outbound {
+                bytes,
+                credit: Some((counters.clone(), 100)),
+            })
+            .expect("queue");
+        }
+        let (done, failed) = (CancellationToken::new(), CancellationToken::new());
+        let writer = tokio::spawn(write_stream(
+            turn.clone(),
+            FailingWriter { accept: 3 },
+            rx,
+            done.clone(),
+            failed.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), failed.cancelled())
+            .await
+            .expect("the failure is signalled");
+        // Queued after the failure: refused, as the sink's try_send sees.
+        assert!(
+            tx.try_send(Outbound {
+                bytes: Bytes::new(),
+                credit: None
+            })
+            .is_err()
+        );
+        writer.await.expect("writer");
+        assert_eq!(
+            counters.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+            300
+        );
+        let gone = turn
+            .metrics
+            .discarded_bytes
+            .with_label_values(&["client_gone"])
+            .get();
+        assert_eq!(gone, 200);
+    }
 }

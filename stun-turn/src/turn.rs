@@ -22,7 +22,7 @@ use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 
-use crate::allocation::{Allocation, BindError, ClientSink, Transport};
+use crate::allocation::{Allocation, BindError, ClientSink, Transport, Undelivered};
 use crate::auth::{AuthError, Authenticator};
 use crate::binding;
 use crate::config::Settings;
@@ -928,15 +928,11 @@ impl Turn {
         let now = Instant::now();
         let (permitted, channel) = a.route_from_peer(peer, now);
         if !permitted {
-            self.metrics
-                .discarded
-                .with_label_values(&["no_permission"])
-                .inc();
+            self.undelivered("no_permission", n);
             return;
         }
         if !a.within_rate(n, now) {
-            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            self.undelivered("bitrate", n);
             return;
         }
         let sent = match channel {
@@ -950,7 +946,7 @@ impl Turn {
                     buf[len..padded].fill(0);
                     len = padded;
                 }
-                a.sink.send(&buf[..len])
+                a.sink.relay(&buf[..len], n, &a.counters)
             }
             None => {
                 let mut m = Message::new();
@@ -963,32 +959,34 @@ impl Turn {
                     }),
                     Box::new(turn::proto::data::Data(buf[4..4 + n].to_vec())),
                 ]);
-                built.is_ok() && a.sink.send(&m.raw)
+                match built {
+                    Ok(()) => a.sink.relay(&m.raw, n, &a.counters),
+                    Err(_) => Err(Undelivered::SendFailed),
+                }
             }
         };
-        if sent {
-            a.record_in(n);
-        } else {
-            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .discarded
-                .with_label_values(&["client_send_failed"])
-                .inc();
+        if let Err(why) = sent {
+            self.undelivered(why.reason(), n);
         }
+    }
+
+    /// Counts relayed payload that could not be passed on, by reason.
+    pub(crate) fn undelivered(&self, reason: &str, bytes: usize) {
+        self.metrics.discarded.with_label_values(&[reason]).inc();
+        self.metrics
+            .discarded_bytes
+            .with_label_values(&[reason])
+            .inc_by(bytes as u64);
     }
 
     fn to_peer(&self, a: &Allocation, peer: SocketAddr, data: &[u8]) {
         let now = Instant::now();
         if !a.permitted(peer.ip(), now) {
-            self.metrics
-                .discarded
-                .with_label_values(&["no_permission"])
-                .inc();
+            self.undelivered("no_permission", data.len());
             return;
         }
         if !a.within_rate(data.len(), now) {
-            a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.discarded.with_label_values(&["bitrate"]).inc();
+            self.undelivered("bitrate", data.len());
             return;
         }
         if !self.settings.kernel_hairpin
@@ -998,7 +996,7 @@ impl Turn {
             // A relay of this server: what the kernel would do, minus a
             // send and a receive. `a` sent it; `b` gets it from `a`'s
             // relayed address, with `b`'s permissions and cap applied.
-            a.record_out(data.len());
+            a.counters.record_out(data.len());
             self.metrics.hairpinned.inc();
             HAIRPIN.with_borrow_mut(|buf| {
                 buf[4..4 + data.len()].copy_from_slice(data);
@@ -1013,14 +1011,8 @@ impl Turn {
         // load tester's ledger check caught it). The kernel says
         // WouldBlock only when the send buffer is really full.
         match socket2::SockRef::from(&*a.relay).send_to(data, &peer.into()) {
-            Ok(_) => a.record_out(data.len()),
-            Err(_) => {
-                a.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .discarded
-                    .with_label_values(&["send_failed"])
-                    .inc();
-            }
+            Ok(_) => a.counters.record_out(data.len()),
+            Err(_) => self.undelivered("send_failed", data.len()),
         }
     }
 }
@@ -1122,11 +1114,12 @@ async fn relay_task(turn: Arc<Turn>, a: Arc<Allocation>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn server() -> Arc<Turn> {
+    /// A server with no sockets of its own, for driving by hand.
+    pub(crate) fn server() -> Arc<Turn> {
         let mut s = Settings::new(
             "127.0.0.1:0".parse().expect("addr"),
             "127.0.0.1:0".parse().expect("addr"),
@@ -1152,10 +1145,10 @@ mod tests {
             t.by_relay.insert(addr, a.clone());
             t.per_tenant.insert("t".into(), 1);
         }
-        a.record_out(100);
+        a.counters.record_out(100);
         turn.close(&a, "test");
-        a.record_out(7);
-        a.record_in(11);
+        a.counters.record_out(7);
+        a.counters.record_in(11);
         crate::report::collect(&turn, floe_proto::time::unix_now());
         let mut total = (0, 0);
         while let Some(b) = turn.meter.oldest() {

@@ -993,3 +993,181 @@ async fn drain_refuses_new_allocations_but_keeps_relaying() {
     // Every relayed byte was reported before the exit.
     stack.await_usage("paid", 700, 700).await;
 }
+
+/// A TURN client over TCP that builds its requests by hand.
+struct TcpClient {
+    stream: tokio::net::TcpStream,
+    user: String,
+    pass: String,
+    nonce: String,
+}
+
+impl TcpClient {
+    /// Connects (with a receive buffer of `rcvbuf` bytes when given) and
+    /// allocates a relayed address, which it returns.
+    async fn allocate(
+        server: SocketAddr,
+        (user, pass): (String, String),
+        rcvbuf: Option<u32>,
+    ) -> (Self, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).expect("rcvbuf");
+        }
+        let mut stream = socket.connect(server).await.expect("connect");
+        let challenge = stream_roundtrip(
+            &mut stream,
+            vec![
+                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+                Box::new(stun::agent::TransactionId::new()),
+                Box::new(turn::proto::reqtrans::RequestedTransport {
+                    protocol: turn::proto::PROTO_UDP,
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(code(&challenge), 401);
+        let mut c = Self {
+            stream,
+            user,
+            pass,
+            nonce: text(&challenge, ATTR_NONCE),
+        };
+        let ok = c
+            .request(
+                METHOD_ALLOCATE,
+                vec![Box::new(turn::proto::reqtrans::RequestedTransport {
+                    protocol: turn::proto::PROTO_UDP,
+                })],
+            )
+            .await;
+        assert_eq!(ok.typ.class, CLASS_SUCCESS_RESPONSE);
+        let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+        relayed.get_from(&ok).expect("XOR-RELAYED-ADDRESS");
+        (c, SocketAddr::new(relayed.ip, relayed.port))
+    }
+
+    async fn request(&mut self, method: Method, mut attrs: Vec<Box<dyn Setter>>) -> Message {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+            Box::new(stun::agent::TransactionId::new()),
+        ];
+        setters.append(&mut attrs);
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_USERNAME,
+            self.user.clone(),
+        )));
+        setters.push(Box::new(TextAttribute::new(ATTR_REALM, "floe".into())));
+        setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
+        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+            self.user.clone(),
+            "floe".into(),
+            self.pass.clone(),
+        )));
+        stream_roundtrip(&mut self.stream, setters).await
+    }
+
+    async fn bind_channel(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self
+            .request(
+                METHOD_CHANNEL_BIND,
+                vec![
+                    Box::new(turn::proto::channum::ChannelNumber(channel)),
+                    Box::new(turn::proto::peeraddr::PeerAddress {
+                        ip: peer.ip(),
+                        port: peer.port(),
+                    }),
+                ],
+            )
+            .await;
+        assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "channel bind");
+    }
+}
+
+/// A TCP client that stops reading while its partner sends 2 MB: what the
+/// partner is billed out equals what the slow client is billed in plus
+/// what was dropped for it (by reason), and what it is billed in is what
+/// it received.
+#[tokio::test]
+async fn a_slow_tcp_reader_is_billed_what_it_received() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::new().await;
+    let turn = stack.turn(None).await;
+    let server = turn.listen_addr();
+    let (mut a, a_relayed) =
+        TcpClient::allocate(server, stack.credentials("paid", "tcp-a", "a").await, None).await;
+    let (mut b, b_relayed) = TcpClient::allocate(
+        server,
+        stack.credentials("paid", "tcp-b", "b").await,
+        Some(4096),
+    )
+    .await;
+    a.bind_channel(0x4000, b_relayed).await;
+    b.bind_channel(0x4000, a_relayed).await;
+
+    // A sends 2,048 ChannelData messages of 1,000 B; B reads nothing.
+    let (count, size) = (2_048u64, 1_000usize);
+    let mut frame = vec![0x40, 0x00];
+    frame.extend_from_slice(&(size as u16).to_be_bytes());
+    frame.extend(std::iter::repeat_n(7u8, size));
+    for _ in 0..count {
+        a.stream.write_all(&frame).await.expect("A sends");
+    }
+    let sent = count * size as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stack.usage("paid").await["rooms"]["tcp-a"]["bytes_out"] != sent {
+        assert!(Instant::now() < deadline, "A's bytes never all billed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // B reads what reached it until the server has nothing more.
+    let mut received = 0u64;
+    let mut header = [0u8; 4];
+    let mut body = vec![0u8; 2_048];
+    while let Ok(r) =
+        tokio::time::timeout(Duration::from_secs(1), b.stream.read_exact(&mut header)).await
+    {
+        r.expect("read");
+        assert_eq!(&header[..2], &[0x40, 0x00], "ChannelData on B's channel");
+        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+        b.stream
+            .read_exact(&mut body[..(len + 3) & !3])
+            .await
+            .expect("read data");
+        received += len as u64;
+    }
+    let page = metrics_page(&turn).await;
+    let dropped: f64 = ["client_slow", "client_gone", "no_permission", "bitrate"]
+        .iter()
+        .map(|r| {
+            metric(
+                &page,
+                &format!("floe_turn_discarded_bytes_total{{reason=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    let slow = metric(
+        &page,
+        "floe_turn_discarded_bytes_total{reason=\"client_slow\"}",
+    );
+    assert!(
+        slow > 0.0 && received < sent,
+        "B's queue never overflowed: {page}"
+    );
+    assert_eq!(received + dropped as u64, sent, "{page}");
+
+    drop((a, b));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let u = stack.usage("paid").await;
+        if u["rooms"]["tcp-b"]["bytes_in"] == received {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B billed in {u}, received {received}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    turn.stop().await;
+}
