@@ -101,7 +101,11 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     let health = Health::new("turn");
     let serving = health.check("serving", true);
     let control = match (&settings.control_url, &settings.internal_token) {
-        (Some(url), Some(token)) => Some(report::Control::new(url, token)?),
+        (Some(url), Some(token)) => Some(report::Control::new(
+            url,
+            token,
+            settings.data_dir.as_deref(),
+        )?),
         _ => None,
     };
     let control_ok = health.check("control_plane", control.is_none());
@@ -130,9 +134,11 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     let http_addr = http.local_addr()?;
     let drain = settings.drain;
     let turn = Arc::new(turn::Turn::new(settings, metrics.clone(), meter));
-    if let Some(c) = &control {
+    match &control {
         // Know who is cut off before the first allocation is served.
-        report::prime(&turn, c, &control_ok).await;
+        Some(c) => report::prime(&turn, c, &control_ok).await,
+        // No control plane: whoever the credentials admit.
+        None => turn.apply_policy(policy::Policy::default()),
     }
 
     // Sockets and HTTP stop on `stop`, after the drain; the drain starts
@@ -201,7 +207,7 @@ async fn final_flush(turn: &turn::Turn) {
     else {
         return;
     };
-    let Ok(control) = report::Control::new(url, token) else {
+    let Ok(control) = report::Control::new(url, token, turn.settings.data_dir.as_deref()) else {
         return;
     };
     let deadline = Instant::now() + FINAL_FLUSH;

@@ -149,6 +149,7 @@ impl Metrics {
             "draining",
             "over_quota",
             "revoked",
+            "no_policy",
         ] {
             m.allocations_refused.with_label_values(&[reason]);
         }

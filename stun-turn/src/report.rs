@@ -1,10 +1,13 @@
 //! The conversation with the control plane: every interval, gather the
 //! allocations' traffic into a usage batch, send queued batches oldest
 //! first, and apply the enforcement state each acknowledgement carries
-//! (polled when there is nothing to send). Failures, refusals included,
-//! back off and retry; batches stay queued until acknowledged.
+//! (polled when there is nothing to send, or when sending fails).
+//! Failures, refusals included, back off and retry; batches stay queued
+//! until acknowledged. The last enforcement is saved in the data dir, so
+//! a restart while the control plane is away still knows who is cut off.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use floe_common::{Check, Shutdown};
@@ -17,21 +20,35 @@ use crate::turn::Turn;
 /// Longest pause after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Client of the control plane's internal API.
+/// Client of the control plane's internal API, and keeper of the
+/// enforcement it answers.
 pub(crate) struct Control {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Where the last enforcement is saved (in the data dir), if anywhere.
+    saved: Option<PathBuf>,
+    /// What was saved last, to write only changes.
+    last_saved: Mutex<Option<Enforcement>>,
 }
 
+/// The saved enforcement's file name in the data dir.
+const ENFORCEMENT_FILE: &str = "enforcement.json";
+
 impl Control {
-    pub fn new(base: &str, token: &str) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        base: &str,
+        token: &str,
+        data_dir: Option<&std::path::Path>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()?,
             base: base.to_owned(),
             token: token.to_owned(),
+            saved: data_dir.map(|d| d.join(ENFORCEMENT_FILE)),
+            last_saved: Mutex::new(None),
         })
     }
 
@@ -48,6 +65,59 @@ impl Control {
         }
         r.json().await.map_err(|e| e.to_string())
     }
+
+    /// Applies enforcement from the control plane and saves it if it
+    /// changed (best effort: a failed save costs only the restart case).
+    fn enforce(&self, turn: &Turn, e: Enforcement) {
+        if let Some(path) = &self.saved {
+            let mut last = self.last_saved.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_ref() != Some(&e) {
+                match save(path, &e) {
+                    Ok(()) => *last = Some(e.clone()),
+                    Err(err) => {
+                        tracing::warn!(error = %err, path = %path.display(), "cannot save the enforcement state")
+                    }
+                }
+            }
+        }
+        turn.apply_policy(Policy::from_enforcement(e));
+    }
+
+    /// Applies the saved enforcement, if there is one.
+    fn restore(&self, turn: &Turn) -> bool {
+        let Some(path) = &self.saved else {
+            return false;
+        };
+        let e = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice::<Enforcement>(&bytes) {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(error = %err, path = %path.display(), "saved enforcement state is unreadable; ignored");
+                    return false;
+                }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(err) => {
+                tracing::warn!(error = %err, path = %path.display(), "cannot read the saved enforcement state");
+                return false;
+            }
+        };
+        tracing::info!(
+            cut_off = e.cut_off.len(),
+            revocations = e.revocations.len(),
+            "using the saved enforcement state until the control plane answers"
+        );
+        *self.last_saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+        turn.apply_policy(Policy::from_enforcement(e));
+        true
+    }
+}
+
+/// Writes `e` to `path` whole or not at all (a temporary file renamed).
+fn save(path: &std::path::Path, e: &Enforcement) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(e)?)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Gathers traffic of every allocation (and of those closed since the
@@ -113,25 +183,29 @@ pub(crate) async fn flush(turn: &Turn, control: &Control) -> Result<bool, String
             .with_label_values(&["acked"])
             .inc();
         turn.metrics.usage_pending.set(turn.meter.pending() as i64);
-        turn.apply_policy(Policy::from_enforcement(ack.enforcement));
+        control.enforce(turn, ack.enforcement);
         any = true;
     }
     Ok(any)
 }
 
-/// Fetches the enforcement state once (at start), briefly.
+/// Fetches the enforcement state once (at start), briefly; failing
+/// that, uses the saved one. With neither, allocations are refused until
+/// the control plane answers.
 pub(crate) async fn prime(turn: &Turn, control: &Control, ok: &Check) {
-    match tokio::time::timeout(Duration::from_secs(3), control.enforcement()).await {
+    let why = match tokio::time::timeout(Duration::from_secs(3), control.enforcement()).await {
         Ok(Ok(e)) => {
-            turn.apply_policy(Policy::from_enforcement(e));
+            control.enforce(turn, e);
             ok.set(true);
+            return;
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "control plane unreachable at start; retrying in the background")
-        }
-        Err(_) => {
-            tracing::warn!("control plane did not answer at start; retrying in the background")
-        }
+        Ok(Err(e)) => e,
+        Err(_) => "no answer in 3 s".to_owned(),
+    };
+    if control.restore(turn) {
+        tracing::warn!(error = %why, "control plane unreachable at start; retrying in the background");
+    } else {
+        tracing::warn!(error = %why, "control plane unreachable at start and no saved enforcement state: allocations are refused (508) until it answers");
     }
 }
 
@@ -148,10 +222,20 @@ fn cut_time(now: u64, midnight: u64) -> u64 {
     if now >= midnight { midnight - 1 } else { now }
 }
 
-/// Runs until `stop` fires.
+/// Doubles a backoff, from 1 s up to [`MAX_BACKOFF`].
+fn next_backoff(b: Duration) -> Duration {
+    (b * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
+}
+
+/// Runs until `stop` fires. Sending batches and polling enforcement back
+/// off apart: a control plane that refuses batches but answers polls
+/// still delivers cut-offs every interval.
 pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, stop: Shutdown) {
     let interval = turn.settings.usage_interval;
+    // Backoff while the control plane does not answer at all.
     let mut backoff = Duration::ZERO;
+    // Backoff of batch sending, and the first moment of the next try.
+    let (mut send_backoff, mut send_after) = (Duration::ZERO, std::time::Instant::now());
     loop {
         // A cut is taken at every UTC midnight too, so a day's traffic is
         // not dated the next day (nor a month's the next month), however
@@ -166,16 +250,37 @@ pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, st
         turn.sweep(std::time::Instant::now());
         collect(&turn, cut_time(unix_now(), midnight));
         let Some(control) = &control else { continue };
-        let result = match flush(&turn, control).await {
-            Ok(true) => Ok(()),
-            // Nothing to send: poll, so revocations arrive without traffic.
-            Ok(false) => control
+        let mut acked = false;
+        if std::time::Instant::now() >= send_after {
+            match flush(&turn, control).await {
+                Ok(any) => {
+                    acked = any;
+                    send_backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    turn.metrics
+                        .usage_batches
+                        .with_label_values(&["failed"])
+                        .inc();
+                    if send_backoff.is_zero() {
+                        tracing::warn!(error = %e, pending = turn.meter.pending(), "usage not delivered; kept for retry");
+                    }
+                    send_backoff = next_backoff(send_backoff);
+                    send_after = std::time::Instant::now() + send_backoff;
+                }
+            }
+        }
+        // Nothing acknowledged (so no enforcement came with an ack): poll,
+        // so revocations arrive without traffic and while batches fail.
+        let reached = if acked {
+            Ok(())
+        } else {
+            control
                 .enforcement()
                 .await
-                .map(|e| turn.apply_policy(Policy::from_enforcement(e))),
-            Err(e) => Err(e),
+                .map(|e| control.enforce(&turn, e))
         };
-        match result {
+        match reached {
             Ok(()) => {
                 if !ok.get() {
                     tracing::info!("control plane reachable again");
@@ -184,15 +289,11 @@ pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, st
                 backoff = Duration::ZERO;
             }
             Err(e) => {
-                turn.metrics
-                    .usage_batches
-                    .with_label_values(&["failed"])
-                    .inc();
                 if ok.get() {
-                    tracing::warn!(error = %e, pending = turn.meter.pending(), "control plane unreachable; usage kept for retry");
+                    tracing::warn!(error = %e, pending = turn.meter.pending(), "control plane unreachable; usage kept for retry, last enforcement kept");
                 }
                 ok.set(false);
-                backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                backoff = next_backoff(backoff);
             }
         }
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use floe_common::ratelimit::RateLimiter;
 use floe_common::udp_batch::RecvBatch;
+use floe_proto::credential::TurnUsername;
 use floe_proto::time::unix_now;
 use stun::attributes::*;
 use stun::error_code::*;
@@ -120,7 +121,9 @@ pub(crate) struct Turn {
     pub meter: Arc<Meter>,
     auth: Authenticator,
     table: RwLock<Table>,
-    policy: RwLock<Policy>,
+    /// What the control plane last said; `None` until it (or a saved
+    /// copy) is known, and then allocations are refused.
+    policy: RwLock<Option<Arc<Policy>>>,
     failures: Mutex<RateLimiter<IpAddr>>,
     draining: AtomicBool,
     next_port: AtomicUsize,
@@ -251,12 +254,16 @@ impl Turn {
 
     /// Applies new enforcement state: closes allocations it no longer allows.
     pub fn apply_policy(&self, policy: Policy) {
+        // The policy first, then the scan: an Allocate commits under the
+        // table lock after checking the policy, so it is either in the
+        // scan or sees this policy (see `commit`).
+        let policy = Arc::new(policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
         let doomed: Vec<_> = self
             .allocations()
             .into_iter()
             .filter(|a| policy.check(&a.user).is_err())
             .collect();
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
         for a in doomed {
             self.metrics
                 .allocations_closed
@@ -264,6 +271,44 @@ impl Turn {
                 .inc();
             self.close(&a, "refused by the control plane");
         }
+    }
+
+    /// Whether the policy lets `user` allocate; its limits if so.
+    fn admit(&self, user: &TurnUsername) -> Result<(Option<u32>, Option<u64>), Failure> {
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        let refused = |reason: &str, f: Failure| {
+            self.metrics
+                .allocations_refused
+                .with_label_values(&[reason])
+                .inc();
+            Err(f)
+        };
+        let Some(policy) = policy.as_ref() else {
+            // Not knowing who is cut off, allow no one; 508 sends clients
+            // to their next TURN server.
+            return refused(
+                "no_policy",
+                fail(CODE_INSUFFICIENT_CAPACITY, "Control Plane Unavailable"),
+            );
+        };
+        match policy.check(user) {
+            Ok(()) => Ok(policy.limits(&user.tenant)),
+            Err(Refused::CutOff(c)) => refused(c.as_str(), fail(CODE_FORBIDDEN, "Forbidden")),
+            Err(Refused::Revoked) => refused("revoked", fail(CODE_FORBIDDEN, "Forbidden")),
+        }
+    }
+
+    /// Puts a new allocation in the table, unless the policy changed
+    /// against it while its relay socket was bound.
+    fn commit(&self, allocation: &Arc<Allocation>) -> Result<(), Failure> {
+        let mut t = self.table_mut();
+        self.admit(&allocation.user)?;
+        t.by_client.insert(
+            (allocation.client, allocation.transport),
+            allocation.clone(),
+        );
+        t.by_relay.insert(allocation.relayed, allocation.clone());
+        Ok(())
     }
 
     /// Closes expired allocations and prunes permissions.
@@ -523,7 +568,7 @@ impl Turn {
         from: SocketAddr,
         transport: Transport,
         sink: &ClientSink,
-        user: floe_proto::credential::TurnUsername,
+        user: TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
         if let Some(existing) = self.lookup(from, transport) {
             // A retransmitted Allocate gets the same answer (RFC 8656 §7.2).
@@ -624,21 +669,7 @@ impl Turn {
                 ),
             );
         };
-        let policy_limits = {
-            let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
-            if let Err(r) = policy.check(&user) {
-                let reason = match r {
-                    Refused::CutOff(c) => c.as_str(),
-                    Refused::Revoked => "revoked",
-                };
-                self.metrics
-                    .allocations_refused
-                    .with_label_values(&[reason])
-                    .inc();
-                return Err(fail(CODE_FORBIDDEN, "Forbidden"));
-            }
-            policy.limits(&user.tenant)
-        };
+        let policy_limits = self.admit(&user)?;
         let lifetime = requested_lifetime(req, self.settings.max_lifetime);
         if lifetime.is_zero() {
             return self.refuse_allocation("bad_request", fail(CODE_BAD_REQUEST, "Zero Lifetime"));
@@ -664,12 +695,13 @@ impl Turn {
             }
             *n += 1;
         }
-        let release = |this: &Self| {
+        let tenant = user.tenant.clone();
+        let release = move |this: &Self| {
             let mut t = this.table_mut();
-            if let Some(n) = t.per_tenant.get_mut(&user.tenant) {
+            if let Some(n) = t.per_tenant.get_mut(&tenant) {
                 *n -= 1;
                 if *n == 0 {
-                    t.per_tenant.remove(&user.tenant);
+                    t.per_tenant.remove(&tenant);
                 }
             }
         };
@@ -713,10 +745,9 @@ impl Turn {
             policy_limits.1,
             Instant::now(),
         ));
-        {
-            let mut t = self.table_mut();
-            t.by_client.insert((from, transport), allocation.clone());
-            t.by_relay.insert(allocation.relayed, allocation.clone());
+        if let Err(f) = self.commit(&allocation) {
+            release(self);
+            return Err(f);
         }
         self.metrics
             .allocations
@@ -781,7 +812,7 @@ impl Turn {
         &self,
         from: SocketAddr,
         transport: Transport,
-        user: &floe_proto::credential::TurnUsername,
+        user: &TurnUsername,
     ) -> Result<Arc<Allocation>, Failure> {
         self.lookup(from, transport)
             .filter(|a| same_user(&a.user, user))
@@ -793,7 +824,7 @@ impl Turn {
         req: &Message,
         from: SocketAddr,
         transport: Transport,
-        user: &floe_proto::credential::TurnUsername,
+        user: &TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
         let a = self.own_allocation(from, transport, user)?;
         let lifetime = requested_lifetime(req, self.settings.max_lifetime);
@@ -814,7 +845,7 @@ impl Turn {
         req: &Message,
         from: SocketAddr,
         transport: Transport,
-        user: &floe_proto::credential::TurnUsername,
+        user: &TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
         let a = self.own_allocation(from, transport, user)?;
         let peers = peer_addresses(req);
@@ -852,7 +883,7 @@ impl Turn {
         req: &Message,
         from: SocketAddr,
         transport: Transport,
-        user: &floe_proto::credential::TurnUsername,
+        user: &TurnUsername,
     ) -> Result<Vec<Box<dyn Setter>>, Failure> {
         let a = self.own_allocation(from, transport, user)?;
         let number = match req.get(ATTR_CHANNEL_NUMBER).ok().as_deref() {
@@ -1017,10 +1048,7 @@ impl Turn {
     }
 }
 
-fn same_user(
-    a: &floe_proto::credential::TurnUsername,
-    b: &floe_proto::credential::TurnUsername,
-) -> bool {
+fn same_user(a: &TurnUsername, b: &TurnUsername) -> bool {
     a.tenant == b.tenant && a.room == b.room && a.peer == b.peer
 }
 
@@ -1129,7 +1157,47 @@ pub(crate) mod tests {
         );
         let meter = Arc::new(Meter::open("fuzz", None).expect("meter"));
         let metrics = Arc::new(Metrics::new(s.max_allocations));
-        Arc::new(Turn::new(s, metrics, meter))
+        let turn = Arc::new(Turn::new(s, metrics, meter));
+        turn.apply_policy(Policy::default());
+        turn
+    }
+
+    fn cut_off(tenant: &str) -> Policy {
+        Policy::from_enforcement(floe_proto::usage::Enforcement {
+            cut_off: vec![floe_proto::usage::CutOff {
+                tenant: tenant.into(),
+                reason: floe_proto::usage::CutOffReason::OverQuota,
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// A cut-off applied while an Allocate was binding its relay socket
+    /// (after its first check) still refuses it when it commits.
+    #[tokio::test]
+    async fn a_cut_off_during_an_allocate_refuses_it() {
+        let turn = server();
+        let a = Arc::new(crate::allocation::tests::allocation(None, Instant::now()).await);
+        assert!(turn.admit(&a.user).is_ok(), "allowed before the cut-off");
+        turn.apply_policy(cut_off("t"));
+        let refused = turn.commit(&a).expect_err("refused at commit");
+        assert_eq!(refused.code.0, CODE_FORBIDDEN.0);
+        assert!(turn.allocations().is_empty());
+    }
+
+    /// Until the enforcement state is known, no one may allocate (508,
+    /// so clients try their next server).
+    #[tokio::test]
+    async fn without_enforcement_state_allocations_are_refused() {
+        let turn = server();
+        *turn.policy.write().expect("lock") = None;
+        let a = crate::allocation::tests::allocation(None, Instant::now()).await;
+        assert_eq!(
+            turn.admit(&a.user).expect_err("refused").code.0,
+            CODE_INSUFFICIENT_CAPACITY.0
+        );
+        turn.apply_policy(cut_off("someone-else"));
+        assert!(turn.admit(&a.user).is_ok(), "allowed once known");
     }
 
     /// Bytes a relay counts on an allocation after it closed (it held the

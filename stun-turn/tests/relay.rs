@@ -671,7 +671,11 @@ async fn usage_survives_a_control_plane_outage_and_a_turn_restart() {
 #[tokio::test]
 async fn usage_refused_during_an_internal_token_rotation_is_kept_and_billed() {
     let mut stack = Stack::new().await;
-    let mut settings = stack.turn_settings(None);
+    // This server ran before the rotation: it restarts with the saved
+    // enforcement state, as it cannot fetch one with its new token.
+    let spool = tempfile::tempdir().expect("spool dir");
+    stack.turn(Some(spool.path())).await.stop().await;
+    let mut settings = stack.turn_settings(Some(spool.path()));
     let rotated = "rotated-internal-token-0123";
     settings.internal_token = Some(rotated.into());
     let turn = floe_turn::start(settings, Shutdown::new())
@@ -707,6 +711,162 @@ async fn usage_refused_during_an_internal_token_rotation_is_kept_and_billed() {
     stack.start_control_plane().await;
     stack.await_usage("paid", sent, sent).await;
     turn.stop().await;
+}
+
+/// A TURN server that starts while the control plane is away enforces
+/// the state it saved before; one with nothing saved refuses allocations
+/// (508, so clients try their next server) until the control plane
+/// answers. Allowing everyone meanwhile let revoked and cut-off
+/// credentials relay.
+#[tokio::test]
+async fn a_turn_started_without_its_control_plane_keeps_enforcing() {
+    let mut stack = Stack::new().await;
+    let spool = tempfile::tempdir().expect("spool dir");
+    let turn = stack.turn(Some(spool.path())).await;
+    let (ok_user, ok_pass) = stack.credentials("paid", "fine", "a").await;
+    let (bad_user, bad_pass) = stack.credentials("paid", "banned", "b").await;
+    let r = stack
+        .http
+        .post(format!("{}/v1/revocations", stack.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"tenant": "paid", "room": "banned"}))
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 201);
+    let saved = spool.path().join("enforcement.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&saved).is_ok_and(|s| s.contains("banned")) {
+        assert!(Instant::now() < deadline, "the revocation was never saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    turn.stop().await;
+    stack.stop_control_plane().await;
+
+    let restarted = stack.turn(Some(spool.path())).await;
+    let bad = Raw::new(restarted.listen_addr(), &bad_user, &bad_pass).await;
+    assert_eq!(code(&bad.allocate(17).await), 403);
+    let ok = Raw::new(restarted.listen_addr(), &ok_user, &ok_pass).await;
+    assert_eq!(ok.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
+
+    let fresh_dir = tempfile::tempdir().expect("fresh dir");
+    let fresh = stack.turn(Some(fresh_dir.path())).await;
+    let raw = Raw::new(fresh.listen_addr(), &ok_user, &ok_pass).await;
+    let mut refused = ErrorCodeAttribute::default();
+    refused
+        .get_from(&raw.allocate(17).await)
+        .expect("ERROR-CODE");
+    assert_eq!(
+        (
+            refused.code.0,
+            String::from_utf8_lossy(&refused.reason).as_ref()
+        ),
+        (508, "Control Plane Unavailable")
+    );
+    stack.start_control_plane().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let raw = Raw::new(fresh.listen_addr(), &ok_user, &ok_pass).await;
+        if raw.allocate(17).await.typ.class == CLASS_SUCCESS_RESPONSE {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused with the control plane back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    restarted.stop().await;
+    fresh.stop().await;
+}
+
+/// A proxy in front of the control plane that refuses every usage batch
+/// (503) and passes everything else through; returns its address.
+async fn refusing_usage(control: SocketAddr) -> SocketAddr {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let http = reqwest::Client::new();
+    let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let http = http.clone();
+        async move {
+            if uri.path() == "/internal/v1/usage" {
+                return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+            }
+            let mut req = http
+                .request(method, format!("http://{control}{uri}"))
+                .body(body);
+            for name in ["authorization", "content-type"] {
+                if let Some(v) = headers.get(name) {
+                    req = req.header(name, v);
+                }
+            }
+            let r = req.send().await.expect("control plane");
+            let status = StatusCode::from_u16(r.status().as_u16()).expect("status");
+            (status, r.bytes().await.expect("body").to_vec())
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(forward))
+            .await
+            .expect("proxy")
+    });
+    addr
+}
+
+/// While usage batches keep being refused, enforcement is still polled:
+/// a revocation closes a live allocation as it does when batches land.
+#[tokio::test]
+async fn cut_offs_arrive_while_usage_batches_are_refused() {
+    let stack = Stack::new().await;
+    let mut settings = stack.turn_settings(None);
+    settings.control_url = Some(format!("http://{}", refusing_usage(stack.cp_addr).await));
+    let turn = floe_turn::start(settings, Shutdown::new())
+        .await
+        .expect("turn");
+    let (user, pass) = stack.credentials("paid", "room7", "eve").await;
+    let (_c, relay) = client(turn.listen_addr(), &user, &pass).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    exchange(&relay, &peer, 3, 100).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &metrics_page(&turn).await,
+        "floe_turn_usage_batches_pending",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "no batch ever pending");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = stack
+        .http
+        .post(format!("{}/v1/revocations", stack.url()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"tenant": "paid", "room": "room7"}))
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics_page(&turn)
+        .await
+        .contains("floe_turn_allocations{tenant=\"paid\"} 0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked allocation stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metric(
+            &metrics_page(&turn).await,
+            "floe_turn_usage_batches_pending"
+        ) >= 1.0
+    );
+    // No stop: its final flush would wait out its deadline on refusals.
 }
 
 #[tokio::test]
