@@ -1,11 +1,13 @@
 //! Runtime glue every floe component needs, written once: the operations
 //! endpoints (`/healthz`, `/readyz`, `/metrics`), JSON error answers,
 //! serving an axum router until shutdown, the shutdown signal, secrets from
-//! configuration, rate limiting, tracing set-up, and batched UDP I/O.
+//! configuration, rate limiting, tracing set-up, batched UDP I/O, and a
+//! TCP forwarder that can cut its path (fault injection).
 
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod netfault;
 pub mod ratelimit;
 pub mod secret;
 pub mod shutdown;

@@ -434,7 +434,7 @@ impl Hub {
     }
 
     /// Every local room with its local members (as on `node`).
-    pub fn snapshot(&self, node: &str) -> Vec<(RoomRecord, Vec<Member>)> {
+    pub fn snapshot(&self, node: &str) -> Vec<(Arc<RoomRecord>, Vec<Member>)> {
         self.shards
             .iter()
             .flat_map(|s| {
@@ -451,11 +451,19 @@ impl Hub {
                                 secret: p.secret.to_string(),
                             })
                             .collect();
-                        ((*r.record).clone(), members)
+                        (r.record.clone(), members)
                     })
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// Whether `session` is `peer`'s connection in `room` on this node.
+    pub fn has(&self, room: &str, peer: &str, session: &str) -> bool {
+        lock(self.shard(room))
+            .get(room)
+            .and_then(|r| r.peers.get(peer))
+            .is_some_and(|p| p.session == session)
     }
 
     /// Local rooms and local peers.

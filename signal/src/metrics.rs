@@ -16,6 +16,8 @@ pub(crate) struct Metrics {
     pub reported_bytes: IntCounterVec,
     pub rooms_created: IntCounterVec,
     pub turn_credentials: IntCounterVec,
+    pub presence_repairs: IntCounterVec,
+    pub bus_undelivered: IntCounterVec,
 }
 
 impl Metrics {
@@ -105,6 +107,22 @@ impl Metrics {
                 &["outcome"],
             )
             .expect("valid metric"),
+            presence_repairs: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_presence_repairs_total",
+                    "Differences between this node's connections and the shared room state, repaired, by action",
+                ),
+                &["action"],
+            )
+            .expect("valid metric"),
+            bus_undelivered: IntCounterVec::new(
+                Opts::new(
+                    "floe_signal_bus_undelivered_total",
+                    "Room bus envelopes that reached no node or could not be handled, by kind",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
             registry,
         };
         // The limits operators alert on start at zero, so rates see them
@@ -128,6 +146,8 @@ impl Metrics {
             Box::new(m.reported_bytes.clone()),
             Box::new(m.rooms_created.clone()),
             Box::new(m.turn_credentials.clone()),
+            Box::new(m.presence_repairs.clone()),
+            Box::new(m.bus_undelivered.clone()),
         ] {
             m.registry.register(c).expect("each metric registered once");
         }

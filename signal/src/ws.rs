@@ -301,8 +301,17 @@ async fn join(app: &App, socket: &mut impl Socket, room: String, q: JoinQuery) -
         old.close(close::REPLACED, crate::hub::REPLACED_REASON);
     }
     if let Err(e) = app.bus.announce(&record, &me, &admission).await {
-        // The join stands; peers learn of it at their next listing or resync.
-        tracing::warn!(error = %e, room = %key, "cannot announce a join");
+        // Unannounced, the peer would be in the room unknown to the
+        // others: refused (1013, try again). Should the removal fail too,
+        // this node's next reconcile removes the entry.
+        tracing::warn!(error = %e, room = %key, "cannot announce a join; refused");
+        app.hub.unregister(&key, &me.peer_id, &me.session_id);
+        if let Err(e) = app.bus.leave(&key, &me, "error").await {
+            tracing::warn!(error = %e, room = %key, "cannot withdraw an unannounced join");
+        }
+        app.metrics.rooms.set(app.hub.room_count() as i64);
+        refuse(app, socket, e.into()).await;
+        return None;
     }
     if let Admission::Replaced { previous } = admission {
         tracing::debug!(room = %key, peer = %me.peer_id, old_session = %previous.session_id, "reconnect replaced a connection");
@@ -339,7 +348,7 @@ async fn leave(app: &App, joined: &Joined, reason: &'static str) {
     let key = record.key();
     app.hub.unregister(&key, &me.peer_id, &me.session_id);
     if let Err(e) = app.bus.leave(&key, me, reason).await {
-        // Peers elsewhere learn it when this node's entry is reaped or resynced.
+        // This node's next reconcile removes the entry and tells them.
         tracing::warn!(error = %e, room = %key, "cannot announce a departure");
     }
     app.metrics.connections.dec();

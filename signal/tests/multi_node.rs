@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Stack, metrics, public_room};
 use floe_signal::Signal;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn redis_url() -> String {
     std::env::var("FLOE_TEST_REDIS_URL")
@@ -287,4 +287,212 @@ async fn a_redis_restart_heals_without_restarting_nodes() {
         !m.contains("floe_signal_redis_errors_total 0"),
         "errors were counted: {m}"
     );
+}
+
+/// A node reaching the shared Redis through a path the test can cut, and
+/// one reaching it directly, under one prefix.
+struct Split {
+    fault: floe_common::netfault::TcpFault,
+    prefix: String,
+    cut_node: Signal,
+    other: Signal,
+}
+
+impl Split {
+    async fn new(stack: &Stack, dead_after: Duration) -> Self {
+        let url = redis_url();
+        let target: std::net::SocketAddr = url
+            .trim_start_matches("redis://")
+            .parse()
+            .expect("FLOE_TEST_REDIS_URL is redis://ip:port");
+        let fault =
+            floe_common::netfault::TcpFault::start("127.0.0.1:0".parse().expect("addr"), target)
+                .await
+                .expect("fault proxy");
+        let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+        let node = |url: String, id: &str| {
+            let mut s = stack.settings();
+            s.redis_url = Some(url);
+            s.redis_prefix = prefix.clone();
+            s.node_id = id.into();
+            s.node_beat = Duration::from_millis(200);
+            s.node_dead_after = dead_after;
+            s
+        };
+        let cut_node = stack
+            .node(node(format!("redis://{}", fault.addr()), "cut"))
+            .await;
+        let other = stack.node(node(url.clone(), "other")).await;
+        wait_ready(&cut_node).await;
+        wait_ready(&other).await;
+        Self {
+            fault,
+            prefix,
+            cut_node,
+            other,
+        }
+    }
+}
+
+/// The peer ids the room lists (asked through `node` as its owner).
+async fn listed(stack: &Stack, node: &Signal, room: &Value) -> Value {
+    let id = room["room_id"].as_str().expect("id");
+    let owner = room["owner_key"].as_str().expect("owner key");
+    common::room_as_owner(&stack.http, node, id, owner).await["peers"].clone()
+}
+
+/// Waits (10 s at most) until the room lists `want`.
+async fn await_listed(stack: &Stack, node: &Signal, room: &Value, want: Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = listed(stack, node, room).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "room lists {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// P reconnects on another node while its first node is cut off from
+/// Redis (the kick is lost). When the first node is back, its stale
+/// socket is closed as replaced, and neither its state nor its old
+/// socket's departure undoes P's newer connection.
+#[tokio::test]
+async fn a_node_back_from_an_outage_does_not_undo_a_newer_connection() {
+    let stack = Stack::new().await;
+    let split = Split::new(&stack, Duration::from_secs(30)).await;
+    let room = public_room(&stack.http, &split.other, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut p_old = Client::join(&split.cut_node, id, "client_id=p").await;
+    let mut q = Client::join(&split.other, id, "client_id=q").await;
+    p_old.expect("peer-joined").await;
+
+    split.fault.cut();
+    let p_new = Client::join(&split.other, id, &p_old.reconnect_query()).await;
+    assert_eq!(
+        q.expect("peer-joined").await["session_id"],
+        p_new.session_id()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    split.fault.restore();
+    wait_ready(&split.cut_node).await;
+
+    assert_eq!(p_old.expect("closed").await["code"], 4001);
+    // Nothing tells q that p left: its newer session stays.
+    let quiet_until = Instant::now() + Duration::from_secs(3);
+    while let Some(m) = q
+        .next_or_timeout(quiet_until.saturating_duration_since(Instant::now()))
+        .await
+    {
+        assert_eq!(m["type"], "ice-servers", "q heard {m}");
+    }
+    await_listed(&stack, &split.other, &room, json!(["p", "q"])).await;
+    let mut p_new = p_new;
+    q.signal("p", Some(&p_new.session_id()), json!({"still": "here"}))
+        .await;
+    assert_eq!(p_new.expect("signal").await["payload"]["still"], "here");
+}
+
+/// A node cut off for longer than `--node-dead-after-ms` is reaped: its
+/// peers' rooms hear them leave. When it is back, those peers are closed
+/// with 1013 to rejoin, and come back as new sessions the others hear of.
+#[tokio::test]
+async fn peers_reaped_during_an_outage_rejoin_as_new_sessions() {
+    let stack = Stack::new().await;
+    let split = Split::new(&stack, Duration::from_secs(1)).await;
+    let room = public_room(&stack.http, &split.other, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut a = Client::join(&split.cut_node, id, "client_id=a").await;
+    let mut b = Client::join(&split.other, id, "client_id=b").await;
+    a.expect("peer-joined").await;
+
+    split.fault.cut();
+    let left = b.expect_within("peer-left", Duration::from_secs(10)).await;
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!("a"), json!("node_lost"))
+    );
+    await_listed(&stack, &split.other, &room, json!(["b"])).await;
+    split.fault.restore();
+    wait_ready(&split.cut_node).await;
+
+    assert_eq!(a.expect("closed").await["code"], 1013);
+    let a2 = Client::join(&split.cut_node, id, &a.reconnect_query()).await;
+    let joined = b.expect("peer-joined").await;
+    assert_eq!(
+        (joined["peer_id"].clone(), joined["session_id"].clone()),
+        (json!("a"), json!(a2.session_id()))
+    );
+    await_listed(&stack, &split.other, &room, json!(["a", "b"])).await;
+}
+
+/// A departure that cannot reach Redis is not forgotten: the node's next
+/// reconcile removes the member and the room hears it left.
+#[tokio::test]
+async fn a_departure_during_an_outage_is_announced_after_it() {
+    let stack = Stack::new().await;
+    let split = Split::new(&stack, Duration::from_secs(30)).await;
+    let room = public_room(&stack.http, &split.other, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let a = Client::join(&split.cut_node, id, "client_id=a").await;
+    let mut b = Client::join(&split.other, id, "client_id=b").await;
+
+    split.fault.cut();
+    drop(a);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    split.fault.restore();
+    let left = b.expect_within("peer-left", Duration::from_secs(10)).await;
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!("a"), json!("gone"))
+    );
+    await_listed(&stack, &split.other, &room, json!(["b"])).await;
+}
+
+/// A node restarted under the same id (as Kubernetes restarts a pod)
+/// before it counts as dead: the peers of the process that died are
+/// removed and announced, not kept until the room expires.
+#[tokio::test]
+async fn a_restarted_node_forgets_the_peers_of_its_previous_process() {
+    let stack = Stack::new().await;
+    let split = Split::new(&stack, Duration::from_secs(30)).await;
+    let room = public_room(&stack.http, &split.other, json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let _a = Client::join(&split.cut_node, id, "client_id=a").await;
+    let mut b = Client::join(&split.other, id, "client_id=b").await;
+
+    // The first process falls silent for good; its successor starts.
+    split.fault.cut();
+    let mut s = stack.settings();
+    s.redis_url = Some(redis_url());
+    s.redis_prefix = split.prefix.clone();
+    s.node_id = "cut".into();
+    s.node_beat = Duration::from_millis(200);
+    s.node_dead_after = Duration::from_secs(30);
+    let successor = stack.node(s).await;
+    wait_ready(&successor).await;
+    let left = b.expect_within("peer-left", Duration::from_secs(10)).await;
+    assert_eq!(left["peer_id"], "a");
+    await_listed(&stack, &split.other, &room, json!(["b"])).await;
+}
+
+/// In a one-time room, a client reconnecting to the same node while its
+/// old socket's departure is under way is admitted, every time.
+#[tokio::test]
+async fn a_one_time_reconnect_racing_its_own_departure_is_admitted() {
+    let stack = Stack::new().await;
+    let nodes = cluster(&stack, &redis_url(), 1).await;
+    let room = public_room(&stack.http, &nodes[0], json!({"one_time": true})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut p = Client::join(&nodes[0], id, "client_id=p").await;
+    let _q = Client::join(&nodes[0], id, "client_id=q").await;
+    for round in 0..20 {
+        let query = p.reconnect_query();
+        let leave = async { drop(p) };
+        let ((), (next, first)) = tokio::join!(leave, Client::connect_raw(&nodes[0], id, &query));
+        assert_eq!(first["type"], "welcome", "round {round}: {first}");
+        p = next;
+        p.welcome = first;
+    }
 }

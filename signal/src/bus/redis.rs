@@ -13,15 +13,25 @@
 //! - A message for a peer on another node is published on that node's
 //!   channel `node:{id}`; zero receivers means the node is gone, and the
 //!   sender is told. A node that cannot deliver bounces an error back.
-//! - Every node beats `nodes` every `--node-beat-ms`. A node silent for
+//! - Every node beats `nodes` every `--node-beat-ms`, stamped with Redis's
+//!   clock (node clocks may disagree). A node silent for
 //!   `--node-dead-after-ms` is reaped by whichever live node takes its
-//!   lock: its peers leave their rooms and the others are told.
-//! - When Redis comes back (or forgot this node), the node re-registers its
-//!   rooms and peers from its hub: the state rebuilds itself.
+//!   lock: its peers leave their rooms and the others are told. Each step
+//!   of a reap is fenced: a node that beats again is not reaped further.
+//! - Every node reconciles its connections with the shared state, every
+//!   other beat (at least 1 s) and at once after an outage: a connection
+//!   whose member record was replaced by a newer connection elsewhere is
+//!   closed as replaced (a lost kick); one whose record was reaped while
+//!   this node was cut off is closed to rejoin (1013), so its peers see a
+//!   fresh session; an index entry with no connection, seen on two passes
+//!   in a row, is removed and announced (a failed leave, or the peers of
+//!   a previous process under the same node id). When Redis lost its data
+//!   (the `epoch` key changed), rooms and members are restored from the
+//!   nodes' connections instead, through the join rule.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -30,6 +40,7 @@ use floe_common::{Check, Shutdown};
 use futures_util::StreamExt as _;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
 
 use super::{
     Bus, BusError, Creation, JoinOutcome, MAX_LISTED_ROOMS, SendError, peer_info, peer_joined,
@@ -57,9 +68,19 @@ if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PXAT', ARGV[5]) end
 redis.call('SADD', KEYS[5], ARGV[6])
 return 'ok'";
 
-/// KEYS members, member index of the member's node, version; ARGV peer,
-/// session, index entry. Removes the member if the session is current.
+/// KEYS members, member index of the member's node, version and, to
+/// fence a reaper, the node table; ARGV peer, session, index entry and,
+/// fenced, the member's node and the silence (ms) that makes it dead.
+/// Removes the member if the session is current and, fenced, only while
+/// its node is still silent by Redis's clock. Returns 1 (removed), 0 (not
+/// current) or -1 (the node beat again: stop reaping it).
 const LEAVE: &str = r"
+if KEYS[4] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local beat = redis.call('HGET', KEYS[4], ARGV[4])
+  if beat and tonumber(beat) >= now - tonumber(ARGV[5]) then return -1 end
+end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[3])
 if not cur then return 0 end
@@ -67,6 +88,50 @@ if cjson.decode(cur).session_id ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCR', KEYS[3]) end
 return 1";
+
+/// KEYS node table; ARGV node. Records a beat at Redis's clock. Returns 1
+/// when the field is new: Redis forgot this node, or it was reaped.
+const BEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', now))";
+
+/// KEYS node table; ARGV silence (ms). The nodes silent for longer, by
+/// Redis's clock.
+const SILENT_NODES: &str = r"
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < cutoff then table.insert(out, all[i]) end
+end
+return out";
+
+/// KEYS node table, the node's member index; ARGV node, silence (ms).
+/// Forgets a reaped node unless it beat again. Returns 1 or 0.
+const FORGET_NODE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local beat = redis.call('HGET', KEYS[1], ARGV[1])
+if beat and tonumber(beat) >= now - tonumber(ARGV[2]) then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1";
+
+/// KEYS room, the tenant's set of rooms of its kind, global id index;
+/// ARGV record JSON, expiry (ms), room id, expiry (s), tenant, "1" when
+/// the id is global. Re-creates a room Redis lost; never shortens a key's
+/// life. Returns 1 if the record was re-created.
+const RESTORE_ROOM: &str = r"
+local created = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[2])
+if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PXAT', ARGV[2]) end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+end
+if created then return 1 end
+return 0";
 
 /// KEYS room, the tenant's set of rooms of this kind, global id index;
 /// ARGV record JSON, expiry (ms), now (s), room id, expiry (s), limit (0:
@@ -91,13 +156,25 @@ struct Scripts {
     commit_join: redis::Script,
     leave: redis::Script,
     create: redis::Script,
+    beat: redis::Script,
+    silent_nodes: redis::Script,
+    forget_node: redis::Script,
+    restore_room: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     commit_join: redis::Script::new(COMMIT_JOIN),
     leave: redis::Script::new(LEAVE),
     create: redis::Script::new(CREATE),
+    beat: redis::Script::new(BEAT),
+    silent_nodes: redis::Script::new(SILENT_NODES),
+    forget_node: redis::Script::new(FORGET_NODE),
+    restore_room: redis::Script::new(RESTORE_ROOM),
 });
+
+/// Bounces waiting to be published, at most; past it they are dropped
+/// (and counted), so the subscriber never waits.
+const BOUNCE_QUEUE: usize = 1_024;
 
 /// What a pub/sub envelope asks the receiving node to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,10 +279,6 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-fn now_ms() -> u64 {
-    now_us() / 1_000
-}
-
 /// The Redis [`Bus`].
 pub(crate) struct RedisBus {
     conn: ConnectionManager,
@@ -218,8 +291,12 @@ pub(crate) struct RedisBus {
     dead_after: Duration,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    /// Set when the state in Redis may lack this node's rooms and peers.
+    /// Set when the state in Redis may differ from this node's
+    /// connections: reconcile at the next beat.
     needs_resync: AtomicBool,
+    /// The `epoch` key's value as last seen: when it changes, Redis lost
+    /// its data and rooms are restored from connections.
+    epoch: Mutex<Option<String>>,
 }
 
 impl RedisBus {
@@ -255,11 +332,25 @@ impl RedisBus {
             hub,
             metrics,
             needs_resync: AtomicBool::new(false),
+            epoch: Mutex::new(None),
         });
+        bus.check_epoch().await?;
+        // A previous process under this node id left its peers indexed:
+        // the first reconcile, before any peer of this process can be,
+        // evicts them all.
+        let previous: HashSet<String> = bus
+            .conn
+            .clone()
+            .smembers(bus.key(&["nodemembers", &bus.node]))
+            .await
+            .map_err(|e| bus.err(e))?;
         let beat_ok = health.check("redis", false);
         let sub_ok = health.check("redis_pubsub", false);
-        tokio::spawn(bus.clone().subscriber(sub_ok, shutdown.clone()));
-        tokio::spawn(bus.clone().heartbeat(beat_ok, shutdown));
+        let (bounces, bounce_rx) = mpsc::channel(BOUNCE_QUEUE);
+        tokio::spawn(bus.clone().publish_bounces(bounce_rx));
+        tokio::spawn(bus.clone().subscriber(sub_ok, bounces, shutdown.clone()));
+        tokio::spawn(bus.clone().heartbeat(beat_ok, shutdown.clone()));
+        tokio::spawn(bus.clone().maintain(previous, shutdown));
         Ok(bus)
     }
 
@@ -333,31 +424,150 @@ impl RedisBus {
             } else {
                 let mut env = self.envelope(Kind::Msg, room, body.as_str());
                 env.except = except.unwrap_or("");
-                // A dead node's peers are reaped and announced separately.
-                self.publish(&node, &env).await?;
+                // No receiver: a dead node (its peers are reaped and
+                // announced separately), or one resubscribing.
+                if !self.publish(&node, &env).await? {
+                    self.metrics
+                        .bus_undelivered
+                        .with_label_values(&["room"])
+                        .inc();
+                }
             }
         }
         Ok(())
     }
 
-    /// Removes `member` (indexed under `node`); `true` if it was current.
+    /// Reads the room's state, decides with `room::admit` and commits if
+    /// nothing changed meanwhile (else reads again). With `rejoin` (a
+    /// reconcile restoring this node's own connection), a member already
+    /// present under the peer's id is returned instead of replaced.
+    async fn try_join(
+        &self,
+        room: &RoomRecord,
+        member: &Member,
+        by_token: bool,
+        now: u64,
+        rejoin: bool,
+    ) -> Result<Result<JoinOutcome, Member>, BusError> {
+        let key = room.key();
+        let json = serde_json::to_string(member).map_err(|e| BusError(e.to_string()))?;
+        let index_entry = Self::index_entry(&key, &member.peer_id, &member.session_id);
+        for _ in 0..JOIN_ATTEMPTS {
+            // The version first (atomically with the rest): a change after
+            // this read makes the commit below retry.
+            let (version, members, pair): (Option<String>, Vec<String>, Option<String>) =
+                redis::pipe()
+                    .atomic()
+                    .get(self.key(&["ver", &key]))
+                    .hvals(self.key(&["members", &key]))
+                    .get(self.key(&["pair", &key]))
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(|e| self.err(e))?;
+            let state = RoomState {
+                members: members
+                    .iter()
+                    .filter_map(|j| serde_json::from_str(j).ok())
+                    .collect(),
+                pair: pair
+                    .and_then(|j| serde_json::from_str(&j).ok())
+                    .unwrap_or_default(),
+            };
+            if rejoin
+                && let Some(present) = state.members.iter().find(|m| m.peer_id == member.peer_id)
+            {
+                return Ok(Err(present.clone()));
+            }
+            let decision = match crate::room::admit(room, &state, member, by_token, now) {
+                Ok(d) => d,
+                Err(refusal) => return Ok(Ok(JoinOutcome::Refused(refusal))),
+            };
+            let previous = match &decision.admission {
+                Admission::Replaced { previous } => Some(previous),
+                Admission::Joined => None,
+            };
+            let pair_json = match &decision.pair {
+                Some(p) => serde_json::to_string(p).map_err(|e| BusError(e.to_string()))?,
+                None => String::new(),
+            };
+            let answer: String = SCRIPTS
+                .commit_join
+                .key(self.key(&["room", &key]))
+                .key(self.key(&["ver", &key]))
+                .key(self.key(&["members", &key]))
+                .key(self.key(&["pair", &key]))
+                .key(self.key(&["nodemembers", &self.node]))
+                .arg(version.as_deref().unwrap_or("0"))
+                .arg(&member.peer_id)
+                .arg(&json)
+                .arg(pair_json)
+                .arg(room.expires_at * 1_000)
+                .arg(&index_entry)
+                .arg(previous.map_or(String::new(), |p| self.key(&["nodemembers", &p.node])))
+                .arg(previous.map_or(String::new(), |p| {
+                    Self::index_entry(&key, &p.peer_id, &p.session_id)
+                }))
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| self.err(e))?;
+            match answer.as_str() {
+                "ok" => {}
+                "retry" => continue,
+                "noroom" => return Ok(Ok(JoinOutcome::NoRoom)),
+                other => return Err(BusError(format!("unexpected join answer {other:?}"))),
+            }
+            let peers = state
+                .members
+                .iter()
+                .filter(|m| m.peer_id != member.peer_id)
+                .map(peer_info)
+                .collect();
+            return Ok(Ok(JoinOutcome::Admitted {
+                admission: decision.admission,
+                peers,
+            }));
+        }
+        Err(BusError(format!(
+            "room {key} changed under {JOIN_ATTEMPTS} join attempts in a row"
+        )))
+    }
+
+    /// Removes `member` (indexed under its node); `true` if it was current.
     async fn remove_member(&self, room: &str, member: &Member) -> Result<bool, BusError> {
-        let removed: i32 = SCRIPTS
-            .leave
+        Ok(self.leave_script(room, member, false).await? == 1)
+    }
+
+    /// Runs [`LEAVE`], fenced on the member's node being silent when
+    /// `fenced` (a reap).
+    async fn leave_script(
+        &self,
+        room: &str,
+        member: &Member,
+        fenced: bool,
+    ) -> Result<i32, BusError> {
+        let mut script = SCRIPTS.leave.prepare_invoke();
+        script
             .key(self.key(&["members", room]))
             .key(self.key(&["nodemembers", &member.node]))
             .key(self.key(&["ver", room]))
             .arg(&member.peer_id)
             .arg(&member.session_id)
-            .arg(Self::index_entry(room, &member.peer_id, &member.session_id))
+            .arg(Self::index_entry(room, &member.peer_id, &member.session_id));
+        if fenced {
+            script
+                .key(self.key(&["nodes"]))
+                .arg(&member.node)
+                .arg(self.dead_after.as_millis() as u64);
+        }
+        script
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| self.err(e))?;
-        Ok(removed == 1)
+            .map_err(|e| self.err(e))
     }
 
-    /// Handles one envelope received on this node's channel.
-    async fn on_envelope(&self, env: Envelope<'_>) {
+    /// Handles one envelope received on this node's channel, without
+    /// waiting; returns a bounce to publish (node, envelope), if any.
+    fn on_envelope(&self, env: Envelope<'_>) -> Option<(String, String)> {
         let body = Utf8Bytes::from(env.body.to_owned());
         match env.kind {
             Kind::Msg => {
@@ -367,7 +577,7 @@ impl RedisBus {
                 if env.peer.is_empty() {
                     let except = (!env.except.is_empty()).then_some(env.except);
                     self.hub.deliver(env.room, Target::Room { except }, &body);
-                    return;
+                    return None;
                 }
                 let session = (!env.session.is_empty()).then_some(env.session);
                 let outcome = self.hub.deliver(
@@ -378,26 +588,24 @@ impl RedisBus {
                     },
                     &body,
                 );
-                if let Err(err) = SendError::from_delivery(outcome)
-                    && !env.origin_peer.is_empty()
-                {
-                    let text = undeliverable(&err, env.peer);
-                    let bounce = Envelope {
-                        kind: Kind::Bounce,
-                        room: env.room,
-                        peer: env.origin_peer,
-                        session: env.origin_session,
-                        except: "",
-                        origin_node: &self.node,
-                        origin_peer: "",
-                        origin_session: "",
-                        sent_us: now_us(),
-                        body: &text,
-                    };
-                    if let Err(e) = self.publish(env.origin_node, &bounce).await {
-                        tracing::warn!(error = %e, "cannot bounce an undeliverable message");
-                    }
+                let err = SendError::from_delivery(outcome).err()?;
+                if env.origin_peer.is_empty() {
+                    return None;
                 }
+                let text = undeliverable(&err, env.peer);
+                let bounce = Envelope {
+                    kind: Kind::Bounce,
+                    room: env.room,
+                    peer: env.origin_peer,
+                    session: env.origin_session,
+                    except: "",
+                    origin_node: &self.node,
+                    origin_peer: "",
+                    origin_session: "",
+                    sent_us: now_us(),
+                    body: &text,
+                };
+                Some((env.origin_node.to_owned(), bounce.encode()))
             }
             Kind::Bounce => {
                 let session = (!env.session.is_empty()).then_some(env.session);
@@ -409,20 +617,49 @@ impl RedisBus {
                     },
                     &body,
                 );
+                None
             }
             Kind::Kick => {
                 let session = (!env.session.is_empty()).then_some(env.session);
                 self.hub.close_replaced(env.room, env.peer, session);
+                None
             }
             Kind::Close => {
                 self.hub
                     .close_room(env.room, Some(&body), close::ROOM_CLOSED, "room closed");
+                None
             }
         }
     }
 
-    /// Receives this node's envelopes, reconnecting as needed.
-    async fn subscriber(self: Arc<Self>, ok: Check, shutdown: Shutdown) {
+    /// Publishes the bounces the subscriber queued.
+    async fn publish_bounces(self: Arc<Self>, mut rx: mpsc::Receiver<(String, String)>) {
+        while let Some((node, payload)) = rx.recv().await {
+            let sent: Result<i64, _> = self
+                .conn
+                .clone()
+                .publish(self.channel(&node), payload)
+                .await;
+            if let Err(e) = sent {
+                self.err(e);
+                self.metrics
+                    .bus_undelivered
+                    .with_label_values(&["bounce"])
+                    .inc();
+            }
+        }
+    }
+
+    /// Receives this node's envelopes, reconnecting as needed. Handling
+    /// never waits (deliveries go to mailboxes, bounces to a queue), so
+    /// the subscription keeps up with Redis instead of filling its
+    /// output buffer until Redis drops it.
+    async fn subscriber(
+        self: Arc<Self>,
+        ok: Check,
+        bounces: mpsc::Sender<(String, String)>,
+        shutdown: Shutdown,
+    ) {
         let channel = self.channel(&self.node);
         let mut delay = Duration::from_millis(100);
         loop {
@@ -440,8 +677,9 @@ impl RedisBus {
                     ok.set(true);
                     delay = Duration::from_millis(100);
                     // Messages published while unsubscribed found no
-                    // receiver and were refused to their senders; state
-                    // may have changed meanwhile, so re-register.
+                    // receiver (senders were told, or it was counted);
+                    // kicks and closes among them are repaired by a
+                    // reconcile.
                     self.needs_resync.store(true, Ordering::Relaxed);
                     tracing::info!(node = %self.node, "subscribed to the room bus");
                     let mut stream = ps.into_on_message();
@@ -451,12 +689,24 @@ impl RedisBus {
                             m = stream.next() => m,
                         };
                         let Some(msg) = msg else { break };
-                        match std::str::from_utf8(msg.get_payload_bytes())
+                        let env = std::str::from_utf8(msg.get_payload_bytes())
                             .ok()
-                            .and_then(Envelope::decode)
+                            .and_then(Envelope::decode);
+                        let Some(env) = env else {
+                            tracing::warn!("malformed room bus envelope dropped");
+                            self.metrics
+                                .bus_undelivered
+                                .with_label_values(&["malformed"])
+                                .inc();
+                            continue;
+                        };
+                        if let Some(bounce) = self.on_envelope(env)
+                            && bounces.try_send(bounce).is_err()
                         {
-                            Some(env) => self.on_envelope(env).await,
-                            None => tracing::warn!("malformed room bus envelope dropped"),
+                            self.metrics
+                                .bus_undelivered
+                                .with_label_values(&["bounce"])
+                                .inc();
                         }
                     }
                     ok.set(false);
@@ -482,27 +732,27 @@ impl RedisBus {
         }
     }
 
-    /// Beats, resyncs after an outage, and reaps dead nodes.
+    /// Beats every `--node-beat-ms`; asks for a reconcile when Redis
+    /// comes back or forgot this node. Nothing else runs here, so a long
+    /// reap or reconcile never delays the beat.
     async fn heartbeat(self: Arc<Self>, ok: Check, shutdown: Shutdown) {
         let nodes = self.key(&["nodes"]);
         loop {
-            let beat: Result<i64, _> = self.conn.clone().hset(&nodes, &self.node, now_ms()).await;
+            let beat: Result<i64, _> = SCRIPTS
+                .beat
+                .key(&nodes)
+                .arg(&self.node)
+                .invoke_async(&mut self.conn.clone())
+                .await;
             match beat {
                 Ok(new) => {
-                    // A new field: Redis forgot us (restart) or we were reaped.
                     if new == 1 || !ok.get() {
                         self.needs_resync.store(true, Ordering::Relaxed);
                     }
+                    if !ok.get() {
+                        tracing::info!("Redis reachable again");
+                    }
                     ok.set(true);
-                    if self.needs_resync.swap(false, Ordering::Relaxed)
-                        && let Err(e) = self.resync().await
-                    {
-                        self.needs_resync.store(true, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "resync failed; will retry");
-                    }
-                    if let Err(e) = self.reap().await {
-                        tracing::warn!(error = %e, "reaping dead nodes failed");
-                    }
                 }
                 Err(e) => {
                     if ok.get() {
@@ -521,79 +771,278 @@ impl RedisBus {
         let _: Result<i64, _> = self.conn.clone().hdel(&nodes, &self.node).await;
     }
 
-    /// Re-registers every local room and peer.
-    async fn resync(&self) -> Result<(), BusError> {
+    /// Reaps silent nodes every beat and reconciles this node's
+    /// connections every other beat (at least 1 s apart), or at the next
+    /// beat when asked. `absent` starts as the index a previous process
+    /// under this node id left.
+    async fn maintain(self: Arc<Self>, mut absent: HashSet<String>, shutdown: Shutdown) {
+        let every = (self.beat * 2).max(Duration::from_secs(1));
+        let mut last = tokio::time::Instant::now();
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(self.beat) => {}
+                }
+            }
+            if let Err(e) = self.reap().await {
+                tracing::warn!(error = %e, "reaping silent nodes failed");
+            }
+            let asked = self.needs_resync.swap(false, Ordering::Relaxed);
+            if first || asked || last.elapsed() >= every {
+                match self.reconcile(&mut absent).await {
+                    Ok(()) => last = tokio::time::Instant::now(),
+                    Err(e) => {
+                        self.needs_resync.store(true, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "reconciling with Redis failed; will retry");
+                    }
+                }
+            }
+            first = false;
+        }
+    }
+
+    /// Whether Redis lost its data since this node last looked: the
+    /// `epoch` key, set once by whichever node sees it missing, changed.
+    async fn check_epoch(&self) -> Result<bool, BusError> {
+        let key = self.key(&["epoch"]);
+        let (current,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(floe_common::secret::random_token(8))
+            .arg("NX")
+            .ignore()
+            .get(&key)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = seen.as_ref().is_some_and(|s| *s != current);
+        *seen = Some(current);
+        Ok(lost)
+    }
+
+    /// Compares this node's connections with the shared state and repairs
+    /// the differences (see the module docs). `absent` carries the index
+    /// entries without a connection from the previous pass: only those
+    /// absent twice are removed, as a join is indexed just before its
+    /// connection registers.
+    async fn reconcile(&self, absent: &mut HashSet<String>) -> Result<(), BusError> {
+        let restore = self.check_epoch().await?;
+        if restore {
+            tracing::warn!(node = %self.node, "Redis lost its data; restoring rooms and members from this node's connections");
+        }
+        // Connections first: one that registers after this read was
+        // indexed before it, so it is not mistaken for a missing entry.
+        let local = self.hub.snapshot(&self.node);
+        let index: HashSet<String> = self
+            .conn
+            .clone()
+            .smembers(self.key(&["nodemembers", &self.node]))
+            .await
+            .map_err(|e| self.err(e))?;
         let now = floe_proto::time::unix_now();
-        let mut restored = 0;
-        for (record, members) in self.hub.snapshot(&self.node) {
-            if record.expires_at <= now {
+        let mut connected = HashSet::new();
+        for (record, members) in &local {
+            let key = record.key();
+            for m in members {
+                let entry = Self::index_entry(&key, &m.peer_id, &m.session_id);
+                let indexed = index.contains(&entry);
+                connected.insert(entry);
+                // Expired rooms are closed by the expiry task.
+                if indexed
+                    || record.expires_at <= now
+                    || !self.hub.has(&key, &m.peer_id, &m.session_id)
+                {
+                    continue;
+                }
+                self.repair(record, m, restore, now).await?;
+            }
+        }
+        let now_absent: HashSet<String> = index.difference(&connected).cloned().collect();
+        for entry in now_absent.intersection(absent) {
+            let mut parts = entry.splitn(3, '\t');
+            let (Some(room), Some(peer), Some(session)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if self.hub.has(room, peer, session) {
                 continue;
             }
-            let key = record.key();
-            let expiry_ms = record.expires_at * 1_000;
-            let json = serde_json::to_string(&record).map_err(|e| BusError(e.to_string()))?;
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(self.key(&["room", &key]))
-                .arg(json)
-                .arg("NX")
-                .arg("PXAT")
-                .arg(expiry_ms)
-                .ignore();
-            if !record.named {
-                pipe.cmd("SET")
-                    .arg(self.key(&["rid", &record.id]))
-                    .arg(&record.tenant)
-                    .arg("NX")
-                    .arg("PXAT")
-                    .arg(expiry_ms)
-                    .ignore();
+            let member = Member {
+                peer_id: peer.to_owned(),
+                session_id: session.to_owned(),
+                node: self.node.clone(),
+                secret: String::new(),
+            };
+            if self.remove_member(room, &member).await? {
+                self.metrics
+                    .presence_repairs
+                    .with_label_values(&["evicted"])
+                    .inc();
+                tracing::info!(room, peer, session, "removed a member with no connection");
+                self.to_room(room, Some(peer), &peer_left(&member, "gone"))
+                    .await?;
             }
-            pipe.cmd("ZADD")
-                .arg(self.rooms_set(&record))
-                .arg(record.expires_at)
-                .arg(&record.id)
-                .ignore();
-            for m in &members {
-                let json = serde_json::to_string(m).map_err(|e| BusError(e.to_string()))?;
-                pipe.cmd("HSET")
-                    .arg(self.key(&["members", &key]))
-                    .arg(&m.peer_id)
-                    .arg(json)
-                    .ignore();
-                pipe.cmd("SADD")
-                    .arg(self.key(&["nodemembers", &self.node]))
-                    .arg(Self::index_entry(&key, &m.peer_id, &m.session_id))
-                    .ignore();
-                restored += 1;
-            }
-            pipe.cmd("INCR").arg(self.key(&["ver", &key])).ignore();
-            for k in ["members", "ver"] {
-                pipe.cmd("PEXPIREAT")
-                    .arg(self.key(&[k, &key]))
-                    .arg(expiry_ms)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut self.conn.clone())
-                .await
-                .map_err(|e| self.err(e))?;
         }
-        tracing::info!(node = %self.node, peers = restored, "room state re-registered in Redis");
+        *absent = now_absent;
         Ok(())
     }
 
-    /// Removes the peers of nodes silent for longer than `dead_after`.
-    async fn reap(&self) -> Result<(), BusError> {
-        let nodes_key = self.key(&["nodes"]);
-        let beats: HashMap<String, u64> = self
-            .conn
-            .clone()
-            .hgetall(&nodes_key)
+    /// Repairs a connection of this node that the member index lacks.
+    async fn repair(
+        &self,
+        record: &RoomRecord,
+        m: &Member,
+        restore: bool,
+        now: u64,
+    ) -> Result<(), BusError> {
+        let key = record.key();
+        let repaired = |action: &str| {
+            self.metrics
+                .presence_repairs
+                .with_label_values(&[action])
+                .inc();
+            tracing::info!(room = %key, peer = %m.peer_id, session = %m.session_id, action, "connection reconciled");
+        };
+        let index_again = || async {
+            let _: () = self
+                .conn
+                .clone()
+                .sadd(
+                    self.key(&["nodemembers", &self.node]),
+                    Self::index_entry(&key, &m.peer_id, &m.session_id),
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok::<_, BusError>(())
+        };
+        if restore {
+            self.restore_room(record).await?;
+            match self.try_join(record, m, true, now, true).await? {
+                Ok(JoinOutcome::Admitted { .. }) => repaired("restored"),
+                Ok(JoinOutcome::Refused(r)) => {
+                    let e = crate::error::SignalError::from(r);
+                    self.hub.deliver(
+                        &key,
+                        Target::Peer {
+                            peer: &m.peer_id,
+                            session: Some(&m.session_id),
+                        },
+                        &floe_proto::signal::ServerMessage::error(e.code(), e.to_string())
+                            .to_json()
+                            .into(),
+                    );
+                    self.hub.close_peer(
+                        &key,
+                        &m.peer_id,
+                        Some(&m.session_id),
+                        close::REFUSED,
+                        "no place left in the room",
+                    );
+                    repaired("refused");
+                }
+                Ok(JoinOutcome::NoRoom) => {
+                    self.hub.close_room(
+                        &key,
+                        Some(&room_closed("closed")),
+                        close::ROOM_CLOSED,
+                        "room closed",
+                    );
+                    repaired("room_closed");
+                }
+                Err(present) if present.session_id == m.session_id => {
+                    index_again().await?;
+                    repaired("indexed");
+                }
+                Err(_) => {
+                    self.hub
+                        .close_replaced(&key, &m.peer_id, Some(&m.session_id));
+                    repaired("replaced");
+                }
+            }
+            return Ok(());
+        }
+        let (exists, current): (bool, Option<String>) = redis::pipe()
+            .exists(self.key(&["room", &key]))
+            .hget(self.key(&["members", &key]), &m.peer_id)
+            .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.err(e))?;
-        let cutoff = now_ms().saturating_sub(self.dead_after.as_millis() as u64);
-        for (node, last) in beats {
-            if node == self.node || last >= cutoff {
+        match current.and_then(|j| serde_json::from_str::<Member>(&j).ok()) {
+            Some(c) if c.session_id == m.session_id => {
+                index_again().await?;
+                repaired("indexed");
+            }
+            // A newer connection elsewhere, whose kick did not arrive.
+            Some(_) => {
+                self.hub
+                    .close_replaced(&key, &m.peer_id, Some(&m.session_id));
+                repaired("replaced");
+            }
+            // Deleted while the close did not arrive.
+            None if !exists => {
+                self.hub.close_room(
+                    &key,
+                    Some(&room_closed("closed")),
+                    close::ROOM_CLOSED,
+                    "room closed",
+                );
+                repaired("room_closed");
+            }
+            // Reaped while this node was cut off: its peers were told it
+            // left, so it rejoins as a new session rather than coming back
+            // silently under the old one.
+            None => {
+                self.hub.close_peer(
+                    &key,
+                    &m.peer_id,
+                    Some(&m.session_id),
+                    close::TRY_AGAIN,
+                    "removed from the room while its server was cut off; rejoin",
+                );
+                repaired("rejoin");
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-creates a room record (and its indexes) Redis lost.
+    async fn restore_room(&self, record: &RoomRecord) -> Result<(), BusError> {
+        let json = serde_json::to_string(record).map_err(|e| BusError(e.to_string()))?;
+        let _: i32 = SCRIPTS
+            .restore_room
+            .key(self.key(&["room", &record.key()]))
+            .key(self.rooms_set(record))
+            .key(self.key(&["rid", &record.id]))
+            .arg(json)
+            .arg(record.expires_at * 1_000)
+            .arg(&record.id)
+            .arg(record.expires_at)
+            .arg(&record.tenant)
+            .arg(if record.named { "0" } else { "1" })
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Removes the peers of nodes silent for longer than `dead_after`
+    /// (by Redis's clock). Every removal is fenced: a node that beats
+    /// again keeps the peers not yet removed.
+    async fn reap(&self) -> Result<(), BusError> {
+        let nodes_key = self.key(&["nodes"]);
+        let silent: Vec<String> = SCRIPTS
+            .silent_nodes
+            .key(&nodes_key)
+            .arg(self.dead_after.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        for node in silent {
+            if node == self.node {
                 continue;
             }
             let lock: Option<String> = redis::cmd("SET")
@@ -614,7 +1063,8 @@ impl RedisBus {
                 .smembers(self.key(&["nodemembers", &node]))
                 .await
                 .map_err(|e| self.err(e))?;
-            tracing::warn!(dead = %node, peers = entries.len(), "reaping a dead signal node");
+            tracing::warn!(dead = %node, peers = entries.len(), "reaping a silent signal node");
+            let mut alive = false;
             for entry in &entries {
                 let mut parts = entry.splitn(3, '\t');
                 let (Some(room), Some(peer), Some(session)) =
@@ -628,19 +1078,34 @@ impl RedisBus {
                     node: node.clone(),
                     secret: String::new(),
                 };
-                if self.remove_member(room, &member).await? {
-                    self.to_room(room, Some(peer), &peer_left(&member, "node_lost"))
-                        .await?;
+                match self.leave_script(room, &member, true).await? {
+                    1 => {
+                        self.to_room(room, Some(peer), &peer_left(&member, "node_lost"))
+                            .await?
+                    }
+                    -1 => {
+                        alive = true;
+                        break;
+                    }
+                    _ => {}
                 }
             }
-            let _: () = redis::pipe()
-                .hdel(&nodes_key, &node)
-                .ignore()
-                .del(self.key(&["nodemembers", &node]))
-                .ignore()
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(|e| self.err(e))?;
+            let forgotten: i32 = if alive {
+                0
+            } else {
+                SCRIPTS
+                    .forget_node
+                    .key(&nodes_key)
+                    .key(self.key(&["nodemembers", &node]))
+                    .arg(&node)
+                    .arg(self.dead_after.as_millis() as u64)
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+                    .map_err(|e| self.err(e))?
+            };
+            if forgotten == 0 {
+                tracing::info!(node = %node, "a node being reaped beat again; reap stopped");
+            }
         }
         Ok(())
     }
@@ -795,82 +1260,13 @@ impl Bus for RedisBus {
         by_token: bool,
         now: u64,
     ) -> Result<JoinOutcome, BusError> {
-        let key = room.key();
-        let json = serde_json::to_string(member).map_err(|e| BusError(e.to_string()))?;
-        let index_entry = Self::index_entry(&key, &member.peer_id, &member.session_id);
-        for _ in 0..JOIN_ATTEMPTS {
-            // The version first (atomically with the rest): a change after
-            // this read makes the commit below retry.
-            let (version, members, pair): (Option<String>, Vec<String>, Option<String>) =
-                redis::pipe()
-                    .atomic()
-                    .get(self.key(&["ver", &key]))
-                    .hvals(self.key(&["members", &key]))
-                    .get(self.key(&["pair", &key]))
-                    .query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(|e| self.err(e))?;
-            let state = RoomState {
-                members: members
-                    .iter()
-                    .filter_map(|j| serde_json::from_str(j).ok())
-                    .collect(),
-                pair: pair
-                    .and_then(|j| serde_json::from_str(&j).ok())
-                    .unwrap_or_default(),
-            };
-            let decision = match crate::room::admit(room, &state, member, by_token, now) {
-                Ok(d) => d,
-                Err(refusal) => return Ok(JoinOutcome::Refused(refusal)),
-            };
-            let previous = match &decision.admission {
-                Admission::Replaced { previous } => Some(previous),
-                Admission::Joined => None,
-            };
-            let pair_json = match &decision.pair {
-                Some(p) => serde_json::to_string(p).map_err(|e| BusError(e.to_string()))?,
-                None => String::new(),
-            };
-            let answer: String = SCRIPTS
-                .commit_join
-                .key(self.key(&["room", &key]))
-                .key(self.key(&["ver", &key]))
-                .key(self.key(&["members", &key]))
-                .key(self.key(&["pair", &key]))
-                .key(self.key(&["nodemembers", &self.node]))
-                .arg(version.as_deref().unwrap_or("0"))
-                .arg(&member.peer_id)
-                .arg(&json)
-                .arg(pair_json)
-                .arg(room.expires_at * 1_000)
-                .arg(&index_entry)
-                .arg(previous.map_or(String::new(), |p| self.key(&["nodemembers", &p.node])))
-                .arg(previous.map_or(String::new(), |p| {
-                    Self::index_entry(&key, &p.peer_id, &p.session_id)
-                }))
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(|e| self.err(e))?;
-            match answer.as_str() {
-                "ok" => {}
-                "retry" => continue,
-                "noroom" => return Ok(JoinOutcome::NoRoom),
-                other => return Err(BusError(format!("unexpected join answer {other:?}"))),
-            }
-            let peers = state
-                .members
-                .iter()
-                .filter(|m| m.peer_id != member.peer_id)
-                .map(peer_info)
-                .collect();
-            return Ok(JoinOutcome::Admitted {
-                admission: decision.admission,
-                peers,
-            });
+        match self.try_join(room, member, by_token, now, false).await? {
+            Ok(outcome) => Ok(outcome),
+            Err(present) => Err(BusError(format!(
+                "peer {} unexpectedly present",
+                present.peer_id
+            ))),
         }
-        Err(BusError(format!(
-            "room {key} changed under {JOIN_ATTEMPTS} join attempts in a row"
-        )))
     }
 
     async fn announce(
@@ -888,7 +1284,14 @@ impl Bus for RedisBus {
                 let mut env = self.envelope(Kind::Kick, &key, "");
                 env.peer = &previous.peer_id;
                 env.session = &previous.session_id;
-                self.publish(&previous.node, &env).await?;
+                // Unheard, the replaced connection is closed by its node's
+                // next reconcile.
+                if !self.publish(&previous.node, &env).await? {
+                    self.metrics
+                        .bus_undelivered
+                        .with_label_values(&["kick"])
+                        .inc();
+                }
             }
         }
         self.to_room(&key, Some(&member.peer_id), &peer_joined(member))
