@@ -115,4 +115,11 @@ scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/floe"
 step "Helm chart checks"
 helm/tests/run.sh "$CARGO_TARGET_DIR/debug/floe"
 
+# Separate floe processes (two control planes, two signal nodes, two TURN
+# servers) on a Redis of its own; one fault per phase, invariants checked
+# after each (docs/reliability.md). Fails, with the processes' logs kept,
+# when one breaks.
+step "chaos: every fault on a small load (floe loadtest chaos --profile short)"
+"$CARGO_TARGET_DIR/debug/floe" loadtest chaos --profile short
+
 step "all checks passed"

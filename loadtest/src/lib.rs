@@ -4,11 +4,14 @@
 //! Modes: signal-only (rooms of peers trading offers and answers), the
 //! full transfer scenario (signal, relay files through TURN over UDP or
 //! TCP, reconcile the ledger; or TURN-only), a TURN allocation storm, a
-//! STUN Binding flood, timed usage acks against the control plane, and a
-//! signal-node failover. Every run is bounded in count and
-//! time, and targets only loopback or explicitly allowed addresses.
+//! STUN Binding flood, timed usage acks against the control plane, a
+//! signal-node failover, and a chaos run (a whole deployment of separate
+//! processes on loopback, faults injected one at a time, invariants
+//! checked after each). Every run is bounded in count and time, and
+//! targets only loopback or explicitly allowed addresses.
 
 pub mod acks;
+pub mod chaos;
 pub mod chunks;
 pub mod failover;
 mod join;
@@ -65,6 +68,11 @@ pub enum Mode {
     /// Usage acks: post usage batches as a TURN server does and time the
     /// control plane's acknowledgements, with many tenants present.
     UsageAcks(acks::AckArgs),
+    /// Chaos: start Redis, two control-plane replicas, two signal nodes
+    /// and two TURN servers as processes on loopback, keep a transfer load
+    /// running, inject faults one at a time and check the ledger, presence,
+    /// recovery and memory after each.
+    Chaos(chaos::ChaosArgs),
     /// Flood a STUN server with Binding requests over UDP.
     StunBinding {
         /// STUN server address.
@@ -98,6 +106,11 @@ pub enum LoadError {
     BadUrl(String),
     #[error(transparent)]
     Setup(#[from] acks::SetupError),
+    #[error("chaos run could not start: {0}")]
+    ChaosSetup(String),
+    /// The run completed and an invariant broke; the summary says which.
+    #[error("{0}")]
+    ChaosFailed(String),
 }
 
 /// A progress bar for `len` steps, labelled `what`, with `tail` after the
@@ -164,6 +177,16 @@ pub async fn run(config: Config) -> Result<String, LoadError> {
             let report = failover::run(args).await?;
             write_json(&config.json, &report)?;
             Ok(failover::render(&report))
+        }
+        Mode::Chaos(args) => {
+            let report = chaos::run(args).await.map_err(LoadError::ChaosSetup)?;
+            write_json(&config.json, &report)?;
+            let summary = chaos::render(&report);
+            if report.passed {
+                Ok(summary)
+            } else {
+                Err(LoadError::ChaosFailed(summary))
+            }
         }
         Mode::UsageAcks(args) => {
             check_url(&args.control_url, &config.allow_targets)?;

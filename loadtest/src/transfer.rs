@@ -106,6 +106,10 @@ pub struct TransferArgs {
     /// Give up on a pair after this many seconds (beyond --duration-secs).
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// After the pairs are done, wait at most this many seconds for the
+    /// ledger to take in what they relayed.
+    #[arg(long, default_value_t = 30)]
+    pub settle_secs: u64,
 }
 
 impl TransferArgs {
@@ -301,6 +305,7 @@ fn turn_of(
     welcome: &Value,
     transport: TurnTransport,
     allowed: &[IpAddr],
+    pick: usize,
 ) -> Result<TurnCreds, String> {
     let wanted = match transport {
         TurnTransport::Udp => "transport=udp",
@@ -309,6 +314,7 @@ fn turn_of(
     let servers = welcome["ice_servers"]["iceServers"]
         .as_array()
         .ok_or("welcome without ICE servers")?;
+    let mut offered = Vec::new();
     for s in servers {
         let (Some(user), Some(pass)) = (s["username"].as_str(), s["credential"].as_str()) else {
             continue;
@@ -327,13 +333,17 @@ fn turn_of(
                     .parse()
                     .map_err(|_| format!("TURN URL {url} is not ip:port"))?;
                 crate::target::check(server.ip(), allowed).map_err(|e| e.to_string())?;
-                return Ok(TurnCreds {
+                offered.push(TurnCreds {
                     server,
                     username: user.to_owned(),
                     password: pass.to_owned(),
                 });
             }
         }
+    }
+    if !offered.is_empty() {
+        let n = offered.len();
+        return Ok(offered.swap_remove(pick % n));
     }
     Err(format!(
         "no TURN with {wanted} offered ({})",
@@ -480,8 +490,10 @@ impl Signaled {
         tally.join.lock().await.record_ms(ja);
         tally.join.lock().await.record_ms(jb);
         expect(&mut a, "peer-joined").await?;
-        let creds_a = turn_of(&welcome_a, args.turn_transport, allowed)?;
-        let creds_b = turn_of(&welcome_b, args.turn_transport, allowed)?;
+        // Pairs spread over the TURN servers offered, both peers of a
+        // pair on the same one.
+        let creds_a = turn_of(&welcome_a, args.turn_transport, allowed, i)?;
+        let creds_b = turn_of(&welcome_b, args.turn_transport, allowed, i)?;
         let signaled = Self {
             a,
             b,
@@ -835,7 +847,7 @@ pub async fn run(args: TransferArgs, allowed: &[IpAddr]) -> TransferReport {
     let before_ok = before.is_ok();
     match before {
         Ok(b) => {
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + Duration::from_secs(args.settle_secs);
             loop {
                 if let Ok(now) = ledger(&args).await {
                     deltas = (now.0.saturating_sub(b.0), now.1.saturating_sub(b.1));
@@ -1003,17 +1015,33 @@ mod tests {
             {"urls": ["stun:127.0.0.1:3478"]},
             {"urls": ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3479?transport=tcp"],
              "username": "u", "credential": "p"}]}});
-        let udp = turn_of(&welcome, TurnTransport::Udp, &[]).expect("udp");
-        let tcp = turn_of(&welcome, TurnTransport::Tcp, &[]).expect("tcp");
+        let udp = turn_of(&welcome, TurnTransport::Udp, &[], 0).expect("udp");
+        let tcp = turn_of(&welcome, TurnTransport::Tcp, &[], 1).expect("tcp");
         assert_eq!((udp.server.port(), tcp.server.port()), (3478, 3479));
         assert_eq!((tcp.username.as_str(), tcp.password.as_str()), ("u", "p"));
         let far = json!({"ice_servers": {"iceServers": [
             {"urls": ["turn:192.0.2.1:3478?transport=udp"], "username": "u", "credential": "p"}]}});
-        let err = turn_of(&far, TurnTransport::Udp, &[]).expect_err("not loopback");
+        let two = json!({"ice_servers": {"iceServers": [
+            {"urls": ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3480?transport=udp"],
+             "username": "u", "credential": "p"}]}});
+        let picked: Vec<u16> = (0..3)
+            .map(|i| {
+                turn_of(&two, TurnTransport::Udp, &[], i)
+                    .expect("udp")
+                    .server
+                    .port()
+            })
+            .collect();
+        assert_eq!(
+            picked,
+            [3478, 3480, 3478],
+            "pairs spread over the servers offered"
+        );
+        let err = turn_of(&far, TurnTransport::Udp, &[], 0).expect_err("not loopback");
         assert!(err.contains("refusing"), "{err}");
         let ip: IpAddr = "192.0.2.1".parse().expect("ip");
-        assert!(turn_of(&far, TurnTransport::Udp, &[ip]).is_ok());
-        assert!(turn_of(&far, TurnTransport::Tcp, &[ip]).is_err());
+        assert!(turn_of(&far, TurnTransport::Udp, &[ip], 0).is_ok());
+        assert!(turn_of(&far, TurnTransport::Tcp, &[ip], 0).is_err());
     }
 
     #[test]

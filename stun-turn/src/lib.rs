@@ -184,6 +184,12 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
             let _ = reporter.await;
             report::collect(&turn, floe_proto::time::unix_now());
             final_flush(&turn).await;
+            let (relayed_out, relayed_in) = turn.metrics.relayed_totals();
+            tracing::info!(
+                relayed_out,
+                relayed_in,
+                "stopped: relayed bytes metered since start"
+            );
             stop.cancel();
             for t in sockets {
                 let _ = t.await;

@@ -191,4 +191,39 @@ impl Metrics {
         }
         m
     }
+
+    /// Relayed bytes metered since start over all tenants: (out, in).
+    pub fn relayed_totals(&self) -> (u64, u64) {
+        let mut totals = (0, 0);
+        for family in self.relayed_bytes.collect() {
+            for m in family.get_metric() {
+                let value = m.get_counter().get_value() as u64;
+                match m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "direction")
+                    .map(|l| l.value())
+                {
+                    Some("out") => totals.0 += value,
+                    Some("in") => totals.1 += value,
+                    _ => {}
+                }
+            }
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_totals_add_every_tenant_by_direction() {
+        let m = Metrics::new(10);
+        m.relayed_bytes.with_label_values(&["a", "out"]).inc_by(5);
+        m.relayed_bytes.with_label_values(&["b", "out"]).inc_by(7);
+        m.relayed_bytes.with_label_values(&["a", "in"]).inc_by(3);
+        assert_eq!(m.relayed_totals(), (12, 3));
+    }
 }
