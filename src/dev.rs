@@ -50,6 +50,12 @@ pub struct DevConfig {
     /// Highest UDP port of TURN relay addresses.
     #[arg(long, env = "FLOE_RELAY_PORT_MAX", default_value_t = 65_535)]
     pub relay_port_max: u16,
+
+    /// Keep the control plane's store and the room bus in this Redis
+    /// (`redis://host:port`) instead of the data folder and memory, as a
+    /// multi-node deployment does (keys under `floe-dev:`).
+    #[arg(long, env = "FLOE_DEV_REDIS_URL")]
+    pub redis_url: Option<String>,
 }
 
 /// Id of the tenant `floe dev` creates.
@@ -65,6 +71,11 @@ impl DevConfig {
                 "--data-dir {} is not a directory (it is a file; pick another path)",
                 self.data_dir.display()
             );
+        }
+        if let Some(url) = &self.redis_url
+            && !url.starts_with("redis://")
+        {
+            anyhow::bail!("--redis-url must be a redis:// URL, not {url:?}");
         }
         if self.relay_port_min < 1_024 || self.relay_port_min > self.relay_port_max {
             anyhow::bail!(
@@ -202,8 +213,11 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 
     let control = floe_control::Config {
         listen: SocketAddr::new(host, config.control_port),
-        store: dir.join("control.redb").display().to_string(),
-        redis_prefix: "floe:cp:".into(),
+        store: match &config.redis_url {
+            Some(url) => url.clone(),
+            None => dir.join("control.redb").display().to_string(),
+        },
+        redis_prefix: "floe-dev:cp:".into(),
         redis_password: None,
         redis_password_file: None,
         admin_token: Some(admin_token.clone()),
@@ -266,6 +280,10 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     signal.public_rooms_per_min = 60_000;
     // The file-share app, on the default tenant's public rooms.
     signal.app_tenant = Some(DEV_TENANT.to_owned());
+    if let Some(url) = &config.redis_url {
+        signal.redis_url = Some(url.clone());
+        signal.redis_prefix = "floe-dev:sig:".into();
+    }
     let signal = floe_signal::start(signal, shutdown.clone())
         .await
         .context("starting signal")?;

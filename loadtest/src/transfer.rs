@@ -106,6 +106,9 @@ pub struct TransferArgs {
     /// Give up on a pair after this many seconds (beyond --duration-secs).
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Lifetime of the rooms the pairs create, seconds.
+    #[arg(long, default_value_t = 3_600)]
+    pub room_ttl_secs: u64,
     /// After the pairs are done, wait at most this many seconds for the
     /// ledger to take in what they relayed.
     #[arg(long, default_value_t = 30)]
@@ -470,7 +473,7 @@ impl Signaled {
         let r = reqwest::Client::new()
             .post(format!("{}/v1/rooms", url_a.trim_end_matches('/')))
             .bearer_auth(token(args, &room, "a")?)
-            .json(&json!({"ttl_secs": 3600}))
+            .json(&json!({"ttl_secs": args.room_ttl_secs}))
             .send()
             .await
             .map_err(|e| format!("create room: {e}"))?;

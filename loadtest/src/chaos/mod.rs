@@ -466,6 +466,7 @@ async fn phase(c: &mut Cluster, probes: &Probes, fault: Fault, k: &Knobs, n: usi
         turn_kid: "k1".into(),
         turn_server: "127.0.0.1:3478".parse().expect("literal"),
         timeout_secs: 15,
+        room_ttl_secs: 3_600,
         // The runner settles the ledger itself, against TURN's own count.
         settle_secs: 0,
     };
