@@ -396,6 +396,31 @@ fn text(m: &Message, t: AttrType) -> String {
     String::from_utf8(m.get(t).expect("attribute")).expect("utf8")
 }
 
+/// A request of `method` with `attrs`, authenticated with long-term
+/// credentials (USERNAME, REALM, NONCE, MESSAGE-INTEGRITY).
+fn signed(
+    method: Method,
+    mut attrs: Vec<Box<dyn Setter>>,
+    user: &str,
+    pass: &str,
+    nonce: &str,
+) -> Vec<Box<dyn Setter>> {
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(MessageType::new(method, CLASS_REQUEST)),
+        Box::new(stun::agent::TransactionId::new()),
+    ];
+    setters.append(&mut attrs);
+    setters.push(Box::new(TextAttribute::new(ATTR_USERNAME, user.to_owned())));
+    setters.push(Box::new(TextAttribute::new(ATTR_REALM, "floe".into())));
+    setters.push(Box::new(TextAttribute::new(ATTR_NONCE, nonce.to_owned())));
+    setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+        user.to_owned(),
+        "floe".into(),
+        pass.to_owned(),
+    )));
+    setters
+}
+
 /// A raw client that authenticates its requests.
 struct Raw {
     sock: UdpSocket,
@@ -433,23 +458,8 @@ impl Raw {
         }
     }
 
-    async fn request(&self, method: Method, mut attrs: Vec<Box<dyn Setter>>) -> Message {
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-            Box::new(stun::agent::TransactionId::new()),
-        ];
-        setters.append(&mut attrs);
-        setters.push(Box::new(TextAttribute::new(
-            ATTR_USERNAME,
-            self.user.clone(),
-        )));
-        setters.push(Box::new(TextAttribute::new(ATTR_REALM, "floe".into())));
-        setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
-        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
-            self.user.clone(),
-            "floe".into(),
-            self.pass.clone(),
-        )));
+    async fn request(&self, method: Method, attrs: Vec<Box<dyn Setter>>) -> Message {
+        let setters = signed(method, attrs, &self.user, &self.pass, &self.nonce);
         roundtrip(&self.sock, self.server, setters).await
     }
 
@@ -1207,23 +1217,8 @@ impl TcpClient {
         (c, SocketAddr::new(relayed.ip, relayed.port))
     }
 
-    async fn request(&mut self, method: Method, mut attrs: Vec<Box<dyn Setter>>) -> Message {
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-            Box::new(stun::agent::TransactionId::new()),
-        ];
-        setters.append(&mut attrs);
-        setters.push(Box::new(TextAttribute::new(
-            ATTR_USERNAME,
-            self.user.clone(),
-        )));
-        setters.push(Box::new(TextAttribute::new(ATTR_REALM, "floe".into())));
-        setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
-        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
-            self.user.clone(),
-            "floe".into(),
-            self.pass.clone(),
-        )));
+    async fn request(&mut self, method: Method, attrs: Vec<Box<dyn Setter>>) -> Message {
+        let setters = signed(method, attrs, &self.user, &self.pass, &self.nonce);
         stream_roundtrip(&mut self.stream, setters).await
     }
 

@@ -54,7 +54,7 @@ impl Proc {
     }
 
     /// Starts the process (its output appended to its log).
-    pub fn spawn(&mut self) -> std::io::Result<()> {
+    fn spawn(&mut self) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -165,6 +165,19 @@ impl Proc {
     pub async fn start(&mut self) -> Result<(), String> {
         self.spawn().map_err(|e| e.to_string())?;
         self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// `kill -9`, `pause`, start again.
+    pub async fn kill_and_restart(&mut self, pause: Duration) -> Result<(), String> {
+        self.kill();
+        tokio::time::sleep(pause).await;
+        self.start().await
+    }
+
+    /// SIGTERM (see [`Proc::terminate`]), start again.
+    pub async fn terminate_and_restart(&mut self, within: Duration) -> Result<(), String> {
+        self.terminate(within).await;
+        self.start().await
     }
 }
 

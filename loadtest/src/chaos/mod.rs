@@ -9,8 +9,9 @@
 //! - **no ghosts**: 10 s after the fault every probe room lists exactly
 //!   the probes connected to it, and once the load has left no room of
 //!   its tenant lists anyone;
-//! - **recovery**: how long until every probe is back in its room and
-//!   until every probe pair signals again, from the fault's start;
+//! - **recovery**: from the fault's start, how long until every probe is
+//!   back in its room and until every probe pair signals again, once the
+//!   fault disturbed them (zero when it never did);
 //! - **no unbounded growth**: the RSS of every process the fault left
 //!   running, before and after.
 //!
@@ -216,8 +217,9 @@ pub struct PhaseReport {
     /// The most the killed TURN server relayed in one usage interval
     /// before it died: the bound on `unbilled_bytes`.
     pub unbilled_bound_bytes: Option<u64>,
-    /// Fault start to every probe back in its room, and to every probe
-    /// pair signalling again.
+    /// From the fault's start until every probe was back in its room,
+    /// and until every probe pair signalled both ways, after the fault
+    /// first disturbed them (0: it never did).
     pub back_in_rooms_ms: Option<u64>,
     pub signalling_again_ms: Option<u64>,
     /// Probe rooms whose listing differed from who was connected, 10 s
@@ -375,38 +377,17 @@ async fn inject(c: &mut Cluster, fault: Fault, k: &Knobs) -> Result<(), String> 
     let pause = Duration::from_secs(1);
     let graceful = Duration::from_secs(30);
     match fault {
-        Fault::SignalKill => {
-            c.signals[0].kill();
-            tokio::time::sleep(pause).await;
-            c.signals[0].start().await?;
-        }
-        Fault::SignalTerm => {
-            c.signals[1].terminate(graceful).await;
-            c.signals[1].start().await?;
-        }
+        Fault::SignalKill => c.signals[0].kill_and_restart(pause).await?,
+        Fault::SignalTerm => c.signals[1].terminate_and_restart(graceful).await?,
         Fault::SignalCut => {
             c.redis_path.cut();
             tokio::time::sleep(k.cut).await;
             c.redis_path.restore();
         }
-        Fault::TurnKill => {
-            c.turns[0].kill();
-            tokio::time::sleep(pause).await;
-            c.turns[0].start().await?;
-        }
-        Fault::TurnTerm => {
-            c.turns[1].terminate(graceful).await;
-            c.turns[1].start().await?;
-        }
-        Fault::ControlKill => {
-            c.controls[0].kill();
-            tokio::time::sleep(pause).await;
-            c.controls[0].start().await?;
-        }
-        Fault::ControlTerm => {
-            c.controls[1].terminate(graceful).await;
-            c.controls[1].start().await?;
-        }
+        Fault::TurnKill => c.turns[0].kill_and_restart(pause).await?,
+        Fault::TurnTerm => c.turns[1].terminate_and_restart(graceful).await?,
+        Fault::ControlKill => c.controls[0].kill_and_restart(pause).await?,
+        Fault::ControlTerm => c.controls[1].terminate_and_restart(graceful).await?,
         Fault::ControlOutage => {
             for p in &mut c.controls {
                 p.kill();
@@ -416,10 +397,7 @@ async fn inject(c: &mut Cluster, fault: Fault, k: &Knobs) -> Result<(), String> 
                 p.start().await?;
             }
         }
-        Fault::RedisRestart => {
-            c.redis.terminate(graceful).await;
-            c.redis.start().await?;
-        }
+        Fault::RedisRestart => c.redis.terminate_and_restart(graceful).await?,
         Fault::RedisStall => {
             c.redis.pause(true);
             tokio::time::sleep(k.stall).await;
@@ -484,11 +462,21 @@ async fn phase(c: &mut Cluster, probes: &Probes, fault: Fault, k: &Knobs, n: usi
     if fault == Fault::TurnKill {
         sampling.cancel();
     }
-    if let Err(e) = inject(c, fault, k).await {
+    let injected = tokio_util::sync::CancellationToken::new();
+    let (injection, (back, signalling)) = tokio::join!(
+        async {
+            let r = inject(c, fault, k).await;
+            injected.cancel();
+            (r, Instant::now())
+        },
+        probes.watch(t_fault, &injected),
+    );
+    let (injection, t_recovered) = injection;
+    if let Err(e) = injection {
         failures.push(format!("recovery: {e}"));
     }
     sampling.cancel();
-    let fault_seconds = t_fault.elapsed().as_secs_f64();
+    let fault_seconds = t_recovered.duration_since(t_fault).as_secs_f64();
     let minus = |a: (u64, u64), b: (u64, u64)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1));
     let samples = samples.await.unwrap_or_default();
     match fault {
@@ -504,21 +492,13 @@ async fn phase(c: &mut Cluster, probes: &Probes, fault: Fault, k: &Knobs, n: usi
         }
         _ => {}
     }
-    let t_recovered = Instant::now();
-    let within = Duration::from_secs(30);
-    let back_in_rooms_ms = probes
-        .all_connected(within)
-        .await
-        .map(|_| t_fault.elapsed().as_millis() as u64);
-    let signalling_again_ms = probes
-        .all_signalling(within)
-        .await
-        .map(|_| t_fault.elapsed().as_millis() as u64);
+    let back_in_rooms_ms = back.map(|d| d.as_millis() as u64);
+    let signalling_again_ms = signalling.map(|d| d.as_millis() as u64);
     if back_in_rooms_ms.is_none() {
-        failures.push("probes not all back in their rooms within 30 s".into());
+        failures.push("probes not all back in their rooms within 60 s of the fault's end".into());
     }
     if signalling_again_ms.is_none() {
-        failures.push("probe pairs not all signalling within 30 s".into());
+        failures.push("probe pairs not all signalling within 60 s of the fault's end".into());
     }
 
     // No ghosts 10 s after the fault.
@@ -664,15 +644,7 @@ async fn phase(c: &mut Cluster, probes: &Probes, fault: Fault, k: &Knobs, n: usi
 
 /// How many rooms of the key's tenant list peers.
 async fn rooms_with_peers(c: &Cluster, key: &(String, String)) -> Result<usize, String> {
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/v1/rooms", c.signal_urls[0]))
-        .basic_auth(&key.0, Some(&key.1))
-        .send()
-        .await
-        .map_err(|e| format!("list rooms: {e}"))?
-        .json()
-        .await
-        .map_err(|e| format!("list rooms: {e}"))?;
+    let v = probes::list_rooms(&reqwest::Client::new(), &c.signal_urls[0], key).await?;
     Ok(v["rooms"]
         .as_array()
         .into_iter()

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +29,8 @@ enum Cmd {
 struct Peer {
     id: String,
     connected: Arc<AtomicBool>,
+    /// Connections of this peer that ended.
+    drops: Arc<AtomicU64>,
     cmds: mpsc::Sender<Cmd>,
 }
 
@@ -69,6 +71,7 @@ impl Probes {
                 let id = format!("probe{r}-{home}");
                 let partner = format!("probe{r}-{}", 1 - home);
                 let connected = Arc::new(AtomicBool::new(false));
+                let drops = Arc::new(AtomicU64::new(0));
                 let (cmds, rx) = mpsc::channel(16);
                 let token = join_token(&key.0, &key.1, &room, &id).unwrap_or_default();
                 let urls = [0, 1].map(|k| {
@@ -77,10 +80,15 @@ impl Probes {
                         ws_url(&signal_urls[(home + k) % 2], &room, &id)
                     )
                 });
-                tokio::spawn(run_peer(urls, partner, connected.clone(), rx, stop.clone()));
+                let link = Link {
+                    connected: connected.clone(),
+                    drops: drops.clone(),
+                };
+                tokio::spawn(run_peer(urls, partner, link, rx, stop.clone()));
                 Peer {
                     id,
                     connected,
+                    drops,
                     cmds,
                 }
             });
@@ -100,12 +108,7 @@ impl Probes {
     pub async fn all_connected(&self, within: Duration) -> Option<Duration> {
         let started = Instant::now();
         while started.elapsed() < within {
-            let all = self
-                .rooms
-                .iter()
-                .flat_map(|(_, p)| p)
-                .all(|p| p.connected.load(Ordering::Relaxed));
-            if all {
+            if self.connected_now() {
                 return Some(started.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -113,26 +116,86 @@ impl Probes {
         None
     }
 
-    /// Waits (up to `within`) until every pair has traded a ping and a
-    /// pong both ways; the time it took, or `None`.
-    pub async fn all_signalling(&self, within: Duration) -> Option<Duration> {
-        let started = Instant::now();
-        for (_, peers) in &self.rooms {
-            for p in peers {
-                loop {
-                    let left = within.checked_sub(started.elapsed())?;
-                    let (tx, rx) = oneshot::channel();
-                    if p.cmds.send(Cmd::Ping(tx)).await.is_err() {
-                        return None;
+    /// Whether every probe peer is connected now.
+    fn connected_now(&self) -> bool {
+        self.rooms
+            .iter()
+            .flat_map(|(_, p)| p)
+            .all(|p| p.connected.load(Ordering::Relaxed))
+    }
+
+    /// Connections of probe peers that ended, so far.
+    fn drops(&self) -> u64 {
+        self.rooms
+            .iter()
+            .flat_map(|(_, p)| p)
+            .map(|p| p.drops.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// One ping from every probe peer to its partner at once; whether
+    /// every pong came back within `wait`.
+    async fn ping_all(&self, wait: Duration) -> bool {
+        let pings = self.rooms.iter().flat_map(|(_, p)| p).map(|p| async move {
+            let (tx, rx) = oneshot::channel();
+            p.cmds.send(Cmd::Ping(tx)).await.is_ok()
+                && matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
+        });
+        futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .all(|ok| ok)
+    }
+
+    /// Watches the probes from a fault's start (`t_fault`) until they are
+    /// well again: how long until every probe was back in its room, and
+    /// until every pair signalled both ways, after the fault first
+    /// disturbed each (zero when it did not within 10 s of `injected`,
+    /// the fault's end; `None` when not well within 60 s of it).
+    pub async fn watch(
+        &self,
+        t_fault: Instant,
+        injected: &CancellationToken,
+    ) -> (Option<Duration>, Option<Duration>) {
+        let (mut back, mut signalling) = (None, None);
+        let (mut left, mut silent) = (false, false);
+        let drops_before = self.drops();
+        let mut ended: Option<Instant> = None;
+        loop {
+            let signals = self.ping_all(Duration::from_millis(500)).await;
+            let connected = self.connected_now();
+            let at = t_fault.elapsed();
+            if !connected || self.drops() > drops_before {
+                left = true;
+            }
+            if left && connected {
+                back.get_or_insert(at);
+            }
+            if !signals {
+                silent = true;
+            } else if silent {
+                signalling.get_or_insert(at);
+            }
+            if injected.is_cancelled() {
+                let since = ended.get_or_insert_with(Instant::now).elapsed();
+                if since > Duration::from_secs(10) {
+                    if !left {
+                        back.get_or_insert(Duration::ZERO);
                     }
-                    let wait = left.min(Duration::from_secs(1));
-                    if matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(()))) {
-                        break;
+                    if !silent {
+                        signalling.get_or_insert(Duration::ZERO);
                     }
                 }
+                if since > Duration::from_secs(60) {
+                    break;
+                }
             }
+            if back.is_some() && signalling.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Some(started.elapsed())
+        (back, signalling)
     }
 
     /// Rooms that list a peer that is not connected, or miss one that is:
@@ -142,16 +205,7 @@ impl Probes {
         &self,
         node: usize,
     ) -> Result<Vec<(String, Vec<String>, Vec<String>)>, String> {
-        let listing: Value = self
-            .http
-            .get(format!("{}/v1/rooms", self.signal_urls[node]))
-            .basic_auth(&self.key.0, Some(&self.key.1))
-            .send()
-            .await
-            .map_err(|e| format!("list rooms: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("list rooms: {e}"))?;
+        let listing = list_rooms(&self.http, &self.signal_urls[node], &self.key).await?;
         let listed: HashMap<String, BTreeSet<String>> = listing["rooms"]
             .as_array()
             .into_iter()
@@ -187,9 +241,43 @@ impl Probes {
     }
 }
 
+/// `GET /v1/rooms` of the key's tenant on the signal node at `base`.
+pub(crate) async fn list_rooms(
+    http: &reqwest::Client,
+    base: &str,
+    key: &(String, String),
+) -> Result<Value, String> {
+    http.get(format!("{base}/v1/rooms"))
+        .basic_auth(&key.0, Some(&key.1))
+        .send()
+        .await
+        .map_err(|e| format!("list rooms: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("list rooms: {e}"))
+}
+
 impl Drop for Probes {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// What a probe peer's task tells the runner about its connection.
+struct Link {
+    connected: Arc<AtomicBool>,
+    drops: Arc<AtomicU64>,
+}
+
+impl Link {
+    fn up(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    fn down(&self) {
+        if self.connected.swap(false, Ordering::Relaxed) {
+            self.drops.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -197,7 +285,7 @@ impl Drop for Probes {
 async fn run_peer(
     urls: [String; 2],
     partner: String,
-    connected: Arc<AtomicBool>,
+    link: Link,
     mut cmds: mpsc::Receiver<Cmd>,
     stop: CancellationToken,
 ) {
@@ -233,11 +321,13 @@ async fn run_peer(
             tokio::select! {
                 _ = stop.cancelled() => {
                     let _ = ws.close(None).await;
-                    connected.store(false, Ordering::Relaxed);
+                    link.down();
                     return;
                 }
                 cmd = cmds.recv() => {
                     let Some(Cmd::Ping(done)) = cmd else { return };
+                    // Pings whose asker gave up wait no longer.
+                    pending.retain(|(_, tx)| !tx.is_closed());
                     n += 1;
                     let ping = json!({"type": "signal", "to": partner, "payload": {"ping": n}});
                     if ws.send(Message::text(ping.to_string())).await.is_err() {
@@ -255,7 +345,7 @@ async fn run_peer(
                     match m["type"].as_str() {
                         Some("welcome") => {
                             secret = m["reconnect_secret"].as_str().unwrap_or_default().to_owned();
-                            connected.store(true, Ordering::Relaxed);
+                            link.up();
                             attempt = 0;
                         }
                         Some("signal") => {
@@ -274,7 +364,7 @@ async fn run_peer(
                 }
             }
         }
-        connected.store(false, Ordering::Relaxed);
+        link.down();
         pending.clear();
         if attempt == 0 {
             attempt = 1;

@@ -119,20 +119,6 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 return 1";
 
-/// KEYS room, the tenant's set of rooms of its kind, global id index;
-/// ARGV record JSON, expiry (ms), room id, expiry (s), tenant, "1" when
-/// the id is global. Re-creates a room Redis lost; never shortens a key's
-/// life. Returns 1 if the record was re-created.
-const RESTORE_ROOM: &str = r"
-local created = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[2])
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PXAT', ARGV[2]) end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIREAT', KEYS[2], ARGV[2])
-end
-if created then return 1 end
-return 0";
-
 /// KEYS room, the tenant's set of rooms of this kind, global id index;
 /// ARGV record JSON, expiry (ms), now (s), room id, expiry (s), limit (0:
 /// none), tenant, "1" when the id is global.
@@ -159,7 +145,6 @@ struct Scripts {
     beat: redis::Script,
     silent_nodes: redis::Script,
     forget_node: redis::Script,
-    restore_room: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -169,7 +154,6 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     beat: redis::Script::new(BEAT),
     silent_nodes: redis::Script::new(SILENT_NODES),
     forget_node: redis::Script::new(FORGET_NODE),
-    restore_room: redis::Script::new(RESTORE_ROOM),
 });
 
 /// Bounces waiting to be published, at most; past it they are dropped
@@ -900,132 +884,88 @@ impl RedisBus {
         now: u64,
     ) -> Result<(), BusError> {
         let key = record.key();
-        let repaired = |action: &str| {
-            self.metrics
-                .presence_repairs
-                .with_label_values(&[action])
-                .inc();
-            tracing::info!(room = %key, peer = %m.peer_id, session = %m.session_id, action, "connection reconciled");
-        };
-        let index_again = || async {
-            let _: () = self
-                .conn
-                .clone()
-                .sadd(
-                    self.key(&["nodemembers", &self.node]),
-                    Self::index_entry(&key, &m.peer_id, &m.session_id),
-                )
+        let repair = if restore {
+            // Re-created as it was made (a room another node restored
+            // first is left as it is), then re-admitted by the join rule.
+            self.create_room(record, None, now).await?;
+            match self.try_join(record, m, true, now, true).await? {
+                Ok(JoinOutcome::Admitted { .. }) => Repair::Restored,
+                Ok(JoinOutcome::Refused(r)) => Repair::Refused(r),
+                Ok(JoinOutcome::NoRoom) => Repair::RoomClosed,
+                Err(present) if present.session_id == m.session_id => Repair::Indexed,
+                Err(_) => Repair::Replaced,
+            }
+        } else {
+            let (exists, current): (bool, Option<String>) = redis::pipe()
+                .exists(self.key(&["room", &key]))
+                .hget(self.key(&["members", &key]), &m.peer_id)
+                .query_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| self.err(e))?;
-            Ok::<_, BusError>(())
+            match current.and_then(|j| serde_json::from_str::<Member>(&j).ok()) {
+                Some(c) if c.session_id == m.session_id => Repair::Indexed,
+                // A newer connection elsewhere, whose kick did not arrive.
+                Some(_) => Repair::Replaced,
+                // Deleted while the close did not arrive.
+                None if !exists => Repair::RoomClosed,
+                // Reaped while this node was cut off: its peers were told
+                // it left, so it rejoins as a new session rather than
+                // coming back silently under the old one.
+                None => Repair::Rejoin,
+            }
         };
-        if restore {
-            self.restore_room(record).await?;
-            match self.try_join(record, m, true, now, true).await? {
-                Ok(JoinOutcome::Admitted { .. }) => repaired("restored"),
-                Ok(JoinOutcome::Refused(r)) => {
-                    let e = crate::error::SignalError::from(r);
-                    self.hub.deliver(
-                        &key,
-                        Target::Peer {
-                            peer: &m.peer_id,
-                            session: Some(&m.session_id),
-                        },
-                        &floe_proto::signal::ServerMessage::error(e.code(), e.to_string())
-                            .to_json()
-                            .into(),
-                    );
-                    self.hub.close_peer(
-                        &key,
-                        &m.peer_id,
-                        Some(&m.session_id),
-                        close::REFUSED,
-                        "no place left in the room",
-                    );
-                    repaired("refused");
-                }
-                Ok(JoinOutcome::NoRoom) => {
-                    self.hub.close_room(
-                        &key,
-                        Some(&room_closed("closed")),
-                        close::ROOM_CLOSED,
-                        "room closed",
-                    );
-                    repaired("room_closed");
-                }
-                Err(present) if present.session_id == m.session_id => {
-                    index_again().await?;
-                    repaired("indexed");
-                }
-                Err(_) => {
-                    self.hub
-                        .close_replaced(&key, &m.peer_id, Some(&m.session_id));
-                    repaired("replaced");
-                }
+        let session = Some(m.session_id.as_str());
+        match repair {
+            Repair::Restored => {}
+            Repair::Indexed => {
+                let _: () = self
+                    .conn
+                    .clone()
+                    .sadd(
+                        self.key(&["nodemembers", &self.node]),
+                        Self::index_entry(&key, &m.peer_id, &m.session_id),
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?;
             }
-            return Ok(());
-        }
-        let (exists, current): (bool, Option<String>) = redis::pipe()
-            .exists(self.key(&["room", &key]))
-            .hget(self.key(&["members", &key]), &m.peer_id)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.err(e))?;
-        match current.and_then(|j| serde_json::from_str::<Member>(&j).ok()) {
-            Some(c) if c.session_id == m.session_id => {
-                index_again().await?;
-                repaired("indexed");
-            }
-            // A newer connection elsewhere, whose kick did not arrive.
-            Some(_) => {
-                self.hub
-                    .close_replaced(&key, &m.peer_id, Some(&m.session_id));
-                repaired("replaced");
-            }
-            // Deleted while the close did not arrive.
-            None if !exists => {
-                self.hub.close_room(
-                    &key,
-                    Some(&room_closed("closed")),
-                    close::ROOM_CLOSED,
-                    "room closed",
-                );
-                repaired("room_closed");
-            }
-            // Reaped while this node was cut off: its peers were told it
-            // left, so it rejoins as a new session rather than coming back
-            // silently under the old one.
-            None => {
+            Repair::Replaced => self.hub.close_replaced(&key, &m.peer_id, session),
+            Repair::RoomClosed => self.hub.close_room(
+                &key,
+                Some(&room_closed("closed")),
+                close::ROOM_CLOSED,
+                "room closed",
+            ),
+            Repair::Rejoin => self.hub.close_peer(
+                &key,
+                &m.peer_id,
+                session,
+                close::TRY_AGAIN,
+                "removed from the room while its server was cut off; rejoin",
+            ),
+            Repair::Refused(r) => {
+                let e = crate::error::SignalError::from(r);
+                let text =
+                    floe_proto::signal::ServerMessage::error(e.code(), e.to_string()).to_json();
+                let target = Target::Peer {
+                    peer: &m.peer_id,
+                    session,
+                };
+                self.hub.deliver(&key, target, &text.into());
                 self.hub.close_peer(
                     &key,
                     &m.peer_id,
-                    Some(&m.session_id),
-                    close::TRY_AGAIN,
-                    "removed from the room while its server was cut off; rejoin",
+                    session,
+                    close::REFUSED,
+                    "no place left in the room",
                 );
-                repaired("rejoin");
             }
         }
-        Ok(())
-    }
-
-    /// Re-creates a room record (and its indexes) Redis lost.
-    async fn restore_room(&self, record: &RoomRecord) -> Result<(), BusError> {
-        let json = serde_json::to_string(record).map_err(|e| BusError(e.to_string()))?;
-        let _: i32 = SCRIPTS
-            .restore_room
-            .key(self.key(&["room", &record.key()]))
-            .key(self.rooms_set(record))
-            .key(self.key(&["rid", &record.id]))
-            .arg(json)
-            .arg(record.expires_at * 1_000)
-            .arg(&record.id)
-            .arg(record.expires_at)
-            .arg(&record.tenant)
-            .arg(if record.named { "0" } else { "1" })
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.err(e))?;
+        let action = repair.action();
+        self.metrics
+            .presence_repairs
+            .with_label_values(&[action])
+            .inc();
+        tracing::info!(room = %key, peer = %m.peer_id, session = %m.session_id, action, "connection reconciled");
         Ok(())
     }
 
@@ -1108,6 +1048,37 @@ impl RedisBus {
             }
         }
         Ok(())
+    }
+}
+
+/// What a connection that the member index lacks needs (see
+/// [`RedisBus::repair`]).
+enum Repair {
+    /// Re-registered after Redis lost its data.
+    Restored,
+    /// Its member record is current; only the index entry was missing.
+    Indexed,
+    /// A newer connection of the peer holds the record: closed 4001.
+    Replaced,
+    /// The room is gone: closed as `room-closed`.
+    RoomClosed,
+    /// Its record was reaped: closed 1013 to rejoin as a new session.
+    Rejoin,
+    /// The join rule no longer admits it (say, the room filled up).
+    Refused(crate::room::Refusal),
+}
+
+impl Repair {
+    /// The `action` label of the repair metric.
+    fn action(&self) -> &'static str {
+        match self {
+            Self::Restored => "restored",
+            Self::Indexed => "indexed",
+            Self::Replaced => "replaced",
+            Self::RoomClosed => "room_closed",
+            Self::Rejoin => "rejoin",
+            Self::Refused(_) => "refused",
+        }
     }
 }
 
