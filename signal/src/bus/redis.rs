@@ -281,6 +281,8 @@ pub(crate) struct RedisBus {
     /// The `epoch` key's value as last seen: when it changes, Redis lost
     /// its data and rooms are restored from connections.
     epoch: Mutex<Option<String>>,
+    /// Set from a data loss until a reconcile has restored everything.
+    restoring: AtomicBool,
 }
 
 impl RedisBus {
@@ -317,6 +319,7 @@ impl RedisBus {
             metrics,
             needs_resync: AtomicBool::new(false),
             epoch: Mutex::new(None),
+            restoring: AtomicBool::new(false),
         });
         bus.check_epoch().await?;
         // A previous process under this node id left its peers indexed:
@@ -813,10 +816,12 @@ impl RedisBus {
     /// absent twice are removed, as a join is indexed just before its
     /// connection registers.
     async fn reconcile(&self, absent: &mut HashSet<String>) -> Result<(), BusError> {
-        let restore = self.check_epoch().await?;
-        if restore {
+        if self.check_epoch().await? {
             tracing::warn!(node = %self.node, "Redis lost its data; restoring rooms and members from this node's connections");
+            self.restoring.store(true, Ordering::Relaxed);
         }
+        // Until a pass completes: one cut short by an error resumes it.
+        let restore = self.restoring.load(Ordering::Relaxed);
         // Connections first: one that registers after this read was
         // indexed before it, so it is not mistaken for a missing entry.
         let local = self.hub.snapshot(&self.node);
@@ -872,6 +877,7 @@ impl RedisBus {
             }
         }
         *absent = now_absent;
+        self.restoring.store(false, Ordering::Relaxed);
         Ok(())
     }
 
