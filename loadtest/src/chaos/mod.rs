@@ -253,7 +253,7 @@ pub async fn run(args: ChaosArgs) -> Result<ChaosReport, String> {
         Some(f) => f.clone(),
         None => std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
     };
-    let (dir, _temp) = match &args.work_dir {
+    let (dir, temp) = match &args.work_dir {
         Some(d) => (d.clone(), None),
         None => {
             let t = tempfile::Builder::new()
@@ -264,16 +264,27 @@ pub async fn run(args: ChaosArgs) -> Result<ChaosReport, String> {
         }
     };
     eprintln!("chaos: starting the deployment in {}", dir.display());
-    let mut cluster = Cluster::start(&floe, &args.redis_server, &dir, knobs.timing).await?;
-    let probe_key = cluster.tenant("chaos-probes").await?;
-    let probes = Probes::start(&cluster.signal_urls, probe_key, knobs.probe_rooms).await?;
-    if probes
-        .all_connected(Duration::from_secs(30))
-        .await
-        .is_none()
-    {
-        return Err("the probes never all joined their rooms".into());
-    }
+    let setup = async {
+        let cluster = Cluster::start(&floe, &args.redis_server, &dir, knobs.timing).await?;
+        let probe_key = cluster.tenant("chaos-probes").await?;
+        let probes = Probes::start(&cluster.signal_urls, probe_key, knobs.probe_rooms).await?;
+        if probes
+            .all_connected(Duration::from_secs(30))
+            .await
+            .is_none()
+        {
+            return Err("the probes never all joined their rooms".to_owned());
+        }
+        Ok((cluster, probes))
+    };
+    let (mut cluster, probes) = match setup.await {
+        Ok(v) => v,
+        Err(e) => {
+            // The logs say why: keep them.
+            let kept = temp.map_or(dir.clone(), tempfile::TempDir::keep);
+            return Err(format!("{e} (logs in {})", kept.display()));
+        }
+    };
     let faults = if args.faults.is_empty() {
         ALL_FAULTS.to_vec()
     } else {
@@ -302,7 +313,7 @@ pub async fn run(args: ChaosArgs) -> Result<ChaosReport, String> {
     drop(cluster);
     let passed = phases.iter().all(|p| p.failures.is_empty());
     // A failed run keeps its logs for whoever reads the report.
-    let work_dir = match _temp {
+    let work_dir = match temp {
         Some(t) if !passed => Some(t.keep().display().to_string()),
         Some(_) => None,
         None => Some(dir.display().to_string()),
