@@ -234,6 +234,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 200.0,
+        trusted_proxies: Vec::new(),
         enforcement_refresh_ms: 2_000,
     };
     // The control plane stops last: TURN reports its final usage to it.

@@ -45,6 +45,7 @@ async fn tenant_token_and_usage_commands() {
             credential_ttl_secs: 600,
             max_token_ttl_secs: 86_400,
             api_rate: 10_000.0,
+            trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
         },
         Shutdown::new(),

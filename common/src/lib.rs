@@ -1,13 +1,15 @@
 //! Runtime glue every floe component needs, written once: the operations
 //! endpoints (`/healthz`, `/readyz`, `/metrics`), JSON error answers,
 //! serving an axum router until shutdown, the shutdown signal, secrets from
-//! configuration, rate limiting, tracing set-up, batched UDP I/O, and a
-//! TCP forwarder that can cut its path (fault injection).
+//! configuration, rate limiting, tracing set-up, batched UDP I/O, the
+//! client's address behind trusted proxies, and a TCP forwarder that can
+//! cut its path (fault injection).
 
 pub mod config;
 pub mod health;
 pub mod http;
 pub mod netfault;
+pub mod proxy;
 pub mod ratelimit;
 pub mod secret;
 pub mod shutdown;

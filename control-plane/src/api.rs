@@ -373,8 +373,9 @@ async fn rate_limit(
     let now = Instant::now();
     let (allowed, retry) = {
         let mut limiter = app.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        let allowed = limiter.allow(&peer.ip(), now);
-        (allowed, limiter.retry_after(&peer.ip(), now))
+        let ip = app.settings.trusted_proxies.client_ip(peer, req.headers());
+        let allowed = limiter.allow(&ip, now);
+        (allowed, limiter.retry_after(&ip, now))
     };
     if allowed {
         return next.run(req).await;
@@ -1007,6 +1008,7 @@ mod tests {
             credential_ttl_secs: 600,
             max_token_ttl_secs: 3600,
             api_rate: 10_000.0,
+            trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
         };
         let cp = crate::start(settings, floe_common::Shutdown::new())

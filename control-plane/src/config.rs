@@ -78,6 +78,17 @@ pub struct Config {
     #[arg(long, env = "FLOE_API_RATE", default_value_t = 50.0)]
     pub api_rate: f64,
 
+    /// Reverse proxies (CIDRs, repeatable) whose `Forwarded` /
+    /// `X-Forwarded-For` headers name the client for --api-rate; set it to
+    /// your ingress controller's pod range. Headers from anyone else are
+    /// ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "FLOE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// How often the in-memory enforcement state (cut-offs, policies,
     /// revocations) is rebuilt from the store, milliseconds. Changes made
     /// through this replica apply at once; this bounds how long one made
@@ -107,6 +118,7 @@ pub struct Settings {
     pub credential_ttl_secs: u64,
     pub max_token_ttl_secs: u64,
     pub api_rate: f64,
+    pub trusted_proxies: floe_common::proxy::TrustedProxies,
     pub enforcement_refresh: std::time::Duration,
 }
 
@@ -227,6 +239,7 @@ impl Config {
             credential_ttl_secs: self.credential_ttl_secs,
             max_token_ttl_secs: self.max_token_ttl_secs,
             api_rate: self.api_rate,
+            trusted_proxies: floe_common::proxy::TrustedProxies::new(self.trusted_proxies.clone()),
             enforcement_refresh: std::time::Duration::from_millis(self.enforcement_refresh_ms),
         })
     }

@@ -32,6 +32,7 @@ fn settings(store: StoreLocation) -> Settings {
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 1_000.0,
+        trusted_proxies: Default::default(),
         enforcement_refresh: std::time::Duration::from_secs(2),
     }
 }
@@ -913,5 +914,41 @@ async fn quota_alerts_reach_a_webhook_signed_and_retried() {
     assert!(
         metrics.contains("floe_control_webhooks_total{result=\"failed\"} 2"),
         "{metrics}"
+    );
+}
+
+/// The per-IP API rate keys on the client a trusted proxy names in
+/// `X-Forwarded-For`; from any other peer the header is ignored.
+#[tokio::test]
+async fn the_api_rate_sees_clients_behind_trusted_proxies_only() {
+    let throttled = |trusted: bool| async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = settings(StoreLocation::Embedded(dir.path().join("cp.redb")));
+        s.api_rate = 1.0;
+        if trusted {
+            s.trusted_proxies =
+                floe_common::proxy::TrustedProxies::new(vec!["127.0.0.0/8".parse().expect("net")]);
+        }
+        let h = Harness::with(s, dir).await;
+        let mut limited = 0;
+        for i in 0..20 {
+            let r = h
+                .http
+                .get(h.url("/v1/tenants"))
+                .bearer_auth(ADMIN)
+                .header("x-forwarded-for", format!("203.0.113.{i}"))
+                .send()
+                .await
+                .expect("request");
+            if r.status() == 429 {
+                limited += 1;
+            }
+        }
+        limited
+    };
+    assert_eq!(throttled(true).await, 0, "twenty clients, one request each");
+    assert!(
+        throttled(false).await > 0,
+        "one peer, however it names itself"
     );
 }

@@ -70,7 +70,8 @@ async fn create_room(
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateRoom>,
 ) -> Result<(StatusCode, Json<CreatedRoom>)> {
-    create(&app, client.ip(), &headers, req)
+    let ip = app.settings.trusted_proxies.client_ip(client, &headers);
+    create(&app, ip, &headers, req)
         .await
         .map_err(|e| app.refuse(e))
 }
@@ -304,7 +305,10 @@ async fn websocket(
     } else {
         None
     };
-    let slot = IpSlot::acquire(&app, client.ip());
+    let slot = IpSlot::acquire(
+        &app,
+        app.settings.trusted_proxies.client_ip(client, &headers),
+    );
     let refusal = refusal.or_else(|| slot.is_none().then_some(SignalError::TooManyConnections));
     let max = app.settings.max_message_bytes;
     upgrade

@@ -81,6 +81,17 @@ pub struct Config {
     #[arg(long, env = "FLOE_MAX_CONNECTIONS_PER_IP", default_value_t = 200)]
     pub max_connections_per_ip: u32,
 
+    /// Reverse proxies (CIDRs, repeatable) whose `Forwarded` /
+    /// `X-Forwarded-For` headers name the client for per-IP limits; set it
+    /// to your ingress controller's pod range. Headers from anyone else
+    /// are ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "FLOE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Anonymous room creations per client IP per minute.
     #[arg(long, env = "FLOE_PUBLIC_ROOMS_PER_MIN", default_value_t = 30)]
     pub public_rooms_per_min: u32,
@@ -141,6 +152,7 @@ pub struct Settings {
     pub messages_per_sec: f64,
     pub message_burst: u32,
     pub max_connections_per_ip: u32,
+    pub trusted_proxies: floe_common::proxy::TrustedProxies,
     pub public_rooms_per_min: u32,
     pub room_ttl_secs: u64,
     pub max_room_ttl_secs: u64,
@@ -170,6 +182,7 @@ impl Settings {
             messages_per_sec: 50.0,
             message_burst: 200,
             max_connections_per_ip: 200,
+            trusted_proxies: Default::default(),
             public_rooms_per_min: 30,
             room_ttl_secs: 3_600,
             max_room_ttl_secs: 86_400,
@@ -316,6 +329,7 @@ impl Config {
             messages_per_sec: self.messages_per_sec,
             message_burst: self.message_burst,
             max_connections_per_ip: self.max_connections_per_ip,
+            trusted_proxies: floe_common::proxy::TrustedProxies::new(self.trusted_proxies.clone()),
             public_rooms_per_min: self.public_rooms_per_min,
             room_ttl_secs: self.room_ttl_secs,
             max_room_ttl_secs: self.max_room_ttl_secs,

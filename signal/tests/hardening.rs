@@ -595,3 +595,62 @@ async fn credentials_minted_on_the_node_follow_revocations_and_cut_offs() {
         "{m}"
     );
 }
+
+/// A WebSocket opened through a proxy forwarding for some client.
+type Forwarded =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `room` as a proxy forwarding for `client`;
+/// returns it (open, so it counts against its client's limit) and its
+/// first message.
+async fn join_forwarded(
+    node: &floe_signal::Signal,
+    room: &str,
+    client: &str,
+) -> (Forwarded, Value) {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let url = format!("ws://{}/v1/rooms/{room}/ws", node.addr());
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut()
+        .insert("x-forwarded-for", client.parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message")
+        .expect("open")
+        .expect("frame");
+    let first = serde_json::from_str(first.to_text().expect("text")).expect("json");
+    (ws, first)
+}
+
+/// Per-IP limits count the client a trusted proxy names, and ignore the
+/// header from anyone else (an ingress in front of every connection
+/// would otherwise make all clients one).
+#[tokio::test]
+async fn per_ip_limits_see_clients_behind_trusted_proxies_only() {
+    let stack = Stack::new().await;
+    for trusted in [true, false] {
+        let mut s = stack.settings();
+        s.max_connections_per_ip = 1;
+        if trusted {
+            s.trusted_proxies =
+                floe_common::proxy::TrustedProxies::new(vec!["127.0.0.0/8".parse().expect("net")]);
+        }
+        let node = stack.node(s).await;
+        let room = public_room(&stack.http, &node, json!({})).await;
+        let id = room["room_id"].as_str().expect("id");
+        let (_a, first) = join_forwarded(&node, id, "203.0.113.1").await;
+        assert_eq!(first["type"], "welcome");
+        let (_b, other) = join_forwarded(&node, id, "203.0.113.2").await;
+        let (_c, again) = join_forwarded(&node, id, "203.0.113.1").await;
+        if trusted {
+            assert_eq!(other["type"], "welcome", "another client behind the proxy");
+        } else {
+            assert_eq!(other["code"], "too_many_connections", "one peer: {other}");
+        }
+        assert_eq!(again["code"], "too_many_connections", "{again}");
+    }
+}

@@ -72,6 +72,7 @@ async fn turnutils_uclient_relays_through_floe_turn_without_loss() {
             credential_ttl_secs: 600,
             max_token_ttl_secs: 86_400,
             api_rate: 10_000.0,
+            trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
         },
         Shutdown::new(),

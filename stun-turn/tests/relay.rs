@@ -45,6 +45,7 @@ fn cp_settings(dir: &std::path::Path, listen: SocketAddr, internal: &str) -> CpS
         credential_ttl_secs: 600,
         max_token_ttl_secs: 86_400,
         api_rate: 10_000.0,
+        trusted_proxies: Default::default(),
         enforcement_refresh: std::time::Duration::from_secs(2),
     }
 }
