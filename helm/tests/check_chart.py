@@ -160,6 +160,27 @@ def check_containers(docs, floe_bin, label, expect_ok=True):
     return checked, refused
 
 
+def check_alerts(docs, label):
+    """Every floe metric an alert reads is one the binary exports (a
+    renamed metric would leave an alert that never fires), and each
+    component has an alert for being gone altogether."""
+    import re
+    rules = [r for d in docs if d["kind"] == "PrometheusRule"
+             for g in d["spec"]["groups"] for r in g["rules"]]
+    if not rules:
+        return
+    sources = "\n".join(p.read_text() for p in CHART.parent.parent.glob("*/src/**/*.rs"))
+    for rule in rules:
+        for metric in set(re.findall(r"\bfloe_[a-z0-9_]+", rule["expr"])):
+            if f'"{metric}"' not in sources:
+                fail(f"{label}: alert {rule['alert']} reads {metric}, which no floe binary exports")
+    absent = {r.get("labels", {}).get("component") for r in rules if "absent(" in r["expr"]}
+    for component in ("signal", "control-plane", "turn"):
+        if component not in absent:
+            fail(f"{label}: no alert fires when every {component} pod is gone")
+    print(f"  ok   {len(rules)} alerts read only exported metrics", flush=True)
+
+
 def check_docs():
     """The chart's version matches the binary's, and the README's values
     table names every value."""
@@ -195,6 +216,7 @@ def main():
         print(f"  {len(docs)} manifests: "
               + ", ".join(sorted({d['kind'] for d in docs})), flush=True)
         validate(docs, label)
+        check_alerts(docs, label)
         check_containers(docs, floe_bin, label)
 
     print("== values the chart must refuse", flush=True)

@@ -92,7 +92,11 @@ impl TurnServer {
 /// Starts serving; returns once every listener is bound.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer, StartError> {
     let shutdown = shutdown.child_token();
-    let metrics = Arc::new(metrics::Metrics::new(settings.max_allocations));
+    let (lo, hi) = settings.relay_ports;
+    let metrics = Arc::new(metrics::Metrics::new(
+        settings.max_allocations,
+        usize::from(hi.saturating_sub(lo)) + 1,
+    ));
     let meter = Arc::new(meter::Meter::open(
         &settings.server_id,
         settings.data_dir.as_deref(),

@@ -25,6 +25,7 @@ pub(crate) struct Metrics {
     pub usage_batches: IntCounterVec,
     pub usage_pending: IntGauge,
     pub max_allocations: IntGauge,
+    pub relay_ports: IntGauge,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -32,10 +33,11 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 }
 
 impl Metrics {
-    /// The metrics of a server allowed `max_allocations` at once. Counters
-    /// whose label values are known up front start at zero, so that rates
-    /// and alerts see them before the first event.
-    pub fn new(max_allocations: usize) -> Self {
+    /// The metrics of a server allowed `max_allocations` at once, with
+    /// `relay_ports` relay ports per address. Counters whose label values
+    /// are known up front start at zero, so that rates and alerts see them
+    /// before the first event.
+    pub fn new(max_allocations: usize, relay_ports: usize) -> Self {
         let m = Self {
             registry: Registry::new(),
             stun_requests: counter_vec(
@@ -129,9 +131,16 @@ impl Metrics {
                 "Allocations this server accepts at once (--max-allocations)",
             )
             .expect("valid metric"),
+            relay_ports: IntGauge::new(
+                "floe_turn_relay_ports",
+                "Relay ports per relay address (--relay-port-min..=--relay-port-max): each allocation holds one",
+            )
+            .expect("valid metric"),
         };
         m.max_allocations
             .set(i64::try_from(max_allocations).unwrap_or(i64::MAX));
+        m.relay_ports
+            .set(i64::try_from(relay_ports).unwrap_or(i64::MAX));
         for reason in [
             "bad_request",
             "bad_username",
@@ -185,6 +194,7 @@ impl Metrics {
             Box::new(m.usage_batches.clone()),
             Box::new(m.usage_pending.clone()),
             Box::new(m.max_allocations.clone()),
+            Box::new(m.relay_ports.clone()),
         ];
         for c in all {
             m.registry.register(c).expect("each metric registered once");
@@ -220,7 +230,7 @@ mod tests {
 
     #[test]
     fn relayed_totals_add_every_tenant_by_direction() {
-        let m = Metrics::new(10);
+        let m = Metrics::new(10, 10);
         m.relayed_bytes.with_label_values(&["a", "out"]).inc_by(5);
         m.relayed_bytes.with_label_values(&["b", "out"]).inc_by(7);
         m.relayed_bytes.with_label_values(&["a", "in"]).inc_by(3);

@@ -1156,7 +1156,7 @@ pub(crate) mod tests {
             floe_proto::credential::TurnSecrets::parse("k1=0123456789abcdef0").expect("secrets"),
         );
         let meter = Arc::new(Meter::open("fuzz", None).expect("meter"));
-        let metrics = Arc::new(Metrics::new(s.max_allocations));
+        let metrics = Arc::new(Metrics::new(s.max_allocations, 16_384));
         let turn = Arc::new(Turn::new(s, metrics, meter));
         turn.apply_policy(Policy::default());
         turn
