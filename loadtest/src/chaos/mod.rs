@@ -426,10 +426,11 @@ async fn phase(c: &mut Cluster, probes: &Probes, fault: Fault, k: &Knobs, n: usi
     let mut failures = Vec::new();
     let phase_start = Instant::now();
     let tenant = format!("chaos-{n}");
-    let key = match c.tenant(&tenant).await {
-        Ok(key) => key,
-        Err(e) => (String::new(), e),
-    };
+    let key = c.tenant(&tenant).await.unwrap_or_else(|e| {
+        // The load then fails at once, and the phase with it.
+        failures.push(format!("tenant {tenant}: {e}"));
+        (String::new(), String::new())
+    });
     let rss_before = rss_of(c);
     let interval = Duration::from_secs(k.timing.usage_interval_secs);
     // What each TURN process metered before the phase; for one the fault
