@@ -41,7 +41,10 @@ pub struct Config {
     #[arg(long, env = "FLOE_TURN_SECRETS", hide_env_values = true)]
     pub turn_secrets: Option<String>,
 
-    /// File holding TURN secrets, one `kid=secret` per line.
+    /// File holding TURN secrets, one `kid=secret` per line. Read again
+    /// every 5 s and on SIGHUP: a changed file applies without a restart
+    /// (an unreadable or invalid one is logged and the secrets in use are
+    /// kept).
     #[arg(long, env = "FLOE_TURN_SECRETS_FILE")]
     pub turn_secrets_file: Option<PathBuf>,
 
@@ -153,6 +156,10 @@ pub struct Settings {
     pub max_tcp_connections: usize,
     pub realm: String,
     pub secrets: Option<TurnSecrets>,
+    /// Where the secrets came from, if a file: it is read again every
+    /// `secrets_reload` and on SIGHUP, so a rotation needs no restart.
+    pub secrets_file: Option<PathBuf>,
+    pub secrets_reload: Duration,
     pub control_url: Option<String>,
     pub internal_token: Option<String>,
     pub relay_ips: Vec<IpAddr>,
@@ -293,6 +300,8 @@ impl Config {
             max_tcp_connections: self.max_tcp_connections,
             realm: self.realm.clone(),
             secrets,
+            secrets_file: self.turn_secrets_file.clone(),
+            secrets_reload: Duration::from_secs(5),
             control_url: self
                 .control_url
                 .as_ref()
@@ -330,6 +339,8 @@ impl Settings {
             max_tcp_connections: 10_000,
             realm: "floe".into(),
             secrets: None,
+            secrets_file: None,
+            secrets_reload: Duration::from_secs(5),
             control_url: None,
             internal_token: None,
             relay_ips: vec![relay],

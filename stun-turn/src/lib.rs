@@ -16,6 +16,7 @@ mod meter;
 mod metrics;
 mod policy;
 mod report;
+mod secrets;
 mod server;
 mod tls;
 mod turn;
@@ -152,6 +153,9 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
     let router = floe_common::http::ops_router(metrics.registry.clone(), health)
         .fallback(floe_common::http::not_found);
     let http_task = floe_common::http::serve(http, router, stop.clone());
+    if let Some(file) = turn.settings.secrets_file.clone() {
+        tokio::spawn(secrets::reload(turn.clone(), file, stop.clone()));
+    }
     let reporter_stop = Shutdown::new();
     let reporter = tokio::spawn(report::run(
         turn.clone(),
@@ -159,7 +163,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer,
         control_ok,
         reporter_stop.clone(),
     ));
-    tracing::info!(%listen, tls = ?tls_addr, http = %http_addr, server = %server_id, turn = turn.settings.secrets.is_some(), "STUN/TURN server listening");
+    tracing::info!(%listen, tls = ?tls_addr, http = %http_addr, server = %server_id, turn = turn.secrets().is_some(), "STUN/TURN server listening");
 
     let task = tokio::spawn({
         let (shutdown, turn) = (shutdown.clone(), turn.clone());

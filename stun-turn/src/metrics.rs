@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     pub usage_pending: IntGauge,
     pub max_allocations: IntGauge,
     pub relay_ports: IntGauge,
+    pub secrets_reloads: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,6 +132,11 @@ impl Metrics {
                 "Allocations this server accepts at once (--max-allocations)",
             )
             .expect("valid metric"),
+            secrets_reloads: counter_vec(
+                "floe_turn_secrets_reloads_total",
+                "Changes of the TURN secrets file applied (ok) or refused (invalid)",
+                &["result"],
+            ),
             relay_ports: IntGauge::new(
                 "floe_turn_relay_ports",
                 "Relay ports per relay address (--relay-port-min..=--relay-port-max): each allocation holds one",
@@ -173,6 +179,9 @@ impl Metrics {
             m.discarded.with_label_values(&[reason]);
             m.discarded_bytes.with_label_values(&[reason]);
         }
+        for result in ["ok", "invalid"] {
+            m.secrets_reloads.with_label_values(&[result]);
+        }
         for result in ["sent", "acked", "failed", "rejected"] {
             m.usage_batches.with_label_values(&[result]);
         }
@@ -195,6 +204,7 @@ impl Metrics {
             Box::new(m.usage_pending.clone()),
             Box::new(m.max_allocations.clone()),
             Box::new(m.relay_ports.clone()),
+            Box::new(m.secrets_reloads.clone()),
         ];
         for c in all {
             m.registry.register(c).expect("each metric registered once");

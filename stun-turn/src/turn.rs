@@ -120,6 +120,8 @@ pub(crate) struct Turn {
     pub metrics: Arc<Metrics>,
     pub meter: Arc<Meter>,
     auth: Authenticator,
+    /// The TURN secrets in use (reloaded from their file).
+    secrets: RwLock<Option<Arc<floe_proto::credential::TurnSecrets>>>,
     table: RwLock<Table>,
     /// What the control plane last said; `None` until it (or a saved
     /// copy) is known, and then allocations are refused.
@@ -148,6 +150,7 @@ impl Turn {
                 100_000,
             )),
             next_port: AtomicUsize::new(rand::random::<u16>() as usize),
+            secrets: RwLock::new(settings.secrets.clone().map(Arc::new)),
             settings,
             metrics,
             meter,
@@ -155,6 +158,20 @@ impl Turn {
             policy: RwLock::default(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// The TURN secrets in use.
+    pub fn secrets(&self) -> Option<Arc<floe_proto::credential::TurnSecrets>> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new TURN secrets in use (credentials under a kid they no
+    /// longer hold are refused from the next request).
+    pub fn replace_secrets(&self, secrets: floe_proto::credential::TurnSecrets) {
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(secrets));
     }
 
     /// Refuses new allocations from now on (existing ones keep relaying).
@@ -414,7 +431,7 @@ impl Turn {
                 Some(unknown),
             );
         }
-        let Some(secrets) = &self.settings.secrets else {
+        let Some(secrets) = self.secrets() else {
             return self.error(
                 req,
                 from,
@@ -424,7 +441,7 @@ impl Turn {
             );
         };
         let now_unix = unix_now();
-        let authed = match self.auth.check(req, from.ip(), secrets, now_unix) {
+        let authed = match self.auth.check(req, from.ip(), &secrets, now_unix) {
             Ok(a) => a,
             Err(e) => return self.auth_failure(req, from, e),
         };

@@ -903,6 +903,98 @@ async fn rotated_secrets_keep_earlier_credentials_valid() {
     assert_eq!(raw.allocate(17).await.typ.class, CLASS_SUCCESS_RESPONSE);
 }
 
+/// A rotation without restarts: TURN reads its secrets file again (on a
+/// timer, and at once on SIGHUP), so a new kid is accepted before the
+/// control plane issues it; a broken file keeps the secrets in use.
+#[tokio::test]
+async fn turn_secrets_are_reloaded_from_their_file() {
+    let stack = Stack::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("turn-secrets");
+    std::fs::write(&file, format!("{SECRETS}\n")).expect("write");
+    let mut s = stack.turn_settings(None);
+    s.secrets_file = Some(file.clone());
+    s.secrets_reload = Duration::from_millis(100);
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let rotated = "k2=the-next-secret-0123456789";
+    let issue = |kid_secret: &str| {
+        let (user, pass) = TurnSecrets::parse(kid_secret).expect("secrets").issue(
+            floe_proto::time::unix_now() + 600,
+            "paid",
+            "r",
+            "p",
+        );
+        (user.to_string(), pass)
+    };
+    let allocates = |(user, pass): (String, String)| {
+        let server = turn.listen_addr();
+        async move {
+            let raw = Raw::new(server, &user, &pass).await;
+            let r = raw.allocate(17).await;
+            if r.typ.class == CLASS_SUCCESS_RESPONSE {
+                200
+            } else {
+                code(&r)
+            }
+        }
+    };
+    assert_eq!(allocates(issue(rotated)).await, 401, "k2 is not known yet");
+    // Step 1 of a rotation: the new secret second.
+    std::fs::write(&file, format!("{SECRETS}\n{rotated}\n")).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while allocates(issue(rotated)).await != 200 {
+        assert!(Instant::now() < deadline, "the new kid was never accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(allocates(issue(SECRETS)).await, 200, "k1 still valid");
+    // A broken file changes nothing.
+    std::fs::write(&file, "not a secret line\n").expect("write");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(allocates(issue(rotated)).await, 200);
+    assert!(
+        metric(
+            &metrics_page(&turn).await,
+            "floe_turn_secrets_reloads_total{result=\"invalid\"}"
+        ) >= 1.0
+    );
+    turn.stop().await;
+
+    // SIGHUP reads it at once: a server whose timer waits an hour.
+    std::fs::write(&file, format!("{SECRETS}\n")).expect("write");
+    let mut s = stack.turn_settings(None);
+    s.secrets_file = Some(file.clone());
+    s.secrets_reload = Duration::from_secs(3_600);
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let allocates = |(user, pass): (String, String)| {
+        let server = turn.listen_addr();
+        async move {
+            let raw = Raw::new(server, &user, &pass).await;
+            let r = raw.allocate(17).await;
+            if r.typ.class == CLASS_SUCCESS_RESPONSE {
+                200
+            } else {
+                code(&r)
+            }
+        }
+    };
+    assert_eq!(allocates(issue(SECRETS)).await, 200);
+    std::fs::write(&file, format!("{rotated}\n")).expect("write");
+    // Its handler is installed (the first server's was too): SIGHUP does
+    // not end this process.
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while allocates(issue(SECRETS)).await != 401 {
+        assert!(Instant::now() < deadline, "k1 was never dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(allocates(issue(rotated)).await, 200);
+    turn.stop().await;
+}
+
 /// Sends one STUN message over a stream and reads one back.
 async fn stream_roundtrip<S>(stream: &mut S, setters: Vec<Box<dyn Setter>>) -> Message
 where

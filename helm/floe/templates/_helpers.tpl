@@ -106,6 +106,23 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/*
+  A checksum of the chart Secret's keys a component reads only at start,
+  (list . "key" …): its pods restart when one of those changes, and only
+  then. TURN reads turn-secrets again by itself, so a rotation restarts no
+  TURN pod, and signal and Redis do not read it at all.
+*/}}
+{{- define "floe.secretsChecksum" -}}
+{{- $root := index . 0 -}}
+{{- $secret := include (print $root.Template.BasePath "/secret.yaml") $root | fromYaml | default dict -}}
+{{- $data := $secret.data | default dict -}}
+{{- $picked := list -}}
+{{- range (rest .) }}
+{{- $picked = append $picked (get $data . | default "") -}}
+{{- end -}}
+{{- join "," $picked | sha256sum -}}
+{{- end }}
+
 {{/* The secrets volume, mounted read-only at /etc/floe/secrets. */}}
 {{- define "floe.secretsVolume" -}}
 - name: secrets
