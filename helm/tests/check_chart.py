@@ -142,6 +142,10 @@ def check_containers(docs, floe_bin, label, expect_ok=True):
                     for path, local in mounts.items():
                         if value.startswith(path + "/"):
                             value = local + value[len(path):]
+                    # $(NAME) of a variable defined above, as the kubelet
+                    # expands it.
+                    for name, defined in env.items():
+                        value = value.replace(f"$({name})", defined)
                     env[e["name"]] = value
                 args = container.get("command", [])[1:] + container.get("args", [])
                 result = subprocess.run(
@@ -161,24 +165,18 @@ def check_containers(docs, floe_bin, label, expect_ok=True):
 
 
 def check_alerts(docs, label):
-    """Every floe metric an alert reads is one the binary exports (a
-    renamed metric would leave an alert that never fires), and each
-    component has an alert for being gone altogether."""
-    import re
+    """Each component has an alert for being gone altogether (that the
+    alerts read only metrics the components expose is checked against
+    live components by tests/loadtest.rs)."""
     rules = [r for d in docs if d["kind"] == "PrometheusRule"
              for g in d["spec"]["groups"] for r in g["rules"]]
     if not rules:
         return
-    sources = "\n".join(p.read_text() for p in CHART.parent.parent.glob("*/src/**/*.rs"))
-    for rule in rules:
-        for metric in set(re.findall(r"\bfloe_[a-z0-9_]+", rule["expr"])):
-            if f'"{metric}"' not in sources:
-                fail(f"{label}: alert {rule['alert']} reads {metric}, which no floe binary exports")
     absent = {r.get("labels", {}).get("component") for r in rules if "absent(" in r["expr"]}
     for component in ("signal", "control-plane", "turn"):
         if component not in absent:
             fail(f"{label}: no alert fires when every {component} pod is gone")
-    print(f"  ok   {len(rules)} alerts read only exported metrics", flush=True)
+    print(f"  ok   {len(rules)} alerts, one for each component gone", flush=True)
 
 
 def check_rotation(helm_bin):
@@ -265,6 +263,7 @@ def main():
         "short TURN secret": ["--set", "secrets.turnSecrets[0].kid=k1,secrets.turnSecrets[0].secret=short"],
         "unknown top-level value": ["--set", "turnn.enabled=true"],
         "the web app without its tenant": ["--set", "signal.serveApp=true"],
+        "a NetworkPolicy open to every address for host-network TURN": ["--set", "networkPolicy.enabled=true"],
     }
     for what, args in refusals.items():
         result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)

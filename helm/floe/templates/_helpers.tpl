@@ -197,6 +197,9 @@ startupProbe:
 {{- if and (eq $turn.exposure "nodePort") (or (lt (int $turn.relayPorts.first) 30000) (gt (add $turn.relayPorts.first $turn.relayPorts.count) 32768)) }}
 {{- fail "turn.relayPorts must lie in the NodePort range 30000-32767 when turn.exposure is nodePort" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.turn.enabled (eq $turn.exposure "hostNetwork") (not .Values.networkPolicy.nodeCIDRs) }}
+{{- fail "networkPolicy.nodeCIDRs: TURN on the host network calls the control plane from node addresses; list the nodes' CIDRs" }}
+{{- end }}
 {{- if and (not (include "floe.hasRedis" .)) (or (eq .Values.controlPlane.store "redis") (gt (int .Values.signal.replicas) 1) .Values.signal.autoscaling.enabled) }}
 {{- fail "several signal replicas and controlPlane.store=redis need Redis: set redis.enabled or redis.url" }}
 {{- end }}
