@@ -264,6 +264,7 @@ def main():
         "unknown top-level value": ["--set", "turnn.enabled=true"],
         "the web app without its tenant": ["--set", "signal.serveApp=true"],
         "a NetworkPolicy open to every address for host-network TURN": ["--set", "networkPolicy.enabled=true"],
+        "generated secrets under GitOps (secrets.generate=false)": ["--set", "secrets.generate=false"],
     }
     for what, args in refusals.items():
         result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)
