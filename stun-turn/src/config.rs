@@ -67,8 +67,15 @@ pub struct Config {
 
     /// Address advertised in XOR-RELAYED-ADDRESS instead of the relay IP
     /// (the public IP behind a 1:1 NAT or load balancer).
-    #[arg(long, env = "FLOE_EXTERNAL_IP")]
+    #[arg(long, env = "FLOE_EXTERNAL_IP", conflicts_with = "external_ip_stun")]
     pub external_ip: Option<IpAddr>,
+
+    /// Learn --external-ip at start by asking this STUN server (`host:port`,
+    /// outside the NAT) how it sees the relay address: for nodes whose
+    /// public address is a 1:1 NAT of a private one (EC2, GCE, Azure VMs).
+    /// TURN does not start without an answer.
+    #[arg(long, env = "FLOE_EXTERNAL_IP_STUN")]
+    pub external_ip_stun: Option<String>,
 
     /// Lowest relay port.
     #[arg(long, env = "FLOE_RELAY_PORT_MIN", default_value_t = 49_152)]
@@ -164,6 +171,8 @@ pub struct Settings {
     pub internal_token: Option<String>,
     pub relay_ips: Vec<IpAddr>,
     pub external_ip: Option<IpAddr>,
+    /// STUN server (`host:port`) that tells the external address at start.
+    pub external_ip_stun: Option<String>,
     pub relay_ports: (u16, u16),
     pub allow_peers: Vec<IpNet>,
     pub max_allocations: usize,
@@ -309,6 +318,7 @@ impl Config {
             internal_token,
             relay_ips,
             external_ip: self.external_ip,
+            external_ip_stun: self.external_ip_stun.clone(),
             relay_ports: (self.relay_port_min, self.relay_port_max),
             allow_peers: self.allow_peers.clone(),
             max_allocations: self.max_allocations,
@@ -345,6 +355,7 @@ impl Settings {
             internal_token: None,
             relay_ips: vec![relay],
             external_ip: None,
+            external_ip_stun: None,
             relay_ports: (49_152, 65_535),
             allow_peers: Vec::new(),
             max_allocations: 50_000,

@@ -11,6 +11,7 @@ mod allocation;
 mod auth;
 pub mod binding;
 mod config;
+pub mod discover;
 pub mod framing;
 mod meter;
 mod metrics;
@@ -46,6 +47,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("HTTP client")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Discover(#[from] discover::DiscoverError),
 }
 
 /// A running TURN server. Dropping it starts a graceful stop.
@@ -91,7 +94,17 @@ impl TurnServer {
 }
 
 /// Starts serving; returns once every listener is bound.
-pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<TurnServer, StartError> {
+pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnServer, StartError> {
+    if let Some(server) = &settings.external_ip_stun {
+        let local = settings
+            .relay_ips
+            .first()
+            .copied()
+            .unwrap_or(settings.listen.ip());
+        let ip = discover::external_ip(local, server).await?;
+        tracing::info!(%ip, relay = %local, stun = %server, "external address learned over STUN");
+        settings.external_ip = Some(ip);
+    }
     let shutdown = shutdown.child_token();
     let (lo, hi) = settings.relay_ports;
     let metrics = Arc::new(metrics::Metrics::new(

@@ -995,6 +995,35 @@ async fn turn_secrets_are_reloaded_from_their_file() {
     turn.stop().await;
 }
 
+/// `--external-ip-stun`: TURN asks a STUN server how it sees the relay
+/// address and advertises that (on loopback the same address; behind a
+/// cloud's 1:1 NAT the public one). No answer, no start.
+#[tokio::test]
+async fn the_external_address_is_learned_over_stun() {
+    let stack = Stack::new().await;
+    let stun_server = stack.turn(None).await;
+    let mut s = stack.turn_settings(None);
+    s.external_ip_stun = Some(stun_server.listen_addr().to_string());
+    let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
+    let (user, pass) = stack.credentials("paid", "r", "ext").await;
+    let raw = Raw::new(turn.listen_addr(), &user, &pass).await;
+    let ok = raw.allocate(17).await;
+    let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+    relayed.get_from(&ok).expect("XOR-RELAYED-ADDRESS");
+    assert_eq!(relayed.ip.to_string(), "127.0.0.1");
+
+    let mut s = stack.turn_settings(None);
+    s.external_ip_stun = Some("no-such-host.invalid:3478".into());
+    let err = floe_turn::start(s, Shutdown::new())
+        .await
+        .err()
+        .expect("no start");
+    assert!(
+        err.to_string().contains("cannot resolve STUN server"),
+        "{err}"
+    );
+}
+
 /// Sends one STUN message over a stream and reads one back.
 async fn stream_roundtrip<S>(stream: &mut S, setters: Vec<Box<dyn Setter>>) -> Message
 where
