@@ -397,6 +397,18 @@ fn text(m: &Message, t: AttrType) -> String {
     String::from_utf8(m.get(t).expect("attribute")).expect("utf8")
 }
 
+/// An Allocate (UDP relay) without credentials: the first leg, answered
+/// 401 with the realm and a nonce.
+fn unsigned_allocate() -> Vec<Box<dyn Setter>> {
+    vec![
+        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(turn::proto::reqtrans::RequestedTransport {
+            protocol: turn::proto::PROTO_UDP,
+        }),
+    ]
+}
+
 /// A request of `method` with `attrs`, authenticated with long-term
 /// credentials (USERNAME, REALM, NONCE, MESSAGE-INTEGRITY).
 fn signed(
@@ -435,18 +447,7 @@ impl Raw {
     async fn new(server: SocketAddr, user: &str, pass: &str) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         // First leg: 401 with realm and nonce.
-        let r = roundtrip(
-            &sock,
-            server,
-            vec![
-                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-                Box::new(stun::agent::TransactionId::new()),
-                Box::new(turn::proto::reqtrans::RequestedTransport {
-                    protocol: turn::proto::PROTO_UDP,
-                }),
-            ],
-        )
-        .await;
+        let r = roundtrip(&sock, server, unsigned_allocate()).await;
         assert_eq!(code(&r), 401);
         assert_eq!(text(&r, ATTR_REALM), "floe");
         let nonce = text(&r, ATTR_NONCE);
@@ -926,18 +927,7 @@ async fn turn_secrets_are_reloaded_from_their_file() {
         );
         (user.to_string(), pass)
     };
-    let allocates = |(user, pass): (String, String)| {
-        let server = turn.listen_addr();
-        async move {
-            let raw = Raw::new(server, &user, &pass).await;
-            let r = raw.allocate(17).await;
-            if r.typ.class == CLASS_SUCCESS_RESPONSE {
-                200
-            } else {
-                code(&r)
-            }
-        }
-    };
+    let allocates = |creds: (String, String)| allocate_status(turn.listen_addr(), creds);
     assert_eq!(allocates(issue(rotated)).await, 401, "k2 is not known yet");
     // Step 1 of a rotation: the new secret second.
     std::fs::write(&file, format!("{SECRETS}\n{rotated}\n")).expect("write");
@@ -965,18 +955,7 @@ async fn turn_secrets_are_reloaded_from_their_file() {
     s.secrets_file = Some(file.clone());
     s.secrets_reload = Duration::from_secs(3_600);
     let turn = floe_turn::start(s, Shutdown::new()).await.expect("turn");
-    let allocates = |(user, pass): (String, String)| {
-        let server = turn.listen_addr();
-        async move {
-            let raw = Raw::new(server, &user, &pass).await;
-            let r = raw.allocate(17).await;
-            if r.typ.class == CLASS_SUCCESS_RESPONSE {
-                200
-            } else {
-                code(&r)
-            }
-        }
-    };
+    let allocates = |creds: (String, String)| allocate_status(turn.listen_addr(), creds);
     assert_eq!(allocates(issue(SECRETS)).await, 200);
     std::fs::write(&file, format!("{rotated}\n")).expect("write");
     // Its handler is installed (the first server's was too): SIGHUP does
@@ -1022,6 +1001,16 @@ async fn the_external_address_is_learned_over_stun() {
         err.to_string().contains("cannot resolve STUN server"),
         "{err}"
     );
+}
+
+/// A UDP Allocate with `(user, pass)`: 200 when granted, else its error code.
+async fn allocate_status(server: SocketAddr, (user, pass): (String, String)) -> u16 {
+    let r = Raw::new(server, &user, &pass).await.allocate(17).await;
+    if r.typ.class == CLASS_SUCCESS_RESPONSE {
+        200
+    } else {
+        code(&r)
+    }
 }
 
 /// Sends one STUN message over a stream and reads one back.
@@ -1307,17 +1296,7 @@ impl TcpClient {
             socket.set_recv_buffer_size(size).expect("rcvbuf");
         }
         let mut stream = socket.connect(server).await.expect("connect");
-        let challenge = stream_roundtrip(
-            &mut stream,
-            vec![
-                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-                Box::new(stun::agent::TransactionId::new()),
-                Box::new(turn::proto::reqtrans::RequestedTransport {
-                    protocol: turn::proto::PROTO_UDP,
-                }),
-            ],
-        )
-        .await;
+        let challenge = stream_roundtrip(&mut stream, unsigned_allocate()).await;
         assert_eq!(code(&challenge), 401);
         let mut c = Self {
             stream,

@@ -376,9 +376,12 @@ impl Cluster {
             proc.metrics_url = Some(format!("http://127.0.0.1:{ops}/metrics"));
             proc
         });
+        // Relay ranges of 2,000 ports each, apart, below the kernel's
+        // ephemeral range (32768+) that port-0 binds draw from.
+        let relay_base = 20_000 + rand::random::<u16>() % 5 * 2_000;
         let turns = [0, 1].map(|i| {
             let http = free_port().unwrap_or(0);
-            let relay_min = 20_000 + 2_000 * i as u16 + rand::random::<u16>() % 20 * 2_000;
+            let relay_min = relay_base + 2_000 * i as u16;
             let mut proc = Proc::new(
                 &format!("turn-{i}"),
                 floe,
