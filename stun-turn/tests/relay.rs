@@ -175,6 +175,19 @@ impl Stack {
         )
     }
 
+    /// Adds a revocation (admin), e.g. `{"tenant": "t", "room": "r"}`.
+    async fn revoke(&self, scope: Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/revocations", self.url()))
+            .bearer_auth(ADMIN)
+            .json(&scope)
+            .send()
+            .await
+            .expect("revoke");
+        assert_eq!(r.status(), 201);
+    }
+
     async fn usage(&self, tenant: &str) -> Value {
         self.http
             .get(format!("{}/v1/tenants/{tenant}/usage", self.url()))
@@ -600,15 +613,9 @@ async fn revocation_closes_live_allocations_within_five_seconds() {
     let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
     exchange(&relay, &peer, 3, 100).await;
     let revoked_at = Instant::now();
-    let r = stack
-        .http
-        .post(format!("{}/v1/revocations", stack.url()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"tenant": "paid", "room": "room9", "peer": "mallory"}))
-        .send()
-        .await
-        .expect("revoke");
-    assert_eq!(r.status(), 201);
+    stack
+        .revoke(json!({"tenant": "paid", "room": "room9", "peer": "mallory"}))
+        .await;
     let metrics_url = format!("http://{}/metrics", turn.http_addr());
     loop {
         let m = reqwest::get(&metrics_url)
@@ -737,15 +744,9 @@ async fn a_turn_started_without_its_control_plane_keeps_enforcing() {
     let turn = stack.turn(Some(spool.path())).await;
     let (ok_user, ok_pass) = stack.credentials("paid", "fine", "a").await;
     let (bad_user, bad_pass) = stack.credentials("paid", "banned", "b").await;
-    let r = stack
-        .http
-        .post(format!("{}/v1/revocations", stack.url()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"tenant": "paid", "room": "banned"}))
-        .send()
-        .await
-        .expect("revoke");
-    assert_eq!(r.status(), 201);
+    stack
+        .revoke(json!({"tenant": "paid", "room": "banned"}))
+        .await;
     let saved = spool.path().join("enforcement.json");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&saved).is_ok_and(|s| s.contains("banned")) {
@@ -852,15 +853,9 @@ async fn cut_offs_arrive_while_usage_batches_are_refused() {
         assert!(Instant::now() < deadline, "no batch ever pending");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = stack
-        .http
-        .post(format!("{}/v1/revocations", stack.url()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"tenant": "paid", "room": "room7"}))
-        .send()
-        .await
-        .expect("revoke");
-    assert_eq!(r.status(), 201);
+    stack
+        .revoke(json!({"tenant": "paid", "room": "room7"}))
+        .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !metrics_page(&turn)
         .await

@@ -325,12 +325,7 @@ impl RedisBus {
         // A previous process under this node id left its peers indexed:
         // the first reconcile, before any peer of this process can be,
         // evicts them all.
-        let previous: HashSet<String> = bus
-            .conn
-            .clone()
-            .smembers(bus.key(&["nodemembers", &bus.node]))
-            .await
-            .map_err(|e| bus.err(e))?;
+        let previous = bus.node_index(&bus.node).await?;
         let beat_ok = health.check("redis", false);
         let sub_ok = health.check("redis_pubsub", false);
         let (bounces, bounce_rx) = mpsc::channel(BOUNCE_QUEUE);
@@ -359,6 +354,30 @@ impl RedisBus {
 
     fn index_entry(room: &str, peer: &str, session: &str) -> String {
         format!("{room}\t{peer}\t{session}")
+    }
+
+    /// The room and member an index entry of `node` names.
+    fn indexed_member<'e>(entry: &'e str, node: &str) -> Option<(&'e str, Member)> {
+        let mut parts = entry.splitn(3, '\t');
+        let (room, peer, session) = (parts.next()?, parts.next()?, parts.next()?);
+        Some((
+            room,
+            Member {
+                peer_id: peer.to_owned(),
+                session_id: session.to_owned(),
+                node: node.to_owned(),
+                secret: String::new(),
+            },
+        ))
+    }
+
+    /// The member index of `node`: an entry per member it holds.
+    async fn node_index(&self, node: &str) -> Result<HashSet<String>, BusError> {
+        self.conn
+            .clone()
+            .smembers(self.key(&["nodemembers", node]))
+            .await
+            .map_err(|e| self.err(e))
     }
 
     fn err(&self, e: redis::RedisError) -> BusError {
@@ -825,16 +844,12 @@ impl RedisBus {
         // Connections first: one that registers after this read was
         // indexed before it, so it is not mistaken for a missing entry.
         let local = self.hub.snapshot(&self.node);
-        let index: HashSet<String> = self
-            .conn
-            .clone()
-            .smembers(self.key(&["nodemembers", &self.node]))
-            .await
-            .map_err(|e| self.err(e))?;
+        let index = self.node_index(&self.node).await?;
         let now = floe_proto::time::unix_now();
         let mut connected = HashSet::new();
         for (record, members) in &local {
             let key = record.key();
+            let mut room_restored = false;
             for m in members {
                 let entry = Self::index_entry(&key, &m.peer_id, &m.session_id);
                 let indexed = index.contains(&entry);
@@ -846,26 +861,25 @@ impl RedisBus {
                 {
                     continue;
                 }
+                if restore && !room_restored {
+                    // Re-created as it was made, once, before its members
+                    // are re-admitted (a room another node restored first
+                    // is left as it is).
+                    self.create_room(record, None, now).await?;
+                    room_restored = true;
+                }
                 self.repair(record, m, restore, now).await?;
             }
         }
         let now_absent: HashSet<String> = index.difference(&connected).cloned().collect();
         for entry in now_absent.intersection(absent) {
-            let mut parts = entry.splitn(3, '\t');
-            let (Some(room), Some(peer), Some(session)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
+            let Some((room, member)) = Self::indexed_member(entry, &self.node) else {
                 continue;
             };
+            let (peer, session) = (member.peer_id.as_str(), member.session_id.as_str());
             if self.hub.has(room, peer, session) {
                 continue;
             }
-            let member = Member {
-                peer_id: peer.to_owned(),
-                session_id: session.to_owned(),
-                node: self.node.clone(),
-                secret: String::new(),
-            };
             if self.remove_member(room, &member).await? {
                 self.metrics
                     .presence_repairs
@@ -891,9 +905,8 @@ impl RedisBus {
     ) -> Result<(), BusError> {
         let key = record.key();
         let repair = if restore {
-            // Re-created as it was made (a room another node restored
-            // first is left as it is), then re-admitted by the join rule.
-            self.create_room(record, None, now).await?;
+            // The room was re-created by the caller; the join rule
+            // re-admits the member.
             match self.try_join(record, m, true, now, true).await? {
                 Ok(JoinOutcome::Admitted { .. }) => Repair::Restored,
                 Ok(JoinOutcome::Refused(r)) => Repair::Refused(r),
@@ -1003,31 +1016,17 @@ impl RedisBus {
             if lock.is_none() {
                 continue;
             }
-            let entries: Vec<String> = self
-                .conn
-                .clone()
-                .smembers(self.key(&["nodemembers", &node]))
-                .await
-                .map_err(|e| self.err(e))?;
+            let entries = self.node_index(&node).await?;
             tracing::warn!(dead = %node, peers = entries.len(), "reaping a silent signal node");
             let mut alive = false;
             for entry in &entries {
-                let mut parts = entry.splitn(3, '\t');
-                let (Some(room), Some(peer), Some(session)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
+                let Some((room, member)) = Self::indexed_member(entry, &node) else {
                     continue;
-                };
-                let member = Member {
-                    peer_id: peer.to_owned(),
-                    session_id: session.to_owned(),
-                    node: node.clone(),
-                    secret: String::new(),
                 };
                 match self.leave_script(room, &member, true).await? {
                     1 => {
-                        self.to_room(room, Some(peer), &peer_left(&member, "node_lost"))
-                            .await?
+                        let left = peer_left(&member, "node_lost");
+                        self.to_room(room, Some(&member.peer_id), &left).await?
                     }
                     -1 => {
                         alive = true;
