@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (Redis, coturn's
-# tools, and what the Helm chart checks need), starts a private Redis on a
-# free port, then runs formatting, lints, the whole test suite, the web
-# SDK's and app's tests (Node and Chromium), schemathesis and the chart
-# checks. Stops what it started on exit.
+# tools, and what the Helm chart checks need), starts private Redis servers
+# on free ports (plain, TLS, and a Sentinel set), then runs formatting,
+# lints, the whole test suite, the web SDK's and app's tests (Node and
+# Chromium), schemathesis and the chart checks. Stops what it started on
+# exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,35 +43,21 @@ for component in rustfmt clippy; do
   fi
 done
 
-# --- A private Redis ------------------------------------------------------
+# --- Private Redis servers ------------------------------------------------
+# A plain one, a TLS-only one with a throwaway CA, and a Sentinel set (one
+# master, one replica, one sentinel), each on a free loopback port
+# (scripts/test-redis.sh; it prints the FLOE_TEST_REDIS_* variables).
 work="$(mktemp -d -t floe-test.XXXXXX)"
-redis_pid=""
 cleanup() {
-  if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
-    kill "$redis_pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
-  fi
+  scripts/test-redis.sh stop "$work/redis" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-port=""
-for candidate in $(shuf -i 20000-45000 -n 50); do
-  if port_free "$candidate"; then port="$candidate"; break; fi
-done
-[ -n "$port" ] || { echo "no free port for Redis" >&2; exit 1; }
-
-step "starting Redis on 127.0.0.1:$port"
-redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$work" --logfile "$work/redis.log" --daemonize yes --pidfile "$work/redis.pid"
-for _ in $(seq 100); do
-  redis-cli -p "$port" ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
-redis-cli -p "$port" ping >/dev/null || { cat "$work/redis.log" >&2; exit 1; }
-redis_pid="$(cat "$work/redis.pid")"
-export FLOE_TEST_REDIS_URL="redis://127.0.0.1:$port"
+step "starting the test Redis servers"
+redis_env="$(scripts/test-redis.sh start "$work/redis")"
+eval "$redis_env"
+printf '%s\n' "$redis_env" | sed 's/^export /  /'
 
 # --- Checks -----------------------------------------------------------------
 step "cargo fmt --check"

@@ -72,10 +72,8 @@ impl DevConfig {
                 self.data_dir.display()
             );
         }
-        if let Some(url) = &self.redis_url
-            && !url.starts_with("redis://")
-        {
-            anyhow::bail!("--redis-url must be a redis:// URL, not {url:?}");
+        if let Some(url) = &self.redis_url {
+            floe_common::redis_link::Endpoint::parse("--redis-url", url, None, None)?;
         }
         if self.relay_port_min < 1_024 || self.relay_port_min > self.relay_port_max {
             anyhow::bail!(
@@ -218,8 +216,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             None => dir.join("control.redb").display().to_string(),
         },
         redis_prefix: "floe-dev:cp:".into(),
-        redis_password: None,
-        redis_password_file: None,
+        redis: Default::default(),
         admin_token: Some(admin_token.clone()),
         admin_token_file: None,
         internal_token: Some(internal_token.clone()),
@@ -282,7 +279,12 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     // The file-share app, on the default tenant's public rooms.
     signal.app_tenant = Some(DEV_TENANT.to_owned());
     if let Some(url) = &config.redis_url {
-        signal.redis_url = Some(url.clone());
+        signal.redis = Some(floe_common::redis_link::Endpoint::parse(
+            "--redis-url",
+            url,
+            None,
+            None,
+        )?);
         signal.redis_prefix = "floe-dev:sig:".into();
     }
     let signal = floe_signal::start(signal, shutdown.clone())

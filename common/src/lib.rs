@@ -2,7 +2,8 @@
 //! endpoints (`/healthz`, `/readyz`, `/metrics`), JSON error answers,
 //! serving an axum router until shutdown, the shutdown signal, secrets from
 //! configuration, rate limiting, tracing set-up, batched UDP I/O, the
-//! client's address behind trusted proxies, and a TCP forwarder that can
+//! client's address behind trusted proxies, connections to Redis (one
+//! server or a Sentinel set), and a TCP forwarder that can
 //! cut its path (fault injection).
 
 pub mod config;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod netfault;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_link;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,19 +14,15 @@ pub struct Config {
     #[arg(long = "listen", env = "FLOE_LISTEN", default_value = "0.0.0.0:8090")]
     pub listen: SocketAddr,
 
-    /// Store: a redb file path (embedded, single node) or a `redis://` /
-    /// `rediss://` URL (several replicas).
+    /// Store: a redb file path (embedded, single node) or Redis (several
+    /// replicas): `redis://host:6379`, `rediss://…` (TLS), or a Sentinel
+    /// set `redis+sentinel://sentinel1:26379,sentinel2:26379/master-name`
+    /// (`rediss+sentinel://` for TLS).
     #[arg(long, env = "FLOE_STORE", default_value = "floe-data/control.redb")]
     pub store: String,
 
-    /// Redis password, set into a `redis://` --store (so it can come from a
-    /// Secret).
-    #[arg(long, env = "FLOE_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-
-    /// File holding the Redis password.
-    #[arg(long, env = "FLOE_REDIS_PASSWORD_FILE")]
-    pub redis_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub redis: floe_common::redis_link::RedisFlags,
 
     /// Prefix of every Redis key, so deployments can share a Redis.
     #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:cp:")]
@@ -101,7 +97,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Embedded(PathBuf),
-    Redis(String),
+    Redis(floe_common::redis_link::Endpoint),
 }
 
 /// A validated configuration.
@@ -134,9 +130,7 @@ pub enum ConfigError {
     #[error("TURN secrets")]
     TurnSecrets(#[from] CredentialError),
     #[error(transparent)]
-    RedisUrl(#[from] floe_common::config::RedisUrlError),
-    #[error("--redis-password needs a redis:// --store")]
-    PasswordWithoutRedis,
+    Redis(#[from] floe_common::redis_link::EndpointError),
     #[error("--turn-url needs TURN secrets to sign credentials with")]
     TurnUrlsWithoutSecrets,
     #[error("{0:?} is not a STUN/TURN URL (stun:, turn:, turns:)")]
@@ -209,23 +203,15 @@ impl Config {
             100,
             60_000,
         )?;
-        let redis_password = load(
-            "Redis password",
-            self.redis_password.as_deref(),
-            self.redis_password_file.as_deref(),
-        )?;
-        let store = if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
-            StoreLocation::Redis(floe_common::config::redis_url(
-                "--store",
-                &self.store,
-                redis_password.as_deref(),
-            )?)
-        } else if redis_password.is_some() {
-            return Err(ConfigError::PasswordWithoutRedis);
-        } else {
-            StoreLocation::Embedded(PathBuf::from(
+        // Anything written as a URL is Redis (an unsupported scheme is
+        // refused, not taken for a file name); the rest is a path.
+        let url = (!self.store.starts_with("file:") && self.store.contains("://"))
+            .then_some(self.store.as_str());
+        let store = match self.redis.endpoint("--store", url)? {
+            Some(endpoint) => StoreLocation::Redis(endpoint),
+            None => StoreLocation::Embedded(PathBuf::from(
                 self.store.strip_prefix("file:").unwrap_or(&self.store),
-            ))
+            )),
         };
         Ok(Settings {
             listen: self.listen,
@@ -295,10 +281,10 @@ mod tests {
             "redis://127.0.0.1:6390",
         ]);
         let s = parse(&args).resolve().expect("valid");
-        assert_eq!(
-            s.store,
-            StoreLocation::Redis("redis://127.0.0.1:6390".into())
-        );
+        let StoreLocation::Redis(redis) = s.store else {
+            panic!("not Redis: {:?}", s.store)
+        };
+        assert_eq!(redis.to_string(), "redis://127.0.0.1:6390/0");
         assert_eq!(s.turn_secrets.expect("secrets").active_kid(), "k1");
     }
 

@@ -106,8 +106,8 @@ impl ControlPlane {
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match &settings.store {
         StoreLocation::Embedded(path) => Arc::new(store::embedded::EmbeddedStore::open(path)?),
-        StoreLocation::Redis(url) => {
-            Arc::new(store::redis::RedisStore::connect(url, &settings.redis_prefix).await?)
+        StoreLocation::Redis(redis) => {
+            Arc::new(store::redis::RedisStore::connect(redis, &settings.redis_prefix).await?)
         }
     })
 }

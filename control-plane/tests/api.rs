@@ -586,9 +586,8 @@ async fn public_ice_servers_serve_tenants_with_their_own_signaling() {
 
 #[tokio::test]
 async fn another_replicas_changes_reach_enforcement_within_the_refresh() {
-    let url = std::env::var("FLOE_TEST_REDIS_URL")
-        .expect("FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh");
-    let mut s = settings(StoreLocation::Redis(url));
+    let redis = floe_common::redis_link::testing::endpoint("FLOE_TEST_REDIS_URL");
+    let mut s = settings(StoreLocation::Redis(redis));
     s.enforcement_refresh = Duration::from_millis(200);
     let a = Harness::with(s.clone(), tempfile::tempdir().expect("tempdir")).await;
     let b = Harness::with(s, tempfile::tempdir().expect("tempdir")).await;
@@ -785,9 +784,8 @@ async fn embedded_store_survives_restart() {
 
 #[tokio::test]
 async fn two_replicas_on_redis_apply_each_batch_once() {
-    let url = std::env::var("FLOE_TEST_REDIS_URL")
-        .expect("FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh");
-    let s = settings(StoreLocation::Redis(url));
+    let redis = floe_common::redis_link::testing::endpoint("FLOE_TEST_REDIS_URL");
+    let s = settings(StoreLocation::Redis(redis));
     let a = Harness::with(s.clone(), tempfile::tempdir().expect("tempdir")).await;
     let b = Harness::with(s, tempfile::tempdir().expect("tempdir")).await;
     a.create_tenant(json!({"id": "shared", "name": "Shared", "plan": {"turn": true}}))

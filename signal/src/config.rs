@@ -35,18 +35,16 @@ pub struct Config {
     #[arg(long, env = "FLOE_INTERNAL_TOKEN_FILE")]
     pub internal_token_file: Option<PathBuf>,
 
-    /// Redis URL shared by every signal node (`redis://…`); without it the
-    /// node keeps rooms in process and runs alone.
+    /// Redis shared by every signal node: `redis://host:6379`,
+    /// `rediss://…` (TLS), or a Sentinel set
+    /// `redis+sentinel://sentinel1:26379,sentinel2:26379/master-name`
+    /// (`rediss+sentinel://` for TLS). Without it the node keeps rooms in
+    /// process and runs alone.
     #[arg(long, env = "FLOE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// Redis password, set into --redis-url (so it can come from a Secret).
-    #[arg(long, env = "FLOE_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-
-    /// File holding the Redis password.
-    #[arg(long, env = "FLOE_REDIS_PASSWORD_FILE")]
-    pub redis_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub redis: floe_common::redis_link::RedisFlags,
 
     /// Prefix of every Redis key and channel of the room bus.
     #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:sig:")]
@@ -144,7 +142,7 @@ pub struct Settings {
     pub ops_listen: SocketAddr,
     pub control_url: String,
     pub internal_token: String,
-    pub redis_url: Option<String>,
+    pub redis: Option<floe_common::redis_link::Endpoint>,
     pub redis_prefix: String,
     pub node_id: String,
     pub allowed_origins: Vec<String>,
@@ -174,7 +172,7 @@ impl Settings {
             ops_listen: SocketAddr::new(listen.ip(), 0),
             control_url: control_url.trim_end_matches('/').to_owned(),
             internal_token: internal_token.to_owned(),
-            redis_url: None,
+            redis: None,
             redis_prefix: "floe:sig:".into(),
             node_id: default_node_id(),
             allowed_origins: Vec::new(),
@@ -215,9 +213,7 @@ pub enum ConfigError {
     #[error("--control-url must be an http(s) URL, got {0:?}")]
     BadControlUrl(String),
     #[error(transparent)]
-    RedisUrl(#[from] floe_common::config::RedisUrlError),
-    #[error("--redis-password needs --redis-url")]
-    PasswordWithoutRedis,
+    Redis(#[from] floe_common::redis_link::EndpointError),
     #[error("--serve-app needs --app-tenant (the tenant whose public rooms the app creates)")]
     AppWithoutTenant,
     #[error("--app-tenant: {0}")]
@@ -241,20 +237,9 @@ impl Config {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::BadControlUrl(self.control_url.clone()));
         }
-        let redis_password = floe_common::secret::load(
-            "Redis password",
-            self.redis_password.as_deref(),
-            self.redis_password_file.as_deref(),
-        )?;
-        let redis_url = match (&self.redis_url, redis_password) {
-            (Some(url), password) => Some(floe_common::config::redis_url(
-                "--redis-url",
-                url,
-                password.as_deref(),
-            )?),
-            (None, Some(_)) => return Err(ConfigError::PasswordWithoutRedis),
-            (None, None) => None,
-        };
+        let redis = self
+            .redis
+            .endpoint("--redis-url", self.redis_url.as_deref())?;
         let node_id = match &self.node_id {
             Some(id) => {
                 floe_proto::id::validate("node id", id)?;
@@ -321,7 +306,7 @@ impl Config {
             ops_listen: self.ops_listen,
             control_url: url.to_owned(),
             internal_token,
-            redis_url,
+            redis,
             redis_prefix: self.redis_prefix.clone(),
             node_id,
             allowed_origins: self.allowed_origins.clone(),

@@ -120,10 +120,10 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     let serving = health.check("serving", true);
     let control_ok = health.check("control_plane", false);
     let hub = Arc::new(hub::Hub::new());
-    let bus: Arc<dyn bus::Bus> = match &settings.redis_url {
-        Some(url) => bus::redis::RedisBus::start(
+    let bus: Arc<dyn bus::Bus> = match &settings.redis {
+        Some(redis) => bus::redis::RedisBus::start(
             &settings,
-            url,
+            redis,
             hub.clone(),
             metrics.clone(),
             &health,
@@ -178,7 +178,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<Signal, Sta
     ));
     tokio::spawn(close_expired_rooms(app.clone(), stop.clone()));
     tokio::spawn(revoke::follow_changes(app.clone(), stop.clone()));
-    tracing::info!(%addr, %ops_addr, node = %node_id, bus = if settings.redis_url.is_some() { "redis" } else { "local" }, "signal node listening");
+    tracing::info!(%addr, %ops_addr, node = %node_id, bus = if settings.redis.is_some() { "redis" } else { "local" }, "signal node listening");
 
     let task = tokio::spawn({
         let shutdown = shutdown.clone();

@@ -15,12 +15,16 @@ fn redis_url() -> String {
         .expect("FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh")
 }
 
+fn redis_at(url: &str) -> floe_common::redis_link::Endpoint {
+    floe_common::redis_link::Endpoint::parse("test Redis", url, None, None).expect("a Redis URL")
+}
+
 async fn cluster(stack: &Stack, url: &str, n: usize) -> Vec<Signal> {
     let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
     let mut nodes = Vec::new();
     for i in 0..n {
         let mut s = stack.settings();
-        s.redis_url = Some(url.to_owned());
+        s.redis = Some(redis_at(url));
         s.redis_prefix = prefix.clone();
         s.node_id = format!("node{i}");
         // Settings, not constants: a dead node is noticed in a second.
@@ -312,7 +316,7 @@ impl Split {
         let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
         let node = |url: String, id: &str| {
             let mut s = stack.settings();
-            s.redis_url = Some(url);
+            s.redis = Some(redis_at(&url));
             s.redis_prefix = prefix.clone();
             s.node_id = id.into();
             s.node_beat = Duration::from_millis(200);
@@ -465,7 +469,7 @@ async fn a_restarted_node_forgets_the_peers_of_its_previous_process() {
     // The first process falls silent for good; its successor starts.
     split.fault.cut();
     let mut s = stack.settings();
-    s.redis_url = Some(redis_url());
+    s.redis = Some(redis_at(&redis_url()));
     s.redis_prefix = split.prefix.clone();
     s.node_id = "cut".into();
     s.node_beat = Duration::from_millis(200);
@@ -495,4 +499,78 @@ async fn a_one_time_reconnect_racing_its_own_departure_is_admitted() {
         p = next;
         p.welcome = first;
     }
+}
+
+/// Redis through Sentinel loses its master: the nodes follow the promoted
+/// replica, nobody is dropped, and signalling and presence work again.
+#[tokio::test]
+async fn the_bus_survives_the_loss_of_the_redis_master() {
+    use floe_common::redis_link::testing::{SentinelSet, endpoint};
+    let stack = Stack::new().await;
+    let set = SentinelSet::from_env();
+    let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        // Default beat and dead-after: a failover is shorter than the
+        // time after which a silent node's peers are reaped.
+        let mut s = stack.settings();
+        s.redis = Some(endpoint("FLOE_TEST_REDIS_SENTINEL_URL"));
+        s.redis_prefix = prefix.clone();
+        s.node_id = format!("ha{i}");
+        nodes.push(stack.node(s).await);
+    }
+    for n in &nodes {
+        wait_ready(n).await;
+    }
+    let room = public_room(&stack.http, &nodes[0], json!({})).await;
+    let id = room["room_id"].as_str().expect("id");
+    let mut a = Client::join(&nodes[0], id, "client_id=a").await;
+    let mut b = Client::join(&nodes[1], id, "client_id=b").await;
+    assert_eq!(a.expect("peer-joined").await["peer_id"], "b");
+
+    let old = set.stop_master().await;
+    let stopped = Instant::now();
+    set.wait_failover(&old).await;
+
+    // a's signals reach b again (one a second until one does).
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        a.signal("b", Some(&b.session_id()), json!({"try": tries}))
+            .await;
+        match b.next_or_timeout(Duration::from_secs(1)).await {
+            Some(m) if m["type"] == "signal" => break,
+            Some(m) => assert_ne!(m["type"], "closed", "b was dropped: {m}"),
+            None => {}
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(40),
+            "no signalling 40 s after the master stopped"
+        );
+    }
+    println!(
+        "signalling back {:?} after the master stopped",
+        stopped.elapsed()
+    );
+    // Presence is written to the new master: a newcomer is seen by both,
+    // and nobody was reaped meanwhile.
+    let c = Client::join(&nodes[1], id, "client_id=c").await;
+    let mut seen: Vec<String> = c.welcome["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["a", "b"]);
+    assert_eq!(
+        a.expect_within("peer-joined", Duration::from_secs(5)).await["peer_id"],
+        "c"
+    );
+    assert_eq!(
+        b.expect_within("peer-joined", Duration::from_secs(5)).await["peer_id"],
+        "c"
+    );
+
+    set.restore(&old).await;
 }

@@ -6,10 +6,11 @@
 //! the same moment apply it once.
 
 use async_trait::async_trait;
+use floe_common::redis_link::{Endpoint, Link};
 use floe_proto::api::{Change, Changes, Tenant};
 use floe_proto::usage::{Revocation, UsageBatch};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
 
 use super::{KeyRecord, LedgerDelta, OutboxEvent, Result, Store, StoreError, Totals, UsageReport};
 
@@ -43,7 +44,7 @@ fn backend(e: redis::RedisError) -> StoreError {
 /// deployments (or tests) can share one Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Link,
     prefix: String,
 }
 
@@ -135,10 +136,12 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1 + skipped";
 
 impl RedisStore {
-    /// Connects to `url` (`redis://…`); keys start with `prefix`.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let conn = ConnectionManager::new(client).await.map_err(backend)?;
+    /// Connects to `redis`; keys start with `prefix`.
+    pub async fn connect(redis: &Endpoint, prefix: &str) -> Result<Self> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(3)));
+        let conn = Link::connect(redis, config).await.map_err(backend)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
@@ -566,15 +569,29 @@ mod tests {
     /// A store on the test Redis with a fresh key prefix; panics with a
     /// clear message when no test Redis is configured.
     pub(crate) async fn test_store() -> (RedisStore, String) {
-        let url = std::env::var("FLOE_TEST_REDIS_URL").expect(
-            "FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh, \
-             which starts a private Redis",
-        );
+        test_store_on("FLOE_TEST_REDIS_URL").await
+    }
+
+    /// A store on the test Redis named by the environment variable `var`.
+    async fn test_store_on(var: &str) -> (RedisStore, String) {
+        let redis = floe_common::redis_link::testing::endpoint(var);
         let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
-        let store = RedisStore::connect(&url, &prefix)
+        let store = RedisStore::connect(&redis, &prefix)
             .await
-            .expect("connect to test Redis");
+            .unwrap_or_else(|e| panic!("connect to {redis}: {e}"));
         (store, prefix)
+    }
+
+    #[tokio::test]
+    async fn suite_tenants_and_keys_over_tls() {
+        let (s, _) = test_store_on("FLOE_TEST_REDIS_TLS_URL").await;
+        suite::tenants_and_keys(&s, "").await;
+    }
+
+    #[tokio::test]
+    async fn suite_ledger_exactly_once_through_sentinel() {
+        let (s, _) = test_store_on("FLOE_TEST_REDIS_SENTINEL_URL").await;
+        suite::ledger_exactly_once(&s, "").await;
     }
 
     #[tokio::test]
@@ -616,8 +633,8 @@ mod tests {
     #[tokio::test]
     async fn two_replicas_apply_concurrent_duplicates_once() {
         let (a, prefix) = test_store().await;
-        let url = std::env::var("FLOE_TEST_REDIS_URL").expect("set above");
-        let b = RedisStore::connect(&url, &prefix)
+        let redis = floe_common::redis_link::testing::endpoint("FLOE_TEST_REDIS_URL");
+        let b = RedisStore::connect(&redis, &prefix)
             .await
             .expect("second replica");
         let stores: [Arc<dyn Store>; 2] = [Arc::new(a), Arc::new(b)];

@@ -36,10 +36,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
+use floe_common::redis_link::{Endpoint, Link};
 use floe_common::{Check, Shutdown};
 use futures_util::StreamExt as _;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio::sync::mpsc;
 
 use super::{
@@ -265,8 +266,7 @@ fn now_us() -> u64 {
 
 /// The Redis [`Bus`].
 pub(crate) struct RedisBus {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Link,
     prefix: String,
     node: String,
     /// Heartbeat and reaper period.
@@ -289,28 +289,23 @@ impl RedisBus {
     /// Connects and starts the node's heartbeat, reaper and subscriber.
     pub async fn start(
         settings: &crate::config::Settings,
-        url: &str,
+        redis: &Endpoint,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         health: &floe_common::Health,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, BusError> {
-        let client = redis::Client::open(url).map_err(|e| BusError(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| BusError(format!("Redis at {url} did not answer")))?
-        .map_err(|e| BusError(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), Link::connect(redis, config))
+            .await
+            .map_err(|_| BusError(format!("Redis at {redis} did not answer")))?
+            .map_err(|e| BusError(format!("Redis at {redis}: {e}")))?;
         let bus = Arc::new(Self {
             conn,
-            client,
             prefix: settings.redis_prefix.clone(),
             node: settings.node_id.clone(),
             beat: settings.node_beat,
@@ -670,7 +665,7 @@ impl RedisBus {
         let mut delay = Duration::from_millis(100);
         loop {
             let pubsub = async {
-                let mut ps = self.client.get_async_pubsub().await?;
+                let mut ps = self.conn.pubsub().await?;
                 ps.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(ps)
             };
@@ -1344,10 +1339,12 @@ mod tests {
     /// A bus on the test Redis under a fresh prefix, as node "n1" (the
     /// node of the suite's members), and its hub.
     async fn test_bus() -> (Arc<RedisBus>, Arc<Hub>, Shutdown) {
-        let url = std::env::var("FLOE_TEST_REDIS_URL").expect(
-            "FLOE_TEST_REDIS_URL is not set: run the suite through scripts/test.sh, \
-             which starts a private Redis",
-        );
+        test_bus_on("FLOE_TEST_REDIS_URL").await
+    }
+
+    /// [`test_bus`] on the test Redis named by the environment variable `var`.
+    async fn test_bus_on(var: &str) -> (Arc<RedisBus>, Arc<Hub>, Shutdown) {
+        let redis = floe_common::redis_link::testing::endpoint(var);
         let mut settings =
             crate::config::Settings::new("127.0.0.1:0".parse().expect("addr"), "http://x", "t");
         settings.redis_prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
@@ -1356,7 +1353,7 @@ mod tests {
         let stop = Shutdown::new();
         let bus = RedisBus::start(
             &settings,
-            &url,
+            &redis,
             hub.clone(),
             Arc::new(Metrics::new()),
             &floe_common::Health::new("signal"),
@@ -1377,6 +1374,20 @@ mod tests {
     #[tokio::test]
     async fn suite_joins() {
         let (bus, hub, stop) = test_bus().await;
+        suite::joins(bus.as_ref(), &hub, "t").await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn suite_joins_over_tls() {
+        let (bus, hub, stop) = test_bus_on("FLOE_TEST_REDIS_TLS_URL").await;
+        suite::joins(bus.as_ref(), &hub, "t").await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn suite_joins_through_sentinel() {
+        let (bus, hub, stop) = test_bus_on("FLOE_TEST_REDIS_SENTINEL_URL").await;
         suite::joins(bus.as_ref(), &hub, "t").await;
         stop.cancel();
     }
