@@ -91,10 +91,11 @@ def secret_data(docs, name, scratch):
     for doc in docs:
         if doc["kind"] == "Secret" and doc["metadata"]["name"] == name:
             return {k: base64.b64decode(v) for k, v in doc.get("data", {}).items()}
-    if "tls" in name:
+    if "tls" in name or name.endswith("-ca"):
         folder = scratch / f"pem-{name}"
         folder.mkdir(exist_ok=True)
-        return self_signed_pem(folder)
+        pem = self_signed_pem(folder)
+        return {**pem, "ca.crt": pem["tls.crt"]}
     return {
         "admin-token": b"existing-admin-token-0123456789",
         "internal-token": b"existing-internal-token-0123456789",
@@ -179,6 +180,37 @@ def check_alerts(docs, label):
     print(f"  ok   {len(rules)} alerts, one for each component gone", flush=True)
 
 
+def memory_bytes(quantity):
+    """Bytes of a Kubernetes quantity (512Mi) or a Redis size (384mb)."""
+    units = {"ki": 1024, "mi": 1024**2, "gi": 1024**3, "kb": 1024, "mb": 1024**2,
+             "gb": 1024**3, "k": 1000, "m": 1000**2, "g": 1000**3, "b": 1}
+    q = str(quantity).lower()
+    for unit, factor in units.items():
+        if q.endswith(unit):
+            return int(q[: -len(unit)]) * factor
+    return int(q)
+
+
+def check_redis_memory(docs, label):
+    """The in-chart Redis refuses writes before its container is killed
+    for memory: maxmemory at most 80% of the limit, never evicting."""
+    for doc in docs:
+        if doc["kind"] != "StatefulSet" or not doc["metadata"]["name"].endswith("-redis"):
+            continue
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
+        limit = container.get("resources", {}).get("limits", {}).get("memory")
+        if "--maxmemory" not in args or limit is None:
+            fail(f"{label}: the in-chart Redis has no maxmemory or no memory limit")
+            continue
+        maxmemory = memory_bytes(args[args.index("--maxmemory") + 1])
+        policy = args[args.index("--maxmemory-policy") + 1] if "--maxmemory-policy" in args else None
+        if maxmemory > 0.8 * memory_bytes(limit) or policy != "noeviction":
+            fail(f"{label}: Redis maxmemory {maxmemory} B ({policy}) against a {limit} limit")
+        else:
+            print(f"  ok   {label}: Redis maxmemory {maxmemory >> 20} MiB, noeviction, limit {limit}")
+
+
 def check_rotation(helm_bin):
     """Adding a TURN secret changes the checksum annotation of the control
     plane's pods only: TURN reads the file again by itself, signal and
@@ -243,6 +275,7 @@ def main():
               + ", ".join(sorted({d['kind'] for d in docs})), flush=True)
         validate(docs, label)
         check_alerts(docs, label)
+        check_redis_memory(docs, label)
         check_containers(docs, floe_bin, label)
 
     print("== a TURN secret rotation restarts only the control plane", flush=True)
@@ -265,6 +298,9 @@ def main():
         "the web app without its tenant": ["--set", "signal.serveApp=true"],
         "a NetworkPolicy open to every address for host-network TURN": ["--set", "networkPolicy.enabled=true"],
         "generated secrets under GitOps (secrets.generate=false)": ["--set", "secrets.generate=false"],
+        "a Redis URL of another scheme": ["--set", "redis.enabled=false,redis.url=unix:///run/redis.sock"],
+        "a Redis CA for plain-text Redis": ["--set", "redis.enabled=false,redis.url=redis://r:6379,redis.caSecret=ca"],
+        "Redis maxmemory that is not a size": ["--set", "redis.maxmemory=lots"],
     }
     for what, args in refusals.items():
         result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)
@@ -276,7 +312,7 @@ def main():
             reason = "; ".join(l for l in lines if l.startswith("- ")) or lines[-1]
             print(f"  ok   refused {what}: {reason}", flush=True)
 
-    print("== a value only the binary can refuse", flush=True)
+    print("== values only the binary can refuse", flush=True)
     docs = render(helm_bin, ["--set", "controlPlane.extraEnv[0].name=FLOE_CREDENTIAL_TTL_SECS",
                              "--set-string", "controlPlane.extraEnv[0].value=5"])
     checked, refused = check_containers(docs, floe_bin, "bad ttl", expect_ok=False)
@@ -284,6 +320,14 @@ def main():
         fail(f"--check-config refused {refused} of {checked} containers; expected exactly the control plane")
     else:
         print(f"  ok   --check-config refused the control plane's FLOE_CREDENTIAL_TTL_SECS=5", flush=True)
+    # A Sentinel URL without the master's name passes the schema; signal
+    # and the control plane refuse it at start, not at their first write.
+    docs = render(helm_bin, ["--set", "redis.enabled=false,redis.url=redis+sentinel://s0:26379"])
+    checked, refused = check_containers(docs, floe_bin, "sentinel without master", expect_ok=False)
+    if refused != 2:
+        fail(f"--check-config refused {refused} of {checked} containers; expected signal and the control plane")
+    else:
+        print(f"  ok   --check-config refused redis+sentinel://s0:26379 (no master name) in signal and the control plane", flush=True)
 
     if failures:
         print(f"\n{len(failures)} chart check(s) failed", flush=True)

@@ -96,13 +96,36 @@ app.kubernetes.io/component: {{ index . 1 }}
   value: {{ .Values.log.format | quote }}
 {{- end }}
 
-{{- define "floe.redisPasswordEnv" -}}
-{{- if include "floe.redisAuth" . -}}
+{{/* Where Redis is, its password and the CA of its TLS certificate. */}}
+{{- define "floe.redisEnv" -}}
+{{- if include "floe.redisAuth" . }}
 - name: FLOE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "floe.redisSecretName" . }}
       key: {{ include "floe.redisSecretKey" . }}
+{{- end }}
+{{- if .Values.redis.caSecret }}
+- name: FLOE_REDIS_CA_FILE
+  value: {{ printf "/etc/floe/redis-ca/%s" .Values.redis.caSecretKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the CA of an external Redis's TLS certificate. */}}
+{{- define "floe.redisCaVolume" -}}
+{{- if .Values.redis.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.caSecret }}
+    defaultMode: 0444
+{{- end }}
+{{- end }}
+
+{{- define "floe.redisCaMount" -}}
+{{- if .Values.redis.caSecret }}
+- name: redis-ca
+  mountPath: /etc/floe/redis-ca
+  readOnly: true
 {{- end }}
 {{- end }}
 
@@ -199,6 +222,12 @@ startupProbe:
 {{- end }}
 {{- if and .Values.networkPolicy.enabled .Values.turn.enabled (eq $turn.exposure "hostNetwork") (not .Values.networkPolicy.nodeCIDRs) }}
 {{- fail "networkPolicy.nodeCIDRs: TURN on the host network calls the control plane from node addresses; list the nodes' CIDRs" }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.caSecret }}
+{{- fail "redis.caSecret is for an external rediss:// Redis (redis.enabled=false, redis.url)" }}
+{{- end }}
+{{- if and .Values.redis.caSecret (not (hasPrefix "rediss" .Values.redis.url)) }}
+{{- fail "redis.caSecret needs a rediss:// or rediss+sentinel:// redis.url" }}
 {{- end }}
 {{- if and (not (include "floe.hasRedis" .)) (or (eq .Values.controlPlane.store "redis") (gt (int .Values.signal.replicas) 1) .Values.signal.autoscaling.enabled) }}
 {{- fail "several signal replicas and controlPlane.store=redis need Redis: set redis.enabled or redis.url" }}
