@@ -36,6 +36,9 @@ enum Command {
     Signal(floe_signal::Config),
     /// Run the STUN/TURN server.
     Turn(floe_turn::Config),
+    /// Ready TURN's data folder on a volume owned by root (a hostPath),
+    /// from an init container: create it, mode 0700, owned by --owner.
+    TurnDataDir(floe_turn::data_dir::DataDirConfig),
     /// Run the control plane (tenants, keys, credentials, usage ledger).
     ControlPlane(floe_control::Config),
     /// Drive a deployment with simulated load and report what it measured.
@@ -144,6 +147,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             floe_turn::run(config, floe_common::shutdown::on_signals())
                 .await
                 .context("TURN")
+        }
+        Command::TurnDataDir(config) => {
+            if check {
+                return ok();
+            }
+            print!("{}", floe_turn::data_dir::prepare(&config)?);
+            Ok(())
         }
         Command::ControlPlane(config) => {
             if check {

@@ -114,7 +114,7 @@ def check_containers(docs, floe_bin, label, expect_ok=True):
             continue
         pod = doc["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             if "floe" not in container["image"]:
                 continue
             checked += 1
@@ -178,6 +178,49 @@ def check_alerts(docs, label):
         if component not in absent:
             fail(f"{label}: no alert fires when every {component} pod is gone")
     print(f"  ok   {len(rules)} alerts, one for each component gone", flush=True)
+
+
+def check_operator_values(docs, label):
+    """ci/operator-values.yaml reaches every pod it names: mirror and
+    digest, ServiceAccount, priority class, labels, no fixed UID, the extra
+    volume, and TURN's spool on the node readied by an init container."""
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] in POD_TEMPLATE_KINDS}
+    accounts = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+    problems = []
+    for name, template in pods.items():
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if not c["image"].startswith("registry.example.com/mirror/"):
+                problems.append(f"{name}: image {c['image']} is not from the mirror")
+            if "floe" in c["image"] and "@sha256:" not in c["image"]:
+                problems.append(f"{name}: image {c['image']} is not pinned by digest")
+        if spec.get("serviceAccountName") not in accounts:
+            problems.append(f"{name}: service account {spec.get('serviceAccountName')} not among {accounts}")
+        if spec.get("priorityClassName") != "floe-critical":
+            problems.append(f"{name}: no priority class")
+        if template["metadata"]["labels"].get("team") != "rtc":
+            problems.append(f"{name}: no pod label")
+        if "runAsUser" in spec.get("securityContext", {}):
+            problems.append(f"{name}: a fixed UID in the pod security context")
+        if spec.get("imagePullSecrets") != [{"name": "mirror-pull"}]:
+            problems.append(f"{name}: no image pull secret")
+    signal = next(t for n, t in pods.items() if n.endswith("-signal"))["spec"]
+    if not any(v["name"] == "extra-ca" for v in signal["volumes"]) or not any(
+            m["name"] == "extra-ca" for m in signal["containers"][0]["volumeMounts"]):
+        problems.append("signal: the extra volume is not mounted")
+    turn = next(t for n, t in pods.items() if n.endswith("-turn"))["spec"]
+    data = next(v for v in turn["volumes"] if v["name"] == "data")
+    if data.get("hostPath", {}).get("path") != "/var/lib/floe-turn":
+        problems.append(f"turn: the spool is not on the node: {data}")
+    init = turn.get("initContainers", [])
+    if not init or init[0]["args"][:2] != ["turn-data-dir", "/var/lib/floe"] \
+            or init[0]["securityContext"]["capabilities"] != {"drop": ["ALL"], "add": ["CHOWN"]}:
+        problems.append(f"turn: no init container readying the spool: {init}")
+    for p in problems:
+        fail(f"{label}: {p}")
+    if not problems:
+        print(f"  ok   {label}: mirror, digest, ServiceAccount, priority, labels, platform UID, "
+              f"extra volume and a node spool on all {len(pods)} workloads", flush=True)
 
 
 def memory_bytes(quantity):
@@ -249,8 +292,11 @@ def check_docs():
         fail(f"Chart appVersion {chart['appVersion']} is not the crates' version {workspace_version}")
     readme = (CHART / "README.md").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
+    # Values handed to Kubernetes whole are documented as one row.
+    whole = {"podSecurityContext", "containerSecurityContext"}
     for top, value in values.items():
-        keys = [f"{top}.{k}" for k in value] if isinstance(value, dict) and value else [top]
+        nested = isinstance(value, dict) and value and top not in whole
+        keys = [f"{top}.{k}" for k in value] if nested else [top]
         for key in keys:
             if f"`{key}" not in readme:
                 fail(f"helm/floe/README.md does not document {key}")
@@ -276,6 +322,8 @@ def main():
         validate(docs, label)
         check_alerts(docs, label)
         check_redis_memory(docs, label)
+        if label == "operator-values":
+            check_operator_values(docs, label)
         check_containers(docs, floe_bin, label)
 
     print("== a TURN secret rotation restarts only the control plane", flush=True)
@@ -301,6 +349,8 @@ def main():
         "a Redis URL of another scheme": ["--set", "redis.enabled=false,redis.url=unix:///run/redis.sock"],
         "a Redis CA for plain-text Redis": ["--set", "redis.enabled=false,redis.url=redis://r:6379,redis.caSecret=ca"],
         "Redis maxmemory that is not a size": ["--set", "redis.maxmemory=lots"],
+        "a node spool where two TURN pods may share a node": ["--set", "turn.exposure=nodePort,turn.kind=Deployment,turn.relayPorts.first=31000,turn.relayPorts.count=100,turn.spoolHostPath=/var/lib/floe-turn"],
+        "an image digest that is not sha256": ["--set", "image.digest=latest"],
     }
     for what, args in refusals.items():
         result = helm(helm_bin, "template", "rel", str(CHART), *args, check=False)

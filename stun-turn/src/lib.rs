@@ -11,6 +11,7 @@ mod allocation;
 mod auth;
 pub mod binding;
 mod config;
+pub mod data_dir;
 pub mod discover;
 pub mod framing;
 mod meter;

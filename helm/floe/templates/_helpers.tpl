@@ -40,7 +40,64 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{- define "floe.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "floe.imageRef" (list . .Values.image .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+  An image reference, (list . $image $defaultTag): global.imageRegistry
+  replaces the registry of $image.repository (a mirror keeps the path), and
+  $image.digest, when set, pins it instead of the tag.
+*/}}
+{{- define "floe.imageRef" -}}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- $repo := $image.repository }}
+{{- with $root.Values.global.imageRegistry }}
+{{- $parts := splitList "/" $repo }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repo = join "/" (rest $parts) }}
+{{- end }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .) $repo }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repo $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default (index . 2) $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+  What every floe pod spec starts with, (list . $component): pull secrets,
+  service account, priority class and security context.
+*/}}
+{{- define "floe.podBasics" -}}
+{{- $root := index . 0 }}
+{{- $c := index . 1 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with include "floe.serviceAccountName" $root }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: false
+{{- with $c.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $root.Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The service account floe's pods run as ("" for the namespace's default). */}}
+{{- define "floe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "floe.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
 {{- end }}
 
 {{/* The Secret holding floe's own secrets (generated or given). */}}
@@ -160,20 +217,8 @@ app.kubernetes.io/component: {{ index . 1 }}
   readOnly: true
 {{- end }}
 
-{{- define "floe.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
 {{- define "floe.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-capabilities:
-  drop: [ALL]
+{{- toYaml .Values.containerSecurityContext }}
 {{- end }}
 
 {{- define "floe.scrapeAnnotations" -}}
@@ -222,6 +267,9 @@ startupProbe:
 {{- end }}
 {{- if and .Values.networkPolicy.enabled .Values.turn.enabled (eq $turn.exposure "hostNetwork") (not .Values.networkPolicy.nodeCIDRs) }}
 {{- fail "networkPolicy.nodeCIDRs: TURN on the host network calls the control plane from node addresses; list the nodes' CIDRs" }}
+{{- end }}
+{{- if and $turn.spoolHostPath (ne $turn.exposure "hostNetwork") }}
+{{- fail "turn.spoolHostPath needs turn.exposure=hostNetwork (one TURN pod per node holds the folder; a second one on the node could not start)" }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.redis.caSecret }}
 {{- fail "redis.caSecret is for an external rediss:// Redis (redis.enabled=false, redis.url)" }}
