@@ -30,6 +30,9 @@ use redis::{
 /// master is, even when nothing failed.
 pub const RECHECK: Duration = Duration::from_secs(5);
 
+/// How long asking the sentinels for the master may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 const DEFAULT_PORT: u16 = 6379;
 const DEFAULT_SENTINEL_PORT: u16 = 26379;
 
@@ -456,7 +459,14 @@ impl Link {
             }
             Some(master) => {
                 let mut sentinel = endpoint.sentinel_client(master)?;
-                let client = sentinel.async_get_client().await?;
+                let client = tokio::time::timeout(LOOKUP_TIMEOUT, sentinel.async_get_client())
+                    .await
+                    .map_err(|_| {
+                        RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the sentinels did not name the master in {LOOKUP_TIMEOUT:?}"),
+                        ))
+                    })??;
                 let current = Self::open(client, &config).await?;
                 (Some(tokio::sync::Mutex::new(sentinel)), current)
             }
@@ -552,14 +562,14 @@ async fn lookup(shared: &Shared) {
     };
     let client = {
         let mut sentinel = sentinel.lock().await;
-        match tokio::time::timeout(Duration::from_secs(5), sentinel.async_get_client()).await {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, sentinel.async_get_client()).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {
                 tracing::warn!(redis = %shared.endpoint, error = %e, "cannot find the Redis master");
                 return;
             }
             Err(_) => {
-                tracing::warn!(redis = %shared.endpoint, "the sentinels did not answer in 5 s");
+                tracing::warn!(redis = %shared.endpoint, "the sentinels did not name the master in time");
                 return;
             }
         }

@@ -19,17 +19,31 @@ fn redis_at(url: &str) -> floe_common::redis_link::Endpoint {
     floe_common::redis_link::Endpoint::parse("test Redis", url, None, None).expect("a Redis URL")
 }
 
+/// `n` nodes on the Redis at `url`, quick to notice a dead node.
 async fn cluster(stack: &Stack, url: &str, n: usize) -> Vec<Signal> {
+    cluster_on(stack, &redis_at(url), n, |s| {
+        // Settings, not constants: a dead node is noticed in a second.
+        s.node_beat = Duration::from_millis(200);
+        s.node_dead_after = Duration::from_secs(1);
+    })
+    .await
+}
+
+/// `n` nodes on `redis` under a fresh key prefix, each set up by `tune`.
+async fn cluster_on(
+    stack: &Stack,
+    redis: &floe_common::redis_link::Endpoint,
+    n: usize,
+    tune: impl Fn(&mut floe_signal::Settings),
+) -> Vec<Signal> {
     let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
     let mut nodes = Vec::new();
     for i in 0..n {
         let mut s = stack.settings();
-        s.redis = Some(redis_at(url));
+        s.redis = Some(redis.clone());
         s.redis_prefix = prefix.clone();
         s.node_id = format!("node{i}");
-        // Settings, not constants: a dead node is noticed in a second.
-        s.node_beat = Duration::from_millis(200);
-        s.node_dead_after = Duration::from_secs(1);
+        tune(&mut s);
         nodes.push(stack.node(s).await);
     }
     nodes
@@ -508,17 +522,9 @@ async fn the_bus_survives_the_loss_of_the_redis_master() {
     use floe_common::redis_link::testing::{SentinelSet, endpoint};
     let stack = Stack::new().await;
     let set = SentinelSet::from_env();
-    let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        // Default beat and dead-after: a failover is shorter than the
-        // time after which a silent node's peers are reaped.
-        let mut s = stack.settings();
-        s.redis = Some(endpoint("FLOE_TEST_REDIS_SENTINEL_URL"));
-        s.redis_prefix = prefix.clone();
-        s.node_id = format!("ha{i}");
-        nodes.push(stack.node(s).await);
-    }
+    // Default beat and dead-after: a failover is shorter than the time
+    // after which a silent node's peers are reaped.
+    let nodes = cluster_on(&stack, &endpoint("FLOE_TEST_REDIS_SENTINEL_URL"), 2, |_| {}).await;
     for n in &nodes {
         wait_ready(n).await;
     }

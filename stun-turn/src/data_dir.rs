@@ -40,10 +40,12 @@ pub fn prepare(config: &DataDirConfig) -> Result<String, DataDirError> {
         .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
         .ok_or_else(|| DataDirError::Owner(config.owner.clone()))?;
     let path = config.path.as_path();
-    let io = |what| move |source| DataDirError::Io {
-        path: path.to_owned(),
-        what,
-        source,
+    let io = |what| {
+        move |source| DataDirError::Io {
+            path: path.to_owned(),
+            what,
+            source,
+        }
     };
     std::fs::create_dir_all(path).map_err(io("create"))?;
     // Mode first: once the folder is someone else's, changing it would
@@ -91,7 +93,10 @@ mod tests {
                 path: PathBuf::from("/nonexistent"),
                 owner: owner.into(),
             };
-            assert!(matches!(prepare(&config), Err(DataDirError::Owner(_))), "{owner}");
+            assert!(
+                matches!(prepare(&config), Err(DataDirError::Owner(_))),
+                "{owner}"
+            );
         }
         let file = tempfile::NamedTempFile::new().expect("file");
         let config = DataDirConfig {
