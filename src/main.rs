@@ -36,6 +36,9 @@ enum Command {
     Signal(floe_signal::Config),
     /// Run the STUN/TURN server.
     Turn(floe_turn::Config),
+    /// Learn this host's NAT mapping and filtering behaviour from a STUN
+    /// server with NAT behaviour discovery (RFC 5780; floe's with --alt-ip).
+    StunProbe(floe_turn::probe::ProbeConfig),
     /// Ready TURN's data folder on a volume owned by root (a hostPath),
     /// from an init container: create it, mode 0700, owned by --owner.
     TurnDataDir(floe_turn::data_dir::DataDirConfig),
@@ -147,6 +150,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             floe_turn::run(config, floe_common::shutdown::on_signals())
                 .await
                 .context("TURN")
+        }
+        Command::StunProbe(config) => {
+            if check {
+                return ok();
+            }
+            let found = floe_turn::probe::probe(&config).await?;
+            if config.json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                print!("{found}");
+            }
+            Ok(())
         }
         Command::TurnDataDir(config) => {
             if check {

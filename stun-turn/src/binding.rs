@@ -33,6 +33,11 @@ pub fn looks_like_stun(buf: &[u8]) -> bool {
         && buf[3] & 0x03 == 0
 }
 
+/// Whether `buf` is a STUN Binding request (by its header).
+pub fn is_binding_request(buf: &[u8]) -> bool {
+    looks_like_stun(buf) && buf[0..2] == [0x00, 0x01]
+}
+
 /// CRC-32 of FINGERPRINT, with its table built at compile time.
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 /// FINGERPRINT's XOR constant (RFC 8489 §14.7).
@@ -113,8 +118,11 @@ pub fn fast_response(req: &[u8], from: SocketAddr, out: &mut [u8; FAST_MAX]) -> 
 }
 
 /// Comprehension-required attributes (0x0000–0x7FFF) that a Binding request
-/// may carry and that this server understands.
-fn understood_in_binding(t: AttrType) -> bool {
+/// may carry and that this server understands. CHANGE-REQUEST and
+/// RESPONSE-PORT are NAT behaviour discovery's ([`crate::behavior`]); a
+/// server without an alternate address answers them 420, as RFC 5780 §6.1
+/// asks, except a CHANGE-REQUEST that asks for no change.
+pub(crate) fn understood_in_binding(t: AttrType) -> bool {
     use stun::attributes::*;
     matches!(
         t,
@@ -126,11 +134,9 @@ fn understood_in_binding(t: AttrType) -> bool {
             | ATTR_PRIORITY
             | ATTR_USE_CANDIDATE
             | ATTR_PADDING
-            | ATTR_RESPONSE_PORT
             | ATTR_REALM
             | ATTR_NONCE
             | ATTR_USER_HASH
-            | ATTR_CHANGE_REQUEST
     ) || t.0 >= 0x8000
 }
 
@@ -156,8 +162,11 @@ pub fn handle(req: &Message, from: SocketAddr, out: &mut Message) -> Outcome {
         .attributes
         .0
         .iter()
+        .filter(|a| {
+            let no_change = a.typ == stun::attributes::ATTR_CHANGE_REQUEST && a.value == [0; 4];
+            !understood_in_binding(a.typ) && !no_change
+        })
         .map(|a| a.typ)
-        .filter(|t| !understood_in_binding(*t))
         .collect();
     let built = if unknown.is_empty() {
         out.build(&[
@@ -298,15 +307,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unknown_comprehension_required_attribute_gets_420() {
+    /// The answer to a Binding request carrying attribute `typ` = `value`.
+    fn answer_with(typ: AttrType, value: &[u8]) -> Message {
         let mut m = Message::new();
         m.build(&[
             Box::new(BINDING_REQUEST),
             Box::new(stun::agent::TransactionId::new()),
         ])
         .expect("build");
-        m.add(AttrType(0x7777), b"what");
+        m.add(typ, value);
         m.write_length();
         let req = decode(&m.raw);
         let mut out = Message::new();
@@ -314,14 +323,32 @@ mod tests {
             handle(&req, "192.0.2.1:1".parse().expect("addr"), &mut out),
             Outcome::Respond
         );
-        let resp = decode(&out.raw);
-        assert_eq!(resp.typ, BINDING_ERROR);
-        let mut code = stun::error_code::ErrorCodeAttribute::default();
-        code.get_from(&resp).expect("ERROR-CODE");
-        assert!(code.code == stun::error_code::CODE_UNKNOWN_ATTRIBUTE);
-        let mut unknown = stun::uattrs::UnknownAttributes(Vec::new());
-        unknown.get_from(&resp).expect("UNKNOWN-ATTRIBUTES");
-        assert_eq!(unknown.0, [AttrType(0x7777)]);
+        decode(&out.raw)
+    }
+
+    #[test]
+    fn unknown_comprehension_required_attribute_gets_420() {
+        use stun::attributes::{ATTR_CHANGE_REQUEST, ATTR_RESPONSE_PORT};
+        // Discovery attributes too, on a server without an alternate
+        // address (RFC 5780 §6.1), unless a CHANGE-REQUEST asks for nothing.
+        for (typ, value) in [
+            (AttrType(0x7777), &b"what"[..]),
+            (ATTR_CHANGE_REQUEST, &[0, 0, 0, 6][..]),
+            (ATTR_RESPONSE_PORT, &[0x9c, 0x41, 0, 0][..]),
+        ] {
+            let resp = answer_with(typ, value);
+            assert_eq!(resp.typ, BINDING_ERROR);
+            let mut code = stun::error_code::ErrorCodeAttribute::default();
+            code.get_from(&resp).expect("ERROR-CODE");
+            assert!(code.code == stun::error_code::CODE_UNKNOWN_ATTRIBUTE);
+            let mut unknown = stun::uattrs::UnknownAttributes(Vec::new());
+            unknown.get_from(&resp).expect("UNKNOWN-ATTRIBUTES");
+            assert_eq!(unknown.0, [typ]);
+        }
+        assert_eq!(
+            answer_with(ATTR_CHANGE_REQUEST, &[0; 4]).typ,
+            BINDING_SUCCESS
+        );
     }
 
     #[test]

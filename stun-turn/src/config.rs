@@ -24,6 +24,20 @@ pub struct Config {
     #[arg(long, env = "FLOE_HTTP_LISTEN", default_value = "0.0.0.0:9478")]
     pub http_listen: SocketAddr,
 
+    /// A second IP address of this host, for NAT behaviour discovery (RFC
+    /// 5780): Binding is then answered on four addresses (--listen's and
+    /// --alt-ip's IP, each with --listen's and --alt-port's port), with
+    /// OTHER-ADDRESS and RESPONSE-ORIGIN, and CHANGE-REQUEST and
+    /// RESPONSE-PORT are honoured over UDP. Needs --listen on a specific
+    /// address of the same family; both must be reachable without NAT.
+    #[arg(long, env = "FLOE_ALT_IP")]
+    pub alt_ip: Option<IpAddr>,
+
+    /// The second port for NAT behaviour discovery (default: the listen
+    /// port plus one; any free port when the listen port is 0).
+    #[arg(long, env = "FLOE_ALT_PORT", requires = "alt_ip")]
+    pub alt_port: Option<u16>,
+
     /// UDP sockets (SO_REUSEPORT) serving the listen address; 0: one per core.
     #[arg(long, env = "FLOE_UDP_SOCKETS", default_value_t = 0)]
     pub udp_sockets: usize,
@@ -159,6 +173,8 @@ pub struct TlsSettings {
 pub struct Settings {
     pub listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// NAT behaviour discovery's second IP and port (0: any free port).
+    pub alt: Option<(IpAddr, u16)>,
     pub udp_sockets: usize,
     pub max_tcp_connections: usize,
     pub realm: String,
@@ -198,6 +214,13 @@ pub enum ConfigError {
     TurnSecrets(#[from] CredentialError),
     #[error("the relay port range {0}-{1} is empty or inverted")]
     PortRange(u16, u16),
+    #[error(
+        "--alt-ip {0} needs --listen on another address of the same family, not {1} \
+         (NAT behaviour discovery answers from both IPs)"
+    )]
+    AltIp(IpAddr, SocketAddr),
+    #[error("--alt-port {0} must differ from the listen port and fit below 65536")]
+    AltPort(u16),
     #[error("--control-url and an internal token go together")]
     ControlWithoutToken,
     #[error("--relay-ip takes at most one IPv4 and one IPv6 address")]
@@ -301,10 +324,30 @@ impl Config {
             (None, None) => None,
             _ => return Err(ConfigError::TlsHalf),
         };
+        let alt = match self.alt_ip {
+            None => None,
+            Some(ip) => {
+                let listen = self.listen;
+                if listen.ip().is_unspecified()
+                    || listen.is_ipv4() != ip.is_ipv4()
+                    || listen.ip() == ip
+                {
+                    return Err(ConfigError::AltIp(ip, listen));
+                }
+                let port = match (self.alt_port, listen.port()) {
+                    (Some(p), l) if p == l && l != 0 => return Err(ConfigError::AltPort(p)),
+                    (Some(p), _) => p,
+                    (None, 0) => 0,
+                    (None, l) => l.checked_add(1).ok_or(ConfigError::AltPort(l))?,
+                };
+                Some((ip, port))
+            }
+        };
         Ok(Settings {
             tls,
             listen: self.listen,
             http_listen: self.http_listen,
+            alt,
             udp_sockets: self.udp_sockets,
             max_tcp_connections: self.max_tcp_connections,
             realm: self.realm.clone(),
@@ -345,6 +388,7 @@ impl Settings {
         Self {
             listen,
             http_listen,
+            alt: None,
             udp_sockets: 0,
             max_tcp_connections: 10_000,
             realm: "floe".into(),
@@ -396,5 +440,56 @@ mod tests {
             resolve(&"a".repeat(MAX_SERVER_ID_LEN + 1)),
             Err(ConfigError::ServerIdTooLong(_))
         ));
+    }
+
+    #[test]
+    fn discovery_needs_two_addresses_of_one_family() {
+        let resolve = |args: &[&str]| {
+            let mut all = vec!["turn"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+                .expect("flags parse")
+                .config
+                .resolve()
+        };
+        let alt = |args: &[&str]| resolve(args).map(|s| s.alt);
+        assert_eq!(
+            alt(&["--listen", "203.0.113.10:3478", "--alt-ip", "203.0.113.11"]).ok(),
+            Some(Some(("203.0.113.11".parse().expect("ip"), 3479)))
+        );
+        assert_eq!(
+            alt(&["--listen", "127.0.0.1:0", "--alt-ip", "127.0.0.2"]).ok(),
+            Some(Some(("127.0.0.2".parse().expect("ip"), 0)))
+        );
+        for bad in [
+            &["--alt-ip", "203.0.113.11"][..],
+            &["--listen", "203.0.113.10:3478", "--alt-ip", "203.0.113.10"],
+            &["--listen", "203.0.113.10:3478", "--alt-ip", "2001:db8::1"],
+        ] {
+            assert!(
+                matches!(resolve(bad), Err(ConfigError::AltIp(..))),
+                "{bad:?}"
+            );
+        }
+        for bad in [
+            &[
+                "--listen",
+                "203.0.113.10:3478",
+                "--alt-ip",
+                "203.0.113.11",
+                "--alt-port",
+                "3478",
+            ][..],
+            &["--listen", "203.0.113.10:65535", "--alt-ip", "203.0.113.11"],
+        ] {
+            assert!(
+                matches!(resolve(bad), Err(ConfigError::AltPort(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["turn", "--alt-port", "3479"]).is_err(),
+            "needs --alt-ip"
+        );
     }
 }

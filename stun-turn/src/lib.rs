@@ -9,6 +9,7 @@
 
 mod allocation;
 mod auth;
+pub mod behavior;
 pub mod binding;
 mod config;
 pub mod data_dir;
@@ -17,6 +18,7 @@ pub mod framing;
 mod meter;
 mod metrics;
 mod policy;
+pub mod probe;
 mod report;
 mod secrets;
 mod server;
@@ -55,6 +57,7 @@ pub enum StartError {
 /// A running TURN server. Dropping it starts a graceful stop.
 pub struct TurnServer {
     listen: SocketAddr,
+    discovery: Option<behavior::Addresses>,
     tls: Option<SocketAddr>,
     http: SocketAddr,
     server_id: String,
@@ -65,6 +68,11 @@ impl TurnServer {
     /// Address of the STUN/TURN listener (UDP and TCP).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// NAT behaviour discovery's four addresses, when configured.
+    pub fn discovery_addrs(&self) -> Option<behavior::Addresses> {
+        self.discovery
     }
 
     /// Address of the TLS listener, when TLS is configured.
@@ -138,6 +146,18 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
         )
     })?;
     let listen = tcp.local_addr()?;
+    let discovery = match settings.alt {
+        Some((ip, port)) => Some(server::Discovery::bind(listen, ip, port).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot bind NAT behaviour discovery (--alt-ip {ip}, --alt-port {port}): {e}"
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let discovery_addrs = discovery.as_ref().map(|(a, _)| *a);
     let tls = match &settings.tls {
         Some(t) => {
             let acceptor = tls::acceptor(t)?;
@@ -163,7 +183,7 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
     // Sockets and HTTP stop on `stop`, after the drain; the drain starts
     // on `shutdown`.
     let stop = Shutdown::new();
-    let sockets = server::serve(turn.clone(), udp, tcp, tls, stop.clone());
+    let sockets = server::serve(turn.clone(), udp, tcp, tls, discovery, stop.clone());
     let router = floe_common::http::ops_router(metrics.registry.clone(), health)
         .fallback(floe_common::http::not_found);
     let http_task = floe_common::http::serve(http, router, stop.clone());
@@ -177,7 +197,7 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
         control_ok,
         reporter_stop.clone(),
     ));
-    tracing::info!(%listen, tls = ?tls_addr, http = %http_addr, server = %server_id, turn = turn.secrets().is_some(), "STUN/TURN server listening");
+    tracing::info!(%listen, tls = ?tls_addr, http = %http_addr, server = %server_id, turn = turn.secrets().is_some(), discovery = ?discovery_addrs.map(|a| a.all()), "STUN/TURN server listening");
 
     let task = tokio::spawn({
         let (shutdown, turn) = (shutdown.clone(), turn.clone());
@@ -221,6 +241,7 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
     });
     Ok(TurnServer {
         listen,
+        discovery: discovery_addrs,
         tls: tls_addr,
         http: http_addr,
         server_id,

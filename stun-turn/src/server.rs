@@ -1,7 +1,10 @@
 //! Socket drivers: UDP sockets (several on one port with SO_REUSEPORT, so
 //! the kernel spreads clients over cores) and TCP and TLS acceptors with a
 //! reader and a writer task per connection. They read bytes, frame them, and hand
-//! them to [`Turn`].
+//! them to [`Turn`]. With NAT behaviour discovery configured, the three
+//! alternate addresses get a UDP socket each that answers Binding only,
+//! and every Binding answer leaves from the address [`behavior::answer`]
+//! picks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +23,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::allocation::{ClientSink, Outbound, Transport, Undelivered};
+use crate::behavior::{self, Addresses, Reply};
+use crate::binding;
 use crate::framing::{self, Frame, MAX_FRAME};
 use crate::turn::Turn;
 
@@ -87,18 +92,88 @@ pub(crate) fn bind_all(
     Err(last_err.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-/// Spawns the socket tasks.
+/// NAT behaviour discovery's addresses and a socket on each, to answer
+/// from any of them.
+pub(crate) struct Discovery {
+    pub(crate) addrs: Addresses,
+    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
+}
+
+impl Discovery {
+    /// Binds the alternate addresses of `primary` (a bound address):
+    /// `alt_port` 0 picks a free one.
+    pub(crate) fn bind(
+        primary: SocketAddr,
+        alt_ip: std::net::IpAddr,
+        alt_port: u16,
+    ) -> std::io::Result<(Addresses, Vec<UdpSocket>)> {
+        let same_ip = udp_socket(SocketAddr::new(primary.ip(), alt_port))?;
+        let alt_port = same_ip.local_addr()?.port();
+        let addrs = Addresses {
+            primary,
+            alt_ip,
+            alt_port,
+        };
+        let [_, _, ip_only, both] = addrs.all();
+        Ok((
+            addrs,
+            vec![same_ip, udp_socket(ip_only)?, udp_socket(both)?],
+        ))
+    }
+
+    /// Sends `reply` from its origin; a lost answer is the client's to
+    /// retransmit for.
+    async fn send(&self, reply: &Reply) {
+        if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| *a == reply.from)
+            && let Err(e) = socket.send_to(&reply.bytes, reply.to).await
+        {
+            tracing::debug!(error = %e, to = %reply.to, "discovery answer not sent");
+        }
+    }
+}
+
+/// Spawns the socket tasks; `discovery` are the alternate addresses and
+/// their sockets, when configured.
 pub(crate) fn serve(
     turn: Arc<Turn>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
     tls: Option<(TcpListener, TlsAcceptor)>,
+    discovery: Option<(Addresses, Vec<UdpSocket>)>,
     shutdown: Shutdown,
 ) -> Vec<JoinHandle<()>> {
+    let udp: Vec<Arc<UdpSocket>> = udp.into_iter().map(Arc::new).collect();
+    let discovery = discovery.map(|(addrs, alternates)| {
+        let mut sockets = vec![(addrs.primary, udp[0].clone())];
+        sockets.extend(
+            addrs.all()[1..]
+                .iter()
+                .copied()
+                .zip(alternates.into_iter().map(Arc::new)),
+        );
+        Arc::new(Discovery { addrs, sockets })
+    });
     let mut tasks: Vec<JoinHandle<()>> = udp
         .into_iter()
-        .map(|s| tokio::spawn(udp_loop(turn.clone(), Arc::new(s), shutdown.clone())))
+        .map(|s| {
+            tokio::spawn(udp_loop(
+                turn.clone(),
+                s,
+                discovery.clone(),
+                shutdown.clone(),
+            ))
+        })
         .collect();
+    if let Some(d) = &discovery {
+        for (_, socket) in &d.sockets[1..] {
+            tasks.push(tokio::spawn(discovery_loop(
+                turn.clone(),
+                d.clone(),
+                socket.clone(),
+                shutdown.clone(),
+            )));
+        }
+    }
     let open = Arc::new(AtomicUsize::new(0));
     if let Some((listener, acceptor)) = tls {
         tasks.push(tokio::spawn(stream_accept(
@@ -113,7 +188,49 @@ pub(crate) fn serve(
     tasks
 }
 
-async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
+/// Answers Binding on one of discovery's alternate addresses; anything
+/// else there is dropped.
+async fn discovery_loop(
+    turn: Arc<Turn>,
+    discovery: Arc<Discovery>,
+    socket: Arc<UdpSocket>,
+    shutdown: Shutdown,
+) {
+    let Ok(local) = socket.local_addr() else {
+        return;
+    };
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let (len, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            },
+        };
+        match behavior::answer(&discovery.addrs, &buf[..len], local, from) {
+            Some(reply) => {
+                turn.count_binding_answer(Transport::Udp);
+                discovery.send(&reply).await;
+            }
+            None => turn
+                .metrics
+                .discarded
+                .with_label_values(&["not_binding"])
+                .inc(),
+        }
+    }
+}
+
+async fn udp_loop(
+    turn: Arc<Turn>,
+    socket: Arc<UdpSocket>,
+    discovery: Option<Arc<Discovery>>,
+    shutdown: Shutdown,
+) {
     let Ok(local) = socket.local_addr() else {
         return;
     };
@@ -138,6 +255,21 @@ async fn udp_loop(turn: Arc<Turn>, socket: Arc<UdpSocket>, shutdown: Shutdown) {
             match framing::next_frame(datagram, false) {
                 Ok(Some(Frame::ChannelData { channel, data, .. })) => {
                     turn.on_channel_data(from, Transport::Udp, channel, &datagram[4..4 + data]);
+                }
+                Ok(Some(Frame::Stun { len: stun }))
+                    if stun == len
+                        && let Some(d) = &discovery
+                        && binding::is_binding_request(datagram) =>
+                {
+                    let Some(reply) = behavior::answer(&d.addrs, datagram, local, from) else {
+                        continue;
+                    };
+                    turn.count_binding_answer(Transport::Udp);
+                    if reply.from == local {
+                        answers.push(&reply.bytes, reply.to);
+                    } else {
+                        d.send(&reply).await;
+                    }
                 }
                 Ok(Some(Frame::Stun { len: stun })) if stun == len => {
                     let sink = ClientSink::Udp {

@@ -343,6 +343,11 @@ impl Turn {
         }
     }
 
+    /// Counts a Binding request answered over `transport`.
+    pub(crate) fn count_binding_answer(&self, transport: Transport) {
+        self.binding_answered[transport as usize].inc();
+    }
+
     /// Handles one STUN message from a client; returns the response.
     pub async fn on_stun(
         self: &Arc<Self>,
@@ -353,7 +358,7 @@ impl Turn {
     ) -> Option<Vec<u8>> {
         let mut fast = [0u8; binding::FAST_MAX];
         if let Some(n) = binding::fast_response(raw, from, &mut fast) {
-            self.binding_answered[transport as usize].inc();
+            self.count_binding_answer(transport);
             return Some(fast[..n].to_vec());
         }
         if !binding::looks_like_stun(raw) {
@@ -378,7 +383,7 @@ impl Turn {
             let mut out = Message::new();
             let r = binding::handle(&req, from, &mut out);
             if r == binding::Outcome::Respond {
-                self.binding_answered[transport as usize].inc();
+                self.count_binding_answer(transport);
             }
             return (r == binding::Outcome::Respond).then_some(out.raw);
         }
