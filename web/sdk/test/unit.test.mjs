@@ -86,3 +86,56 @@ test("abnormal closes reconnect with the secret; closes that mean stop do not", 
   }
   room.leave();
 });
+
+/** An RTCPeerConnection that never connects. */
+class StuckPC {
+  static last;
+  connectionState = "new";
+  signalingState = "stable";
+  localDescription = null;
+  remoteDescription = null;
+  restarts = 0;
+  constructor(config) {
+    this.config = config;
+    StuckPC.last = this;
+  }
+  async setRemoteDescription(d) {
+    this.remoteDescription = d;
+    this.signalingState = d.type === "offer" ? "have-remote-offer" : "stable";
+  }
+  async setLocalDescription() {
+    const answer = { type: "answer", sdp: "" };
+    this.localDescription = { ...answer, toJSON: () => answer };
+    this.signalingState = "stable";
+  }
+  async addIceCandidate() {}
+  restartIce() {
+    this.restarts += 1;
+  }
+  close() {}
+}
+
+test("a link that never connects says so, and why no relay will help", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const room = floe.joinRoom("http://x", "r", { WebSocket: FakeSocket, storage: memoryStore() });
+  FakeSocket.last.deliver({
+    ...welcome,
+    ice_servers: { iceServers: [{ urls: ["stun:stun.example.com"] }], ttl: 0, expires: 0, turnRefused: "turn_disabled" },
+  });
+  const link = room.connect("bob", { RTCPeerConnection: StuckPC, statsIntervalMs: 0 });
+  const stalls = [];
+  link.on("stalled", (s) => stalls.push(s));
+  await link.onSignal({ pc: "bob-pc", description: { type: "offer", sdp: "" } });
+  t.mock.timers.tick(7_999);
+  assert.deepEqual(stalls, [], "not before the stall time");
+  t.mock.timers.tick(1);
+  assert.deepEqual(stalls, [{ turnRefused: "turn_disabled" }]);
+  // Only the impolite side restarts ICE, so the two never collide.
+  assert.equal(StuckPC.last.restarts, link.polite ? 0 : 1);
+  // A connection under way is not reported.
+  await link.onSignal({ pc: "bob-pc", description: { type: "offer", sdp: "" } });
+  StuckPC.last.connectionState = "connected";
+  t.mock.timers.tick(8_000);
+  assert.equal(stalls.length, 1);
+  link.close();
+});

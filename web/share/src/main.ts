@@ -166,19 +166,25 @@ function connectTo(peerId: string): void {
   l.on("pc", fresh);
   l.on("datachannel", (channel) => use(l.pc, channel));
   link.on("stats", showPath);
+  // ICE that fails, or never gets under way (the SDK restarts it, so it
+  // may never reach "failed"): say why, most of all when this plan has no
+  // relay to fall back on.
+  const noPath = () =>
+    status(
+      room?.iceServers?.turnRefused
+        ? `No direct path, and relay is not available on this plan (${room.iceServers.turnRefused}). Retrying…`
+        : "The connection failed; retrying…",
+      "error",
+    );
   link.on("connectionstatechange", (state) => {
     if (state === "connected") {
       status("Connected. Choose files to send.", "ok");
       $<HTMLInputElement>("files").disabled = false;
     } else if (state === "failed") {
-      status(
-        room?.iceServers?.turnRefused
-          ? `No direct path, and relay is not available on this plan (${room.iceServers.turnRefused}). Retrying…`
-          : "The connection failed; retrying…",
-        "error",
-      );
+      noPath();
     }
   });
+  link.on("stalled", noPath);
 }
 
 function join(roomId: string, password?: string): void {
