@@ -49,7 +49,11 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
-  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  # Whatever still runs inside the lab (a browser of a killed driver).
+  for ns in "${namespaces[@]}"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
   if [ "$status" -ne 0 ]; then
     echo "natlab: failed; the floe logs:" >&2
     for log in "$work"/*.log; do echo "--- $log" >&2; tail -n 30 "$log" >&2; done
