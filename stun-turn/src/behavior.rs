@@ -18,9 +18,7 @@ use stun::attributes::{
     ATTR_RESPONSE_PORT, ATTR_SOFTWARE, AttrType,
 };
 use stun::fingerprint::FINGERPRINT;
-use stun::message::{
-    BINDING_ERROR, BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter,
-};
+use stun::message::{BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter};
 use stun::xoraddr::XorMappedAddress;
 
 use crate::binding::{self, SOFTWARE};
@@ -158,20 +156,6 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
     }
     let mut out = Message::new();
     out.transaction_id = req.transaction_id;
-    let error = |out: &mut Message, code, reason: &[u8], extra: Option<Vec<AttrType>>| {
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(BINDING_ERROR),
-            Box::new(stun::error_code::ErrorCodeAttribute {
-                code,
-                reason: reason.to_vec(),
-            }),
-        ];
-        if let Some(unknown) = extra {
-            setters.push(Box::new(stun::uattrs::UnknownAttributes(unknown)));
-        }
-        setters.push(Box::new(FINGERPRINT));
-        out.build(&setters).ok()
-    };
     let unknown: Vec<AttrType> = req
         .attributes
         .0
@@ -180,13 +164,9 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
         .filter(|t| !understood(*t))
         .collect();
     let built = if !unknown.is_empty() {
-        error(
-            &mut out,
-            stun::error_code::CODE_UNKNOWN_ATTRIBUTE,
-            b"Unknown Attribute",
-            Some(unknown),
-        )
-        .map(|()| (local, from))
+        binding::unknown_attribute(&mut out, unknown)
+            .ok()
+            .map(|()| (local, from))
     } else {
         match (flags(&req), response_port(&req)) {
             (Ok(flags), Ok(port)) => {
@@ -209,12 +189,13 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
                 .ok()
                 .map(|()| (origin, to))
             }
-            _ => error(
+            _ => binding::error(
                 &mut out,
                 stun::error_code::CODE_BAD_REQUEST,
-                b"Bad CHANGE-REQUEST or RESPONSE-PORT",
-                None,
+                "Bad CHANGE-REQUEST or RESPONSE-PORT",
+                Vec::new(),
             )
+            .ok()
             .map(|()| (local, from)),
         }
     };
@@ -228,7 +209,7 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stun::message::{BINDING_REQUEST, Getter};
+    use stun::message::{BINDING_ERROR, BINDING_REQUEST, Getter};
 
     fn addrs() -> Addresses {
         Addresses {

@@ -140,6 +140,40 @@ pub(crate) fn understood_in_binding(t: AttrType) -> bool {
     ) || t.0 >= 0x8000
 }
 
+/// Builds a Binding error answer `code` into `out`.
+pub(crate) fn error(
+    out: &mut Message,
+    code: stun::error_code::ErrorCode,
+    reason: &str,
+    unknown: Vec<AttrType>,
+) -> Result<(), stun::Error> {
+    let mut setters: Vec<Box<dyn stun::message::Setter>> = vec![
+        Box::new(BINDING_ERROR),
+        Box::new(stun::error_code::ErrorCodeAttribute {
+            code,
+            reason: reason.as_bytes().to_vec(),
+        }),
+    ];
+    if !unknown.is_empty() {
+        setters.push(Box::new(stun::uattrs::UnknownAttributes(unknown)));
+    }
+    setters.push(Box::new(FINGERPRINT));
+    out.build(&setters)
+}
+
+/// 420 Unknown Attribute with the list (RFC 8489 §6.3.1.1).
+pub(crate) fn unknown_attribute(
+    out: &mut Message,
+    unknown: Vec<AttrType>,
+) -> Result<(), stun::Error> {
+    error(
+        out,
+        stun::error_code::CODE_UNKNOWN_ATTRIBUTE,
+        "Unknown Attribute",
+        unknown,
+    )
+}
+
 /// Handles a decoded Binding message from `from`, writing the answer into
 /// `out`. `req` must be a decoded message whose method is Binding.
 pub fn handle(req: &Message, from: SocketAddr, out: &mut Message) -> Outcome {
@@ -182,16 +216,7 @@ pub fn handle(req: &Message, from: SocketAddr, out: &mut Message) -> Outcome {
             Box::new(FINGERPRINT),
         ])
     } else {
-        // 420 Unknown Attribute with the list (RFC 8489 §6.3.1.1).
-        out.build(&[
-            Box::new(BINDING_ERROR),
-            Box::new(stun::error_code::ErrorCodeAttribute {
-                code: stun::error_code::CODE_UNKNOWN_ATTRIBUTE,
-                reason: b"Unknown Attribute".to_vec(),
-            }),
-            Box::new(stun::uattrs::UnknownAttributes(unknown)),
-            Box::new(FINGERPRINT),
-        ])
+        unknown_attribute(out, unknown)
     };
     match built {
         Ok(()) => Outcome::Respond,
