@@ -720,8 +720,8 @@ pub mod testing {
             format!("{host}:{port}")
         }
 
-        /// Stops the master for good (`SHUTDOWN NOSAVE`); returns its
-        /// address.
+        /// Stops the master for good (`SHUTDOWN NOSAVE`) and waits (10 s
+        /// at most) until it no longer answers; returns its address.
         pub async fn stop_master(&self) -> String {
             let master = self.master().await;
             let client = redis::Client::open(format!("redis://{master}")).expect("client");
@@ -733,6 +733,14 @@ pub mod testing {
                 .arg("NOSAVE")
                 .query_async::<()>(&mut conn)
                 .await;
+            let start = Instant::now();
+            while client.get_multiplexed_async_connection().await.is_ok() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{master} did not stop"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             master
         }
 
