@@ -6,12 +6,18 @@
 # (VmHWM). Also an allocation storm and a STUN Binding flood (floe's load
 # tester for both). Prints a table per scenario and floe/coturn ratios.
 #
+# (a), (b), (p) relay client to client: two allocations of one server,
+# which floe hands over in memory (floe-kernel: through the kernel, as
+# coturn does). (r) is the common production case: every client relays to
+# a plain UDP peer that is not an allocation on the server (coturn's
+# turnutils_peer, an echo server), so both servers pay the kernel path.
+#
 #   scripts/bench-turn.sh            (all scenarios)
 #   SCENARIOS="a p" scripts/bench-turn.sh
 #   REPEAT=1 SCENARIOS=bind scripts/bench-turn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SCENARIOS="${SCENARIOS:-a b p storm bind}"
+SCENARIOS="${SCENARIOS:-a b p r storm bind}"
 # The storm and the flood take seconds and swing by a third from run to
 # run on a shared 2-core box; they run this many times, servers taking
 # turns, and the table shows the median.
@@ -60,12 +66,25 @@ start_server() { # kind port
 results="$work/results.tsv"
 : >"$results"
 
-uclient_run() { # scenario kind clients messages size interval
+# The UDP echo peer of (r), started when first needed.
+peer_port=""
+echo_peer() {
+  if [ -z "$peer_port" ]; then
+    peer_port=$(free_port)
+    turnutils_peer -L 127.0.0.1 -p "$peer_port" >/dev/null 2>&1 &
+    pids+=("$!")
+  fi
+}
+
+uclient_run() { # scenario kind clients messages size interval [peer]
   local port; port=$(free_port)
+  # Client to client (-y), or each client to the echo peer (-e/-r).
+  local to=(-y)
+  if [ "${7:-}" = peer ]; then echo_peer; to=(-e 127.0.0.1 -r "$peer_port"); fi
   start_server "$2" "$port"
   local before; before=$(cpu_ticks "$server_pid")
   local out="$work/$1-$2.txt"
-  timeout 300 turnutils_uclient -y -c -m "$3" -n "$4" -l "$5" -z "$6" -W "$SECRET" \
+  timeout 300 turnutils_uclient "${to[@]}" -c -m "$3" -n "$4" -l "$5" -z "$6" -W "$SECRET" \
     -u "k1:bench:room:peer" -p "$port" 127.0.0.1 >"$out" 2>&1 || true
   local after; after=$(cpu_ticks "$server_pid")
   local peak; peak=$(peak_kib "$server_pid")
@@ -122,7 +141,7 @@ for s in $SCENARIOS; do
   # server, which floe hands over in memory; --kernel-hairpin sends them
   # through the kernel as coturn does, i.e. the cost with a remote peer.
   kinds="coturn floe" repeat=$REPEAT
-  case "$s" in a|b|p) kinds="coturn floe floe-kernel" repeat=1 ;; esac
+  case "$s" in a|b|p) kinds="coturn floe floe-kernel" repeat=1 ;; r) repeat=1 ;; esac
   for round in $(seq "$repeat"); do
     if [ "$repeat" -gt 1 ]; then echo "-- round $round of $repeat"; fi
     for kind in $kinds; do
@@ -130,6 +149,8 @@ for s in $SCENARIOS; do
       a) echo "== (a) $kind: 50 clients x 1000 x 120 B, unpaced"; uclient_run a "$kind" 50 1000 120 0 ;;
       b) echo "== (b) $kind: 200 clients x 500 x 1000 B, unpaced (burst)"; uclient_run b "$kind" 200 500 1000 0 ;;
       p) echo "== (p) $kind: 200 clients x 500 x 160 B every 20 ms"; uclient_run p "$kind" 200 500 160 20 ;;
+      r) echo "== (r) $kind: 200 clients x 500 x 160 B every 20 ms to a remote UDP echo peer"
+        uclient_run r "$kind" 200 500 160 20 peer ;;
       storm) echo "== allocation storm $kind: 3000 Allocates, 100 in flight"
         loadtest_run storm "$kind" turn-allocate --secret "$SECRET" --user k1:bench:storm:peer --count 3000 --in-flight 100 ;;
       bind) echo "== STUN Binding flood $kind: 300000 requests, 100 in flight from 4 sockets"
@@ -147,6 +168,7 @@ for line in open(sys.argv[1]):
     runs[(s, metric)][kind].append(float(value))
 rows = {k: {kind: statistics.median(v) for kind, v in kinds.items()} for k, kinds in runs.items()}
 names = {"a": "(a) 50x1000x120B", "b": "(b) 200x500x1000B burst", "p": "(p) 200x500x160B/20ms",
+         "r": "(r) remote peer 160B/20ms",
          "storm": "allocation storm", "bind": "binding flood"}
 nan = float("nan")
 print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12} {'floe-kernel':>12} {'ratio':>8}")
