@@ -295,11 +295,6 @@ impl Endpoint {
         })
     }
 
-    /// Whether this endpoint is a Sentinel set.
-    pub fn is_sentinel(&self) -> bool {
-        self.master.is_some()
-    }
-
     fn certificates(&self) -> Option<TlsCertificates> {
         self.ca.as_ref().map(|ca| TlsCertificates {
             client_tls: None,
@@ -843,7 +838,7 @@ mod tests {
         assert_eq!(e.to_string(), "rediss://cache:6380/3");
         assert_eq!(e.username.as_deref(), Some("u@x"));
         assert_eq!(e.password.as_deref(), Some("p@ss/w:rd"));
-        assert!(e.tls && !e.is_sentinel());
+        assert!(e.tls && e.master.is_none());
         let e = parse("redis://:a+b@[::1]:7000").expect("valid");
         assert_eq!(e.password.as_deref(), Some("a+b"));
         assert_eq!(e.to_string(), "redis://[::1]:7000/0");
@@ -877,7 +872,7 @@ mod tests {
             "redis+sentinel://s1:26379,s2:26380,[fd00::1]:5000/floe-main/2"
         );
         let e = parse("rediss+sentinel://s1:26379/m").expect("valid");
-        assert!(e.tls && e.is_sentinel());
+        assert!(e.tls && e.master.is_some());
     }
 
     #[test]

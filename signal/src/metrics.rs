@@ -13,6 +13,7 @@ pub(crate) struct Metrics {
     pub refusals: IntCounterVec,
     pub relay_latency: Histogram,
     pub redis_errors: IntCounter,
+    pub redis_master_switches: IntCounter,
     pub reported_bytes: IntCounterVec,
     pub rooms_created: IntCounterVec,
     pub turn_credentials: IntCounterVec,
@@ -83,6 +84,11 @@ impl Metrics {
                 "Failed Redis commands and lost Redis connections",
             )
             .expect("valid metric"),
+            redis_master_switches: IntCounter::new(
+                "floe_signal_redis_master_switches_total",
+                "Times the room bus moved to a new Redis master (Sentinel failover)",
+            )
+            .expect("valid metric"),
             reported_bytes: IntCounterVec::new(
                 Opts::new(
                     "floe_signal_reported_bytes_total",
@@ -143,6 +149,7 @@ impl Metrics {
             Box::new(m.refusals.clone()),
             Box::new(m.relay_latency.clone()),
             Box::new(m.redis_errors.clone()),
+            Box::new(m.redis_master_switches.clone()),
             Box::new(m.reported_bytes.clone()),
             Box::new(m.rooms_created.clone()),
             Box::new(m.turn_credentials.clone()),

@@ -578,5 +578,17 @@ async fn the_bus_survives_the_loss_of_the_redis_master() {
         "c"
     );
 
+    // Each node counted the move (and reconciled after it).
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !metrics(node)
+            .await
+            .contains("floe_signal_redis_master_switches_total 1")
+        {
+            assert!(Instant::now() < deadline, "no master switch counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     set.restore(&old).await;
 }

@@ -745,9 +745,19 @@ impl RedisBus {
                 .arg(&self.node)
                 .invoke_async(&mut self.conn.clone())
                 .await;
+            // A new master (Sentinel failover) may have missed the last
+            // writes the old one took: reconcile at once.
+            let switches = self.conn.switches();
+            let counted = self.metrics.redis_master_switches.get();
+            let moved = switches > counted;
+            if moved {
+                self.metrics
+                    .redis_master_switches
+                    .inc_by(switches - counted);
+            }
             match beat {
                 Ok(new) => {
-                    if new == 1 || !ok.get() {
+                    if new == 1 || !ok.get() || moved {
                         self.needs_resync.store(true, Ordering::Relaxed);
                     }
                     if !ok.get() {
