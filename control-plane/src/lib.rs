@@ -129,7 +129,12 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> Result<ControlPlan
         .fallback(floe_common::http::not_found);
     let shutdown = shutdown.child_token();
     let server = floe_common::http::serve(listener, router, shutdown.clone());
-    tokio::spawn(watch_store(store.clone(), store_ok, shutdown.clone()));
+    tokio::spawn(watch_store(
+        store.clone(),
+        metrics.clone(),
+        store_ok,
+        shutdown.clone(),
+    ));
     tokio::spawn(api::refresh_policy(app.clone(), shutdown.clone()));
     tokio::spawn(webhooks::deliver(
         store,
@@ -153,9 +158,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Keeps the `store` readiness check current.
-async fn watch_store(store: Arc<dyn Store>, ok: floe_common::Check, shutdown: Shutdown) {
+/// Keeps the `store` readiness check and its switch count current.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    metrics: Arc<metrics::Metrics>,
+    ok: floe_common::Check,
+    shutdown: Shutdown,
+) {
     loop {
+        let (switches, counted) = (store.switches(), metrics.store_switches.get());
+        if switches > counted {
+            metrics.store_switches.inc_by(switches - counted);
+        }
         let healthy = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {

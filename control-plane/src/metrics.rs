@@ -1,6 +1,8 @@
 //! The control plane's Prometheus metrics, built once and shared by `Arc`.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Every metric of the control plane.
 pub(crate) struct Metrics {
@@ -11,6 +13,7 @@ pub(crate) struct Metrics {
     pub ledger_bytes: IntCounterVec,
     pub tenants_over_quota: IntGauge,
     pub store_seconds: HistogramVec,
+    pub store_switches: IntCounter,
     pub webhooks: IntCounterVec,
 }
 
@@ -55,6 +58,11 @@ impl Metrics {
                 "Tenants over their monthly relay quota at the last enforcement pass",
             )
             .expect("valid metric"),
+            store_switches: IntCounter::new(
+                "floe_control_store_switches_total",
+                "Times the Redis store moved to a new master (Sentinel failover)",
+            )
+            .expect("valid metric"),
             store_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "floe_control_store_seconds",
@@ -91,6 +99,7 @@ impl Metrics {
             Box::new(m.ledger_bytes.clone()),
             Box::new(m.tenants_over_quota.clone()),
             Box::new(m.store_seconds.clone()),
+            Box::new(m.store_switches.clone()),
             Box::new(m.webhooks.clone()),
         ] {
             m.registry.register(c).expect("each metric registered once");

@@ -160,6 +160,12 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the backend answers now (for `/readyz`).
     async fn ping(&self) -> Result<()>;
 
+    /// Times the backend moved to a new server (a Redis Sentinel
+    /// failover); 0 for a backend that cannot move.
+    fn switches(&self) -> u64 {
+        0
+    }
+
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()>;
     async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>>;
     async fn list_tenants(&self) -> Result<Vec<Tenant>>;

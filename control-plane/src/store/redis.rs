@@ -200,6 +200,10 @@ fn push_totals(argv: &mut Vec<String>, prefix: &str, t: &Totals) {
 
 #[async_trait]
 impl Store for RedisStore {
+    fn switches(&self) -> u64 {
+        self.conn.switches()
+    }
+
     async fn ping(&self) -> Result<()> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.conn.clone())
