@@ -216,6 +216,7 @@ pub async fn run(config: DevConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             None => dir.join("control.redb").display().to_string(),
         },
         redis_prefix: "floe-dev:cp:".into(),
+        store_replicas: None,
         redis: Default::default(),
         admin_token: Some(admin_token.clone()),
         admin_token_file: None,

@@ -47,6 +47,7 @@ async fn tenant_token_and_usage_commands() {
             api_rate: 10_000.0,
             trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
+            store_replicas: None,
         },
         Shutdown::new(),
     )

@@ -295,6 +295,11 @@ impl Endpoint {
         })
     }
 
+    /// Whether this endpoint is a Sentinel set (a master with replicas).
+    pub fn is_sentinel(&self) -> bool {
+        self.master.is_some()
+    }
+
     fn certificates(&self) -> Option<TlsCertificates> {
         self.ca.as_ref().map(|ca| TlsCertificates {
             client_tls: None,

@@ -1010,6 +1010,7 @@ mod tests {
             api_rate: 10_000.0,
             trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
+            store_replicas: None,
         };
         let cp = crate::start(settings, floe_common::Shutdown::new())
             .await

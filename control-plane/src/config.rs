@@ -28,6 +28,13 @@ pub struct Config {
     #[arg(long, env = "FLOE_REDIS_PREFIX", default_value = "floe:cp:")]
     pub redis_prefix: String,
 
+    /// Redis replicas that must hold a write (a usage batch, a key)
+    /// before the control plane acknowledges it, so it survives a
+    /// failover; a write they do not take within a second is refused and
+    /// retried. Default: 1 behind Sentinel, 0 otherwise.
+    #[arg(long, env = "FLOE_STORE_REPLICAS")]
+    pub store_replicas: Option<u32>,
+
     /// Bearer token of the admin API.
     #[arg(long, env = "FLOE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -106,6 +113,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub store: StoreLocation,
     pub redis_prefix: String,
+    /// Replicas that must hold a Redis write before it is acknowledged
+    /// (`None`: 1 behind Sentinel, 0 otherwise).
+    pub store_replicas: Option<u32>,
     pub admin_token: String,
     pub internal_token: String,
     pub turn_secrets: Option<TurnSecrets>,
@@ -131,6 +141,8 @@ pub enum ConfigError {
     TurnSecrets(#[from] CredentialError),
     #[error(transparent)]
     Redis(#[from] floe_common::redis_link::EndpointError),
+    #[error("--store-replicas needs a Redis --store")]
+    ReplicasWithoutRedis,
     #[error("--turn-url needs TURN secrets to sign credentials with")]
     TurnUrlsWithoutSecrets,
     #[error("{0:?} is not a STUN/TURN URL (stun:, turn:, turns:)")]
@@ -207,6 +219,9 @@ impl Config {
         // refused, not taken for a file name); the rest is a path.
         let url = (!self.store.starts_with("file:") && self.store.contains("://"))
             .then_some(self.store.as_str());
+        if url.is_none() && self.store_replicas.is_some() {
+            return Err(ConfigError::ReplicasWithoutRedis);
+        }
         let store = match self.redis.endpoint("--store", url)? {
             Some(endpoint) => StoreLocation::Redis(endpoint),
             None => StoreLocation::Embedded(PathBuf::from(
@@ -217,6 +232,7 @@ impl Config {
             listen: self.listen,
             store,
             redis_prefix: self.redis_prefix.clone(),
+            store_replicas: self.store_replicas,
             admin_token,
             internal_token,
             turn_secrets,
@@ -302,6 +318,12 @@ mod tests {
         assert!(matches!(
             parse(&urls).resolve(),
             Err(ConfigError::TurnUrlsWithoutSecrets)
+        ));
+        let mut replicas = TOKENS.to_vec();
+        replicas.extend(["--store-replicas", "1"]);
+        assert!(matches!(
+            parse(&replicas).resolve(),
+            Err(ConfigError::ReplicasWithoutRedis)
         ));
         let mut bad = TOKENS.to_vec();
         bad.extend(["--stun-url", "http://example.com"]);

@@ -107,7 +107,12 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreErro
     Ok(match &settings.store {
         StoreLocation::Embedded(path) => Arc::new(store::embedded::EmbeddedStore::open(path)?),
         StoreLocation::Redis(redis) => {
-            Arc::new(store::redis::RedisStore::connect(redis, &settings.redis_prefix).await?)
+            let replicas = settings
+                .store_replicas
+                .unwrap_or(u32::from(redis.is_sentinel()));
+            Arc::new(
+                store::redis::RedisStore::connect(redis, &settings.redis_prefix, replicas).await?,
+            )
         }
     })
 }

@@ -34,6 +34,7 @@ fn settings(store: StoreLocation) -> Settings {
         api_rate: 1_000.0,
         trusted_proxies: Default::default(),
         enforcement_refresh: std::time::Duration::from_secs(2),
+        store_replicas: None,
     }
 }
 

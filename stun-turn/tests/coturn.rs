@@ -74,6 +74,7 @@ async fn turnutils_uclient_relays_through_floe_turn_without_loss() {
             api_rate: 10_000.0,
             trusted_proxies: Default::default(),
             enforcement_refresh: std::time::Duration::from_secs(2),
+            store_replicas: None,
         },
         Shutdown::new(),
     )

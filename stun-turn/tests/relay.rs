@@ -47,6 +47,7 @@ fn cp_settings(dir: &std::path::Path, listen: SocketAddr, internal: &str) -> CpS
         api_rate: 10_000.0,
         trusted_proxies: Default::default(),
         enforcement_refresh: std::time::Duration::from_secs(2),
+        store_replicas: None,
     }
 }
 

@@ -40,12 +40,17 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// How long a write waits for replicas to take it (WAIT).
+const REPLICA_WAIT_MS: u64 = 1_000;
+
 /// A Redis-backed [`Store`]. Every key starts with `prefix`, so several
 /// deployments (or tests) can share one Redis.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Link,
     prefix: String,
+    /// Replicas that must hold a write before it is acknowledged.
+    replicas: u32,
 }
 
 const CREATE_TENANT: &str = r"
@@ -136,8 +141,11 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1 + skipped";
 
 impl RedisStore {
-    /// Connects to `redis`; keys start with `prefix`.
-    pub async fn connect(redis: &Endpoint, prefix: &str) -> Result<Self> {
+    /// Connects to `redis`; keys start with `prefix`. Every write waits
+    /// until `replicas` replicas hold it (Redis's WAIT) before it is
+    /// acknowledged, so an acknowledged write (a usage batch TURN will not
+    /// send again) survives the loss of the master.
+    pub async fn connect(redis: &Endpoint, prefix: &str, replicas: u32) -> Result<Self> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
             .set_response_timeout(Some(std::time::Duration::from_secs(3)));
@@ -145,7 +153,32 @@ impl RedisStore {
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
+            replicas,
         })
+    }
+
+    /// Waits until the configured number of replicas holds every write
+    /// made so far on this connection; an error when they do not within
+    /// [`REPLICA_WAIT_MS`] (the write stands on the master, unacknowledged:
+    /// callers retry, and every write here is idempotent or refused as a
+    /// duplicate).
+    async fn replicated(&self) -> Result<()> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(self.replicas)
+            .arg(REPLICA_WAIT_MS)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        if acked < i64::from(self.replicas) {
+            return Err(StoreError::Backend(format!(
+                "{acked} of the {} Redis replicas required took the write within {REPLICA_WAIT_MS} ms",
+                self.replicas
+            )));
+        }
+        Ok(())
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -225,7 +258,7 @@ impl Store for RedisStore {
         if created == 0 {
             return Err(StoreError::Conflict(format!("tenant {}", tenant.id)));
         }
-        Ok(())
+        self.replicated().await
     }
 
     async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
@@ -258,7 +291,7 @@ impl Store for RedisStore {
             .await
             .map_err(backend)?;
         match set {
-            Some(_) => Ok(()),
+            Some(_) => self.replicated().await,
             None => Err(StoreError::NotFound(format!("tenant {}", tenant.id))),
         }
     }
@@ -274,6 +307,7 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
+        self.replicated().await?;
         Ok(deleted == 1)
     }
 
@@ -290,7 +324,7 @@ impl Store for RedisStore {
         if created == 0 {
             return Err(StoreError::Conflict(format!("key {}", key.id)));
         }
-        Ok(())
+        self.replicated().await
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
@@ -328,6 +362,7 @@ impl Store for RedisStore {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
+        self.replicated().await?;
         Ok(set.is_some())
     }
 
@@ -362,6 +397,11 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
+        if applied >= 0 {
+            // A duplicate too: the first copy's write may not have
+            // reached the replicas when its acknowledgement failed.
+            self.replicated().await?;
+        }
         match applied {
             -1 => Err(StoreError::Overflow(format!(
                 "batch {} of {}",
@@ -442,7 +482,7 @@ impl Store for RedisStore {
             )
             .await
             .map_err(backend)?;
-        Ok(())
+        self.replicated().await
     }
 
     async fn revocations(&self, now: u64) -> Result<Vec<Revocation>> {
@@ -477,7 +517,7 @@ impl Store for RedisStore {
             )
             .await
             .map_err(backend)?;
-        Ok(())
+        self.replicated().await
     }
 
     async fn outbox(&self) -> Result<Vec<OutboxEvent>> {
@@ -499,11 +539,11 @@ impl Store for RedisStore {
             .hdel(self.key(&["outbox"]), id)
             .await
             .map_err(backend)?;
-        Ok(())
+        self.replicated().await
     }
 
     async fn record_change(&self, tenant: &str, key: Option<&str>) -> Result<u64> {
-        SCRIPTS
+        let seq = SCRIPTS
             .record_change
             .key(self.key(&["changes", "seq"]))
             .key(self.key(&["changes"]))
@@ -511,7 +551,9 @@ impl Store for RedisStore {
             .arg(super::CHANGES_KEPT)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(backend)
+            .map_err(backend)?;
+        self.replicated().await?;
+        Ok(seq)
     }
 
     async fn changes_after(&self, after: u64, limit: usize) -> Result<Changes> {
@@ -560,6 +602,7 @@ impl Store for RedisStore {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
+        self.replicated().await?;
         Ok(set.is_some())
     }
 }
@@ -580,10 +623,59 @@ mod tests {
     async fn test_store_on(var: &str) -> (RedisStore, String) {
         let redis = floe_common::redis_link::testing::endpoint(var);
         let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
-        let store = RedisStore::connect(&redis, &prefix)
+        let replicas = u32::from(redis.is_sentinel());
+        let store = RedisStore::connect(&redis, &prefix, replicas)
             .await
             .unwrap_or_else(|e| panic!("connect to {redis}: {e}"));
         (store, prefix)
+    }
+
+    /// Behind Sentinel a write is acknowledged once the replica holds
+    /// it; asking for more replicas than exist refuses the write (it
+    /// stands on the master, unacknowledged) instead of acknowledging it.
+    #[tokio::test]
+    async fn writes_wait_for_the_replicas_they_need() {
+        let redis = floe_common::redis_link::testing::endpoint("FLOE_TEST_REDIS_SENTINEL_URL");
+        let prefix = format!("floe-test:{}:", floe_common::secret::random_token(6));
+        let batch = |seq| UsageBatch {
+            server_id: "turn-w".into(),
+            seq,
+            at: 1_795_435_200,
+            records: vec![floe_proto::usage::UsageRecord {
+                tenant: "t".into(),
+                room: "r".into(),
+                bytes_out: 100,
+                bytes_in: 0,
+                packets_out: 1,
+                packets_in: 0,
+            }],
+        };
+        let one = RedisStore::connect(&redis, &prefix, 1)
+            .await
+            .expect("connect");
+        assert!(one.apply_batch(&batch(1)).await.expect("replicated"));
+        let two = RedisStore::connect(&redis, &prefix, 2)
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let refused = two
+            .apply_batch(&batch(2))
+            .await
+            .expect_err("only one replica exists");
+        assert!(
+            refused.to_string().contains("1 of the 2 Redis replicas"),
+            "{refused}"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(REPLICA_WAIT_MS));
+        // The retry TURN would send is a duplicate, acknowledged once the
+        // replicas it needs hold it: counted once.
+        assert!(
+            !one.apply_batch(&batch(2))
+                .await
+                .expect("duplicate, replicated")
+        );
+        let month = one.month_bytes("t", "2026-11").await.expect("month");
+        assert_eq!(month, 200);
     }
 
     #[tokio::test]
@@ -638,7 +730,7 @@ mod tests {
     async fn two_replicas_apply_concurrent_duplicates_once() {
         let (a, prefix) = test_store().await;
         let redis = floe_common::redis_link::testing::endpoint("FLOE_TEST_REDIS_URL");
-        let b = RedisStore::connect(&redis, &prefix)
+        let b = RedisStore::connect(&redis, &prefix, 0)
             .await
             .expect("second replica");
         let stores: [Arc<dyn Store>; 2] = [Arc::new(a), Arc::new(b)];
