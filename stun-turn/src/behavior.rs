@@ -14,14 +14,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use stun::addr::MappedAddress;
 use stun::attributes::{
-    ATTR_CHANGE_REQUEST, ATTR_FINGERPRINT, ATTR_OTHER_ADDRESS, ATTR_RESPONSE_ORIGIN,
-    ATTR_RESPONSE_PORT, ATTR_SOFTWARE, AttrType,
+    ATTR_CHANGE_REQUEST, ATTR_OTHER_ADDRESS, ATTR_RESPONSE_ORIGIN, ATTR_RESPONSE_PORT, AttrType,
 };
-use stun::fingerprint::FINGERPRINT;
-use stun::message::{BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter};
-use stun::xoraddr::XorMappedAddress;
+use stun::message::{Message, Setter};
 
-use crate::binding::{self, SOFTWARE};
+use crate::binding;
 
 /// CHANGE-REQUEST flag: answer from the other IP address.
 pub const CHANGE_IP: u32 = 0x04;
@@ -148,21 +145,12 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
     req.raw.clear();
     req.raw.extend_from_slice(raw);
     req.decode().ok()?;
-    if req.typ.method != METHOD_BINDING || req.typ.class != CLASS_REQUEST {
-        return None;
-    }
-    if req.contains(ATTR_FINGERPRINT) && FINGERPRINT.check(&req).is_err() {
+    if !binding::is_answerable(&req) {
         return None;
     }
     let mut out = Message::new();
     out.transaction_id = req.transaction_id;
-    let unknown: Vec<AttrType> = req
-        .attributes
-        .0
-        .iter()
-        .map(|a| a.typ)
-        .filter(|t| !understood(*t))
-        .collect();
+    let unknown = binding::unknown_attributes(&req, |a| understood(a.typ));
     let built = if !unknown.is_empty() {
         binding::unknown_attribute(&mut out, unknown)
             .ok()
@@ -172,20 +160,14 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
             (Ok(flags), Ok(port)) => {
                 let origin = addrs.origin(local, flags);
                 let to = port.map_or(from, |p| SocketAddr::new(from.ip(), p));
-                out.build(&[
-                    Box::new(BINDING_SUCCESS),
-                    Box::new(XorMappedAddress {
-                        ip: from.ip(),
-                        port: from.port(),
-                    }),
-                    Box::new(AddressAttr(ATTR_RESPONSE_ORIGIN, origin)),
-                    Box::new(AddressAttr(ATTR_OTHER_ADDRESS, addrs.other(local))),
-                    Box::new(stun::textattrs::TextAttribute::new(
-                        ATTR_SOFTWARE,
-                        SOFTWARE.to_owned(),
-                    )),
-                    Box::new(FINGERPRINT),
-                ])
+                binding::success(
+                    &mut out,
+                    from,
+                    vec![
+                        Box::new(AddressAttr(ATTR_RESPONSE_ORIGIN, origin)),
+                        Box::new(AddressAttr(ATTR_OTHER_ADDRESS, addrs.other(local))),
+                    ],
+                )
                 .ok()
                 .map(|()| (origin, to))
             }
@@ -209,7 +191,9 @@ pub fn answer(addrs: &Addresses, raw: &[u8], local: SocketAddr, from: SocketAddr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stun::message::{BINDING_ERROR, BINDING_REQUEST, Getter};
+    use stun::fingerprint::FINGERPRINT;
+    use stun::message::{BINDING_ERROR, BINDING_REQUEST, BINDING_SUCCESS, Getter};
+    use stun::xoraddr::XorMappedAddress;
 
     fn addrs() -> Addresses {
         Addresses {

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 
-use stun::attributes::{ATTR_FINGERPRINT, ATTR_SOFTWARE, AttrType};
+use stun::attributes::{ATTR_FINGERPRINT, ATTR_SOFTWARE, AttrType, RawAttribute};
 use stun::fingerprint::FINGERPRINT;
 use stun::message::{
-    BINDING_ERROR, BINDING_SUCCESS, CLASS_INDICATION, CLASS_REQUEST, METHOD_BINDING, Message,
+    BINDING_ERROR, BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter,
 };
 use stun::xoraddr::XorMappedAddress;
 
@@ -147,7 +147,7 @@ pub(crate) fn error(
     reason: &str,
     unknown: Vec<AttrType>,
 ) -> Result<(), stun::Error> {
-    let mut setters: Vec<Box<dyn stun::message::Setter>> = vec![
+    let mut setters: Vec<Box<dyn Setter>> = vec![
         Box::new(BINDING_ERROR),
         Box::new(stun::error_code::ErrorCodeAttribute {
             code,
@@ -174,47 +174,66 @@ pub(crate) fn unknown_attribute(
     )
 }
 
+/// Whether `req` is a Binding request to answer: a request (an
+/// indication is a keepalive, RFC 8489 §6.3.2) whose FINGERPRINT, if it
+/// has one, is right.
+pub(crate) fn is_answerable(req: &Message) -> bool {
+    req.typ.method == METHOD_BINDING
+        && req.typ.class == CLASS_REQUEST
+        && !(req.contains(ATTR_FINGERPRINT) && FINGERPRINT.check(req).is_err())
+}
+
+/// The comprehension-required attributes of `req` that `understood`
+/// does not take (for 420 Unknown Attribute).
+pub(crate) fn unknown_attributes(
+    req: &Message,
+    understood: impl Fn(&RawAttribute) -> bool,
+) -> Vec<AttrType> {
+    req.attributes
+        .0
+        .iter()
+        .filter(|a| !understood(a))
+        .map(|a| a.typ)
+        .collect()
+}
+
+/// Builds a Binding success for a request from `from` into `out`:
+/// XOR-MAPPED-ADDRESS, then `extra`, SOFTWARE and FINGERPRINT.
+pub(crate) fn success(
+    out: &mut Message,
+    from: SocketAddr,
+    extra: Vec<Box<dyn Setter>>,
+) -> Result<(), stun::Error> {
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(BINDING_SUCCESS),
+        Box::new(XorMappedAddress {
+            ip: from.ip(),
+            port: from.port(),
+        }),
+    ];
+    setters.extend(extra);
+    setters.push(Box::new(stun::textattrs::TextAttribute::new(
+        ATTR_SOFTWARE,
+        SOFTWARE.to_owned(),
+    )));
+    setters.push(Box::new(FINGERPRINT));
+    out.build(&setters)
+}
+
 /// Handles a decoded Binding message from `from`, writing the answer into
 /// `out`. `req` must be a decoded message whose method is Binding.
 pub fn handle(req: &Message, from: SocketAddr, out: &mut Message) -> Outcome {
-    if req.typ.method != METHOD_BINDING {
-        return Outcome::Discard;
-    }
-    if req.typ.class == CLASS_INDICATION {
-        // A Binding indication is a keepalive: no answer (RFC 8489 §6.3.2).
-        return Outcome::Discard;
-    }
-    if req.typ.class != CLASS_REQUEST {
-        return Outcome::Discard;
-    }
-    if req.contains(ATTR_FINGERPRINT) && FINGERPRINT.check(req).is_err() {
+    if !is_answerable(req) {
         return Outcome::Discard;
     }
     out.reset();
     out.transaction_id = req.transaction_id;
-    let unknown: Vec<AttrType> = req
-        .attributes
-        .0
-        .iter()
-        .filter(|a| {
-            let no_change = a.typ == stun::attributes::ATTR_CHANGE_REQUEST && a.value == [0; 4];
-            !understood_in_binding(a.typ) && !no_change
-        })
-        .map(|a| a.typ)
-        .collect();
+    let unknown = unknown_attributes(req, |a| {
+        let no_change = a.typ == stun::attributes::ATTR_CHANGE_REQUEST && a.value == [0; 4];
+        understood_in_binding(a.typ) || no_change
+    });
     let built = if unknown.is_empty() {
-        out.build(&[
-            Box::new(BINDING_SUCCESS),
-            Box::new(XorMappedAddress {
-                ip: from.ip(),
-                port: from.port(),
-            }),
-            Box::new(stun::textattrs::TextAttribute::new(
-                ATTR_SOFTWARE,
-                SOFTWARE.to_owned(),
-            )),
-            Box::new(FINGERPRINT),
-        ])
+        success(out, from, Vec::new())
     } else {
         unknown_attribute(out, unknown)
     };
@@ -230,7 +249,7 @@ pub fn handle(req: &Message, from: SocketAddr, out: &mut Message) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stun::message::{BINDING_REQUEST, Getter, Setter};
+    use stun::message::{BINDING_REQUEST, CLASS_INDICATION, Getter};
 
     fn request(extra: Vec<Box<dyn Setter>>) -> Vec<u8> {
         let mut m = Message::new();

@@ -420,13 +420,7 @@ impl Turn {
         sink: &ClientSink,
     ) -> Option<Vec<u8>> {
         let method = req.typ.method;
-        let unknown: Vec<AttrType> = req
-            .attributes
-            .0
-            .iter()
-            .map(|a| a.typ)
-            .filter(|t| !understood(*t))
-            .collect();
+        let unknown = binding::unknown_attributes(req, |a| understood(a.typ));
         if !unknown.is_empty() {
             return self.error(
                 req,
