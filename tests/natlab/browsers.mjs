@@ -17,6 +17,8 @@ import { createRequire } from "node:module";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 
+import { CHROMIUM_ARGS } from "../../web/test-support/floe.mjs";
+
 const require = createRequire(new URL("../../web/package.json", import.meta.url));
 const { chromium } = require("playwright-core");
 
@@ -135,17 +137,7 @@ const browsers = {};
 async function browser(site) {
   browsers[site] ??= await chromium.launch({
     executablePath: join(DIR, `chromium-${site}`),
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      "--disable-features=WebRtcHideLocalIpsWithMdns",
-      `--unsafely-treat-insecure-origin-as-secure=${SIGNAL.paid},${SIGNAL.free}`,
-    ],
+    args: [...CHROMIUM_ARGS, `--unsafely-treat-insecure-origin-as-secure=${SIGNAL.paid},${SIGNAL.free}`],
   });
   return browsers[site];
 }

@@ -166,9 +166,9 @@ wait_http 203.0.113.10:8081
 # --- Label each site's NAT (RFC 5780) ----------------------------------------
 labels=()
 for i in 1 2 3 4; do
-  found="$(ip netns exec "$lab-h$i" "$floe" stun-probe --server 203.0.113.10:3478 --wait-ms 300 --json)"
-  mapping="$(printf '%s' "$found" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mapping"])')"
-  filtering="$(printf '%s' "$found" | python3 -c 'import json,sys; print(json.load(sys.stdin)["filtering"])')"
+  read -r mapping filtering < <(ip netns exec "$lab-h$i" "$floe" stun-probe \
+    --server 203.0.113.10:3478 --wait-ms 300 --json |
+    python3 -c 'import json,sys; r = json.load(sys.stdin); print(r["mapping"], r["filtering"])')
   echo "natlab: site $i (${kinds[$((i - 1))]} NAT): mapping $mapping, filtering $filtering"
   case "${kinds[$((i - 1))]}:$mapping" in
     cone:endpoint-independent | symmetric:address-and-port-dependent) ;;

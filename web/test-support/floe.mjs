@@ -10,6 +10,21 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 export const webDir = join(here, "..");
 
+/** Flags of every headless Chromium the tests start: no background
+ * traffic to the outside (this machine's network is closed), and host
+ * candidates as addresses, not mDNS names the other side would have to
+ * resolve. */
+export const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--disable-features=WebRtcHideLocalIpsWithMdns",
+];
+
 /** Compiles the SDK (tsc) once per test process; returns its module. */
 export async function sdk() {
   execFileSync(join(webDir, "node_modules", ".bin", "tsc"), ["-p", join(webDir, "sdk", "tsconfig.json")], {

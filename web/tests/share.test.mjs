@@ -11,7 +11,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { networkInterfaces, tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
-import { floeDev, webDir } from "../test-support/floe.mjs";
+import { CHROMIUM_ARGS, floeDev, webDir } from "../test-support/floe.mjs";
 
 const SIZE = 32 * 1024 * 1024;
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -31,18 +31,7 @@ before(async () => {
   dev = await floeDev();
   browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      // Host candidates as addresses, not mDNS names the other context
-      // would have to resolve.
-      "--disable-features=WebRtcHideLocalIpsWithMdns",
-    ],
+    args: CHROMIUM_ARGS,
   });
   mkdirSync(outDir, { recursive: true });
   const data = randomBytes(SIZE);
