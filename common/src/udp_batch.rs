@@ -2,15 +2,17 @@
 //! call and `sendmmsg` sends what was gathered the same way. Under load
 //! that turns two system calls and often a sleep and a wake-up per
 //! datagram into two per batch; when idle a batch is one datagram and
-//! nothing changes. Used by TURN's listening sockets and by the load
-//! tester's Binding flood, which must cost less than the server it
+//! nothing changes. Used by TURN's shard drivers (on any socket, without
+//! an async runtime: [`RecvBatch::try_recv`], [`send_each`]) and by the
+//! load tester's Binding flood, which must cost less than the server it
 //! measures.
 
 use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
 };
@@ -85,9 +87,10 @@ impl RecvBatch {
             .await
     }
 
-    /// Takes what is queued without waiting; for use inside the socket's
-    /// `async_io`, which waits for readiness and retries on WouldBlock.
-    pub fn try_recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+    /// Takes what is queued without waiting (WouldBlock when nothing is);
+    /// inside a tokio socket's `async_io`, or on a socket of any other
+    /// event loop.
+    pub fn try_recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
         let headroom = self.headroom;
         self.got.clear();
         RECV.with(|recv| {
@@ -171,28 +174,74 @@ impl SendBatch {
     }
 
     fn try_send(&self, socket: &UdpSocket, from: usize, to: usize) -> std::io::Result<usize> {
-        let spans = &self.spans[from..to];
-        let addrs: Vec<Option<SockaddrStorage>> = spans
-            .iter()
-            .map(|(_, _, a)| Some(SockaddrStorage::from(*a)))
-            .collect();
-        SEND.with_borrow_mut(|headers| {
-            let slices: Vec<[IoSlice<'_>; 1]> = spans
+        send_some(
+            socket,
+            self.spans[from..to]
                 .iter()
-                .map(|(s, e, _)| [IoSlice::new(&self.bytes[*s..*e])])
-                .collect();
-            let sent = sendmmsg(
-                socket.as_raw_fd(),
-                headers,
-                &slices,
-                addrs,
-                [],
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map_err(io_error)?
-            .count();
-            Ok(sent)
-        })
+                .map(|(s, e, a)| (&self.bytes[*s..*e], *a)),
+        )
+    }
+}
+
+/// One `sendmmsg` of at most [`BATCH`] datagrams, without waiting; how
+/// many the kernel took (an error only when it took none).
+fn send_some<'a>(
+    socket: &impl AsRawFd,
+    datagrams: impl Iterator<Item = (&'a [u8], SocketAddr)>,
+) -> std::io::Result<usize> {
+    let (slices, addrs): (Vec<[IoSlice<'_>; 1]>, Vec<Option<SockaddrStorage>>) = datagrams
+        .take(BATCH)
+        .map(|(b, a)| ([IoSlice::new(b)], Some(SockaddrStorage::from(a))))
+        .unzip();
+    SEND.with_borrow_mut(|headers| {
+        let sent = sendmmsg(
+            socket.as_raw_fd(),
+            headers,
+            &slices,
+            addrs,
+            [],
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io_error)?
+        .count();
+        Ok(sent)
+    })
+}
+
+/// Longest wait for room when a socket's send buffer is full.
+const SEND_WAIT_MS: u16 = 10;
+
+/// Sends `datagrams` (`(bytes, destination)`) from `socket`, a batch per
+/// system call, outside any async runtime; `sent(i, ok)` learns the fate
+/// of each, in order. A full send buffer is waited on once, up to 10 ms;
+/// if it stays full the rest are refused, and a datagram the kernel
+/// refuses outright is skipped.
+pub fn send_each<S: AsRawFd + AsFd>(
+    socket: &S,
+    datagrams: &[(&[u8], SocketAddr)],
+    mut sent: impl FnMut(usize, bool),
+) {
+    let (mut at, mut waited) = (0, false);
+    while at < datagrams.len() {
+        match send_some(socket, datagrams[at..].iter().copied()) {
+            Ok(n) => {
+                (at..at + n).for_each(|i| sent(i, true));
+                at += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !waited => {
+                waited = true;
+                let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::from(SEND_WAIT_MS));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                (at..datagrams.len()).for_each(|i| sent(i, false));
+                return;
+            }
+            Err(_) => {
+                sent(at, false);
+                at += 1;
+            }
+        }
     }
 }
 
@@ -272,6 +321,30 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// The synchronous sender: more than a batch, each one's fate told in
+    /// order, all received.
+    #[test]
+    fn send_each_reports_every_datagram() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let to = server.local_addr().expect("addr");
+        let payloads: Vec<Vec<u8>> = (0..BATCH * 2 + 3).map(|i| vec![i as u8; 1 + i]).collect();
+        let datagrams: Vec<(&[u8], SocketAddr)> =
+            payloads.iter().map(|p| (p.as_slice(), to)).collect();
+        let mut fates = Vec::new();
+        send_each(&client, &datagrams, |i, ok| fates.push((i, ok)));
+        let expected: Vec<(usize, bool)> = (0..payloads.len()).map(|i| (i, true)).collect();
+        assert_eq!(fates, expected);
+        let mut buf = [0u8; 256];
+        for p in &payloads {
+            let n = server.recv(&mut buf).expect("recv");
+            assert_eq!(&buf[..n], p.as_slice());
+        }
     }
 
     async fn round_trip(bind: &str) {

@@ -2,22 +2,18 @@
 //! of one client 5-tuple, its permissions and channel bindings, its
 //! lifetime, its traffic counters for metering and its bit-rate bucket.
 //!
-//! An allocation is shared by the task reading the client's socket and the
-//! task reading its relay socket; per-packet state sits behind one
-//! uncontended mutex, counters are atomics.
+//! Plain state owned by one [`crate::core::Core`] (no lock, no socket);
+//! only the traffic counters are shared, with whoever settles a send
+//! (a shard driver, a stream connection's writer).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use floe_common::ratelimit::TokenBucket;
 use floe_proto::credential::TurnUsername;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 /// Permission lifetime (RFC 8656 §9).
 pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -47,25 +43,6 @@ impl Transport {
     }
 }
 
-/// How bytes reach a client.
-#[derive(Clone)]
-pub(crate) enum ClientSink {
-    Udp {
-        socket: Arc<UdpSocket>,
-        addr: SocketAddr,
-    },
-    /// A stream connection's writer queue.
-    Stream(mpsc::Sender<Outbound>),
-}
-
-/// Framed bytes on their way to a stream client, and the relayed payload
-/// they carry with the counters to bill it to: billed "in" once written
-/// to the socket, so bytes a connection never took are not billed.
-pub(crate) struct Outbound {
-    pub bytes: Bytes,
-    pub credit: Option<(Arc<Counters>, usize)>,
-}
-
 /// Why relayed bytes did not reach a client (the `reason` label of the
 /// discard metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,38 +61,6 @@ impl Undelivered {
             Self::SendFailed => "client_send_failed",
             Self::Slow => "client_slow",
             Self::Gone => "client_gone",
-        }
-    }
-}
-
-impl ClientSink {
-    /// Hands `bytes`, carrying `payload` relayed bytes, to the client,
-    /// without waiting. Over UDP they are billed when the kernel takes
-    /// them; over a stream when the writer has written them.
-    pub fn relay(
-        &self,
-        bytes: &[u8],
-        payload: usize,
-        counters: &Arc<Counters>,
-    ) -> Result<(), Undelivered> {
-        match self {
-            // The kernel decides, not tokio's readiness (see `Turn::to_peer`).
-            Self::Udp { socket, addr } => {
-                socket2::SockRef::from(&**socket)
-                    .send_to(bytes, &(*addr).into())
-                    .map_err(|_| Undelivered::SendFailed)?;
-                counters.record_in(payload);
-                Ok(())
-            }
-            Self::Stream(tx) => tx
-                .try_send(Outbound {
-                    bytes: Bytes::copy_from_slice(bytes),
-                    credit: Some((counters.clone(), payload)),
-                })
-                .map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => Undelivered::Slow,
-                    mpsc::error::TrySendError::Closed(_) => Undelivered::Gone,
-                }),
         }
     }
 }
@@ -139,8 +84,37 @@ impl Counters {
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
         self.packets_in.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A snapshot.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            packets_out: self.packets_out.load(Ordering::Relaxed),
+            packets_in: self.packets_in.load(Ordering::Relaxed),
+        }
+    }
 }
 
+/// Relayed payload on its way out, and the counters it is billed to once
+/// it has gone: the one place a relayed byte is counted.
+pub(crate) struct Credit {
+    pub counters: Arc<Counters>,
+    pub bytes: usize,
+    /// Towards the client ("in"), or towards a peer ("out").
+    pub inbound: bool,
+}
+
+impl Credit {
+    /// Bills the payload: it left.
+    pub fn bill(&self) {
+        if self.inbound {
+            self.counters.record_in(self.bytes);
+        } else {
+            self.counters.record_out(self.bytes);
+        }
+    }
+}
 /// A snapshot of counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Traffic {
@@ -168,31 +142,24 @@ impl Traffic {
     }
 }
 
-struct State {
+/// One allocation.
+pub(crate) struct Allocation {
+    pub client: SocketAddr,
+    pub transport: Transport,
+    pub user: TurnUsername,
+    /// The relayed transport address clients are told (external IP applied).
+    pub relayed: SocketAddr,
+    /// Transaction id of the Allocate that created it (retransmissions).
+    pub created_by: [u8; 12],
+    pub counters: Arc<Counters>,
+    /// Counters already put into usage batches.
+    pub reported: Traffic,
     expires: Instant,
     permissions: HashMap<IpAddr, Instant>,
     channels: HashMap<u16, (SocketAddr, Instant)>,
     by_peer: HashMap<SocketAddr, u16>,
     /// Bits per second cap, when the plan has one.
     bucket: Option<TokenBucket>,
-    /// Counters already put into usage batches.
-    reported: Traffic,
-}
-
-/// One allocation.
-pub(crate) struct Allocation {
-    pub client: SocketAddr,
-    pub transport: Transport,
-    pub user: TurnUsername,
-    pub relay: Arc<UdpSocket>,
-    /// The relayed transport address clients are told (external IP applied).
-    pub relayed: SocketAddr,
-    pub sink: ClientSink,
-    /// Transaction id of the Allocate that created it (retransmissions).
-    pub created_by: [u8; 12],
-    pub counters: Arc<Counters>,
-    pub closed: CancellationToken,
-    state: Mutex<State>,
 }
 
 /// Why a channel could not be bound (400 Bad Request).
@@ -209,9 +176,7 @@ impl Allocation {
         client: SocketAddr,
         transport: Transport,
         user: TurnUsername,
-        relay: Arc<UdpSocket>,
         relayed: SocketAddr,
-        sink: ClientSink,
         created_by: [u8; 12],
         lifetime: Duration,
         bitrate: Option<u64>,
@@ -221,117 +186,101 @@ impl Allocation {
             client,
             transport,
             user,
-            relay,
             relayed,
-            sink,
             created_by,
             counters: Arc::default(),
-            closed: CancellationToken::new(),
-            state: Mutex::new(State {
-                expires: now + lifetime,
-                permissions: HashMap::new(),
-                channels: HashMap::new(),
-                by_peer: HashMap::new(),
-                // Bits; a burst of one second's worth.
-                bucket: bitrate.map(|bps| {
-                    TokenBucket::new(bps as f64, u32::try_from(bps).unwrap_or(u32::MAX), now)
-                }),
-                reported: Traffic::default(),
+            reported: Traffic::default(),
+            expires: now + lifetime,
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            by_peer: HashMap::new(),
+            // Bits; a burst of one second's worth.
+            bucket: bitrate.map(|bps| {
+                TokenBucket::new(bps as f64, u32::try_from(bps).unwrap_or(u32::MAX), now)
             }),
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn expired(&self, now: Instant) -> bool {
-        self.state().expires <= now
+        self.expires <= now
     }
 
     /// Time left before expiry.
     pub fn remaining(&self, now: Instant) -> Duration {
-        self.state().expires.saturating_duration_since(now)
+        self.expires.saturating_duration_since(now)
     }
 
-    pub fn refresh(&self, lifetime: Duration, now: Instant) {
-        self.state().expires = now + lifetime;
+    pub fn refresh(&mut self, lifetime: Duration, now: Instant) {
+        self.expires = now + lifetime;
     }
 
     /// Installs or refreshes a permission for `ip`.
-    pub fn permit(&self, ip: IpAddr, now: Instant) {
-        self.state()
-            .permissions
-            .insert(ip, now + PERMISSION_LIFETIME);
+    pub fn permit(&mut self, ip: IpAddr, now: Instant) {
+        self.permissions.insert(ip, now + PERMISSION_LIFETIME);
     }
 
     /// Binds `channel` to `peer` (or refreshes the binding), installing a
     /// permission for the peer's IP (RFC 8656 §12.2).
-    pub fn bind(&self, channel: u16, peer: SocketAddr, now: Instant) -> Result<(), BindError> {
+    pub fn bind(&mut self, channel: u16, peer: SocketAddr, now: Instant) -> Result<(), BindError> {
         if !CHANNELS.contains(&channel) {
             return Err(BindError::OutOfRange);
         }
-        let mut s = self.state();
-        if let Some((bound, _)) = s.channels.get(&channel)
+        if let Some((bound, _)) = self.channels.get(&channel)
             && *bound != peer
         {
             return Err(BindError::NumberTaken);
         }
-        if let Some(n) = s.by_peer.get(&peer)
+        if let Some(n) = self.by_peer.get(&peer)
             && *n != channel
         {
             return Err(BindError::PeerTaken);
         }
-        s.channels.insert(channel, (peer, now + CHANNEL_LIFETIME));
-        s.by_peer.insert(peer, channel);
-        s.permissions.insert(peer.ip(), now + PERMISSION_LIFETIME);
+        self.channels
+            .insert(channel, (peer, now + CHANNEL_LIFETIME));
+        self.by_peer.insert(peer, channel);
+        self.permissions
+            .insert(peer.ip(), now + PERMISSION_LIFETIME);
         Ok(())
     }
 
     /// Whether data to or from `ip` is permitted now.
     pub fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
-        self.state().permissions.get(&ip).is_some_and(|t| *t > now)
+        self.permissions.get(&ip).is_some_and(|t| *t > now)
     }
 
     /// The peer bound to `channel`, if the binding is live.
     pub fn channel_peer(&self, channel: u16, now: Instant) -> Option<SocketAddr> {
-        let s = self.state();
-        s.channels
+        self.channels
             .get(&channel)
             .filter(|(_, t)| *t > now)
             .map(|(p, _)| *p)
-            .filter(|p| s.permissions.get(&p.ip()).is_some_and(|t| *t > now))
+            .filter(|p| self.permitted(p.ip(), now))
     }
 
     /// The live channel bound to `peer`, if any, and whether the peer is
     /// permitted at all.
     pub fn route_from_peer(&self, peer: SocketAddr, now: Instant) -> (bool, Option<u16>) {
-        let s = self.state();
-        let permitted = s.permissions.get(&peer.ip()).is_some_and(|t| *t > now);
-        let channel = s
+        let channel = self
             .by_peer
             .get(&peer)
             .copied()
-            .filter(|n| s.channels.get(n).is_some_and(|(_, t)| *t > now));
-        (permitted, channel)
+            .filter(|n| self.channels.get(n).is_some_and(|(_, t)| *t > now));
+        (self.permitted(peer.ip(), now), channel)
     }
 
     /// Takes `bytes` worth of bit-rate budget; `false`: over the cap.
-    pub fn within_rate(&self, bytes: usize, now: Instant) -> bool {
-        match &mut self.state().bucket {
+    pub fn within_rate(&mut self, bytes: usize, now: Instant) -> bool {
+        match &mut self.bucket {
             Some(b) => b.take((bytes * 8) as f64, now),
             None => true,
         }
     }
 
     /// Drops expired permissions and channels.
-    pub fn prune(&self, now: Instant) {
-        let mut s = self.state();
-        s.permissions.retain(|_, t| *t > now);
-        let State {
-            channels, by_peer, ..
-        } = &mut *s;
-        channels.retain(|_, (peer, t)| {
+    pub fn prune(&mut self, now: Instant) {
+        self.permissions.retain(|_, t| *t > now);
+        let by_peer = &mut self.by_peer;
+        self.channels.retain(|_, (peer, t)| {
             let live = *t > now;
             if !live {
                 by_peer.remove(peer);
@@ -341,19 +290,10 @@ impl Allocation {
     }
 
     /// Traffic since the last call (and marks it reported).
-    pub fn take_unreported(&self) -> Traffic {
-        // The counters are read under the lock: read before it, a
-        // concurrent call (a close racing the report task) could store a
-        // later reading first, and this one would then go backwards.
-        let mut s = self.state();
-        let now = Traffic {
-            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
-            bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
-            packets_out: self.counters.packets_out.load(Ordering::Relaxed),
-            packets_in: self.counters.packets_in.load(Ordering::Relaxed),
-        };
-        let delta = now.minus(&s.reported);
-        s.reported = now;
+    pub fn take_unreported(&mut self) -> Traffic {
+        let now = self.counters.traffic();
+        let delta = now.minus(&self.reported);
+        self.reported = now;
         delta
     }
 }
@@ -363,9 +303,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// An allocation of tenant `t`, room `r`, for client 127.0.0.1:5000.
-    pub(crate) async fn allocation(bitrate: Option<u64>, now: Instant) -> Allocation {
-        let relay = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-        let addr = relay.local_addr().expect("addr");
+    pub(crate) fn allocation(bitrate: Option<u64>, now: Instant) -> Allocation {
         Allocation::new(
             "127.0.0.1:5000".parse().expect("addr"),
             Transport::Udp,
@@ -376,12 +314,7 @@ pub(crate) mod tests {
                 room: "r".into(),
                 peer: "p".into(),
             },
-            relay.clone(),
-            addr,
-            ClientSink::Udp {
-                socket: relay,
-                addr,
-            },
+            "127.0.0.1:30000".parse().expect("addr"),
             [0; 12],
             Duration::from_secs(600),
             bitrate,
@@ -389,50 +322,10 @@ pub(crate) mod tests {
         )
     }
 
-    /// Two reporters (the report task and a close) and a relay racing:
-    /// the deltas add up to the final counters, none goes backwards.
-    #[tokio::test]
-    async fn concurrent_reports_add_up_to_the_counters() {
-        let a = Arc::new(allocation(None, Instant::now()).await);
-        let total = std::sync::Mutex::new(Traffic::default());
-        let done = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for _ in 0..2_000_000 {
-                    a.counters.record_out(3);
-                    a.counters.record_in(5);
-                }
-                done.store(true, Ordering::Relaxed);
-            });
-            for _ in 0..3 {
-                scope.spawn(|| {
-                    while !done.load(Ordering::Relaxed) {
-                        let d = a.take_unreported();
-                        let mut t = total.lock().expect("lock");
-                        t.bytes_out += d.bytes_out;
-                        t.bytes_in += d.bytes_in;
-                        t.packets_out += d.packets_out;
-                        t.packets_in += d.packets_in;
-                    }
-                });
-            }
-        });
-        let mut t = total.into_inner().expect("lock");
-        let last = a.take_unreported();
-        t.bytes_out += last.bytes_out;
-        t.bytes_in += last.bytes_in;
-        t.packets_out += last.packets_out;
-        t.packets_in += last.packets_in;
-        assert_eq!(
-            (t.bytes_out, t.bytes_in, t.packets_out, t.packets_in),
-            (6_000_000, 10_000_000, 2_000_000, 2_000_000)
-        );
-    }
-
-    #[tokio::test]
-    async fn permissions_and_channels_expire_and_conflict() {
+    #[test]
+    fn permissions_and_channels_expire_and_conflict() {
         let t0 = Instant::now();
-        let a = allocation(None, t0).await;
+        let mut a = allocation(None, t0);
         let peer: SocketAddr = "198.51.100.1:4000".parse().expect("addr");
         assert!(!a.permitted(peer.ip(), t0));
         a.permit(peer.ip(), t0);
@@ -453,10 +346,52 @@ pub(crate) mod tests {
         assert_eq!(a.bind(0x4001, peer, later), Ok(()), "freed after expiry");
     }
 
-    #[tokio::test]
-    async fn counters_report_deltas_and_bitrate_caps() {
+    /// Credits settled from other threads (a driver, a stream writer)
+    /// while the owner takes deltas: the deltas add up to the counters.
+    #[test]
+    fn concurrent_credits_add_up_in_the_reports() {
+        let mut a = allocation(None, Instant::now());
+        let counters = a.counters.clone();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let mut total = Traffic::default();
+        let add = |t: &mut Traffic, d: Traffic| {
+            t.bytes_out += d.bytes_out;
+            t.bytes_in += d.bytes_in;
+            t.packets_out += d.packets_out;
+            t.packets_in += d.packets_in;
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..1_000_000 {
+                    Credit {
+                        counters: counters.clone(),
+                        bytes: 3 + 2 * (i % 2),
+                        inbound: i % 2 == 1,
+                    }
+                    .bill();
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+            while !done.load(Ordering::Relaxed) {
+                add(&mut total, a.take_unreported());
+            }
+        });
+        add(&mut total, a.take_unreported());
+        assert_eq!(
+            (
+                total.bytes_out,
+                total.bytes_in,
+                total.packets_out,
+                total.packets_in
+            ),
+            (1_500_000, 2_500_000, 500_000, 500_000)
+        );
+    }
+
+    #[test]
+    fn counters_report_deltas_and_bitrate_caps() {
         let t0 = Instant::now();
-        let a = allocation(Some(80_000), t0).await;
+        let mut a = allocation(Some(80_000), t0);
         a.counters.record_out(100);
         a.counters.record_in(40);
         a.counters.record_in(60);

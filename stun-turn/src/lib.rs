@@ -2,8 +2,11 @@
 //! for tenants whose plan allows it, metered per tenant and room.
 //!
 //! Protocol pieces are plain code fed with bytes ([`binding`],
-//! [`framing`], `auth`, `allocation`, `policy`, `meter`); `turn` ties them
-//! together; `server` and `report` are the socket and HTTP edges. The
+//! [`framing`], `auth`, `allocation`, `policy`, `meter`); `core` is the
+//! TURN state machine, fed inputs and the time, without I/O; `driver`
+//! runs a core per shard on its sockets; `turn` is the server as the rest
+//! of the process sees it; `server` and `report` are the socket and HTTP
+//! edges. The
 //! public API: [`Config`] / [`Settings`], [`start`] / [`run`] and the
 //! running [`TurnServer`] handle.
 
@@ -12,8 +15,10 @@ mod auth;
 pub mod behavior;
 pub mod binding;
 mod config;
+mod core;
 pub mod data_dir;
 pub mod discover;
+mod driver;
 pub mod framing;
 mod meter;
 mod metrics;
@@ -183,7 +188,7 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
     // Sockets and HTTP stop on `stop`, after the drain; the drain starts
     // on `shutdown`.
     let stop = Shutdown::new();
-    let sockets = server::serve(turn.clone(), udp, tcp, tls, discovery, stop.clone());
+    let sockets = server::serve(turn.clone(), udp, tcp, tls, discovery, stop.clone())?;
     let router = floe_common::http::ops_router(metrics.registry.clone(), health)
         .fallback(floe_common::http::not_found);
     let http_task = floe_common::http::serve(http, router, stop.clone());
@@ -212,19 +217,12 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
                 "draining: new allocations refused"
             );
             while turn.allocation_count() > 0 && Instant::now() < deadline {
-                turn.sweep(Instant::now());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            for a in turn.allocations() {
-                turn.metrics
-                    .allocations_closed
-                    .with_label_values(&["shutdown"])
-                    .inc();
-                turn.close(&a, "server shutting down");
-            }
+            turn.close_all().await;
             reporter_stop.cancel();
             let _ = reporter.await;
-            report::collect(&turn, floe_proto::time::unix_now());
+            report::collect(&turn, floe_proto::time::unix_now()).await;
             final_flush(&turn).await;
             let (relayed_out, relayed_in) = turn.metrics.relayed_totals();
             tracing::info!(
@@ -233,6 +231,7 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
                 "stopped: relayed bytes metered since start"
             );
             stop.cancel();
+            turn.stop().await;
             for t in sockets {
                 let _ = t.await;
             }

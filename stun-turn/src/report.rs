@@ -123,10 +123,8 @@ fn save(path: &std::path::Path, e: &Enforcement) -> std::io::Result<()> {
 /// Gathers traffic of every allocation (and of those closed since the
 /// last cut, for bytes counted after their final accounting) into the
 /// meter and cuts a batch dated `at` (its day and month in the ledger).
-pub(crate) fn collect(turn: &Turn, at: u64) {
-    for a in turn.allocations().iter().chain(&turn.take_closed()) {
-        turn.account(a);
-    }
+pub(crate) async fn collect(turn: &Turn, at: u64) {
+    turn.collect().await;
     if let Err(e) = turn.meter.cut(at) {
         tracing::error!(error = %e, "cannot persist usage");
     }
@@ -247,8 +245,7 @@ pub(crate) async fn run(turn: Arc<Turn>, control: Option<Control>, ok: Check, st
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
-        turn.sweep(std::time::Instant::now());
-        collect(&turn, cut_time(unix_now(), midnight));
+        collect(&turn, cut_time(unix_now(), midnight)).await;
         let Some(control) = &control else { continue };
         let mut acked = false;
         if std::time::Instant::now() >= send_after {

@@ -1,10 +1,12 @@
-//! Socket drivers: UDP sockets (several on one port with SO_REUSEPORT, so
-//! the kernel spreads clients over cores) and TCP and TLS acceptors with a
-//! reader and a writer task per connection. They read bytes, frame them, and hand
-//! them to [`Turn`]. With NAT behaviour discovery configured, the three
-//! alternate addresses get a UDP socket each that answers Binding only,
-//! and every Binding answer leaves from the address [`behavior::answer`]
-//! picks.
+//! Listening sockets: UDP sockets (several on one port with SO_REUSEPORT,
+//! so the kernel spreads clients over cores), each served by a shard
+//! ([`crate::driver`]), and TCP and TLS acceptors with a reader and a
+//! writer task per connection: the reader frames what the client sends
+//! and hands it to the connection's shard, the writer sends the shard's
+//! answers and relayed data. With NAT behaviour discovery configured,
+//! the three alternate addresses get a UDP socket each that answers
+//! Binding only, and every Binding answer leaves from the address
+//! [`behavior::answer`] picks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use floe_common::Shutdown;
-use floe_common::udp_batch::{RecvBatch, SendBatch};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -22,9 +23,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::allocation::{ClientSink, Outbound, Transport, Undelivered};
+use crate::allocation::{Credit, Transport, Undelivered};
 use crate::behavior::{self, Addresses, Reply};
-use crate::binding;
+use crate::core::Discard;
+use crate::driver::Data;
 use crate::framing::{self, Frame, MAX_FRAME};
 use crate::turn::Turn;
 
@@ -42,7 +44,15 @@ const TCP_WRITE_STALL: Duration = Duration::from_secs(30);
 /// is done.
 const TCP_FLUSH: Duration = Duration::from_secs(1);
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// Framed bytes on their way to a stream client, and the relayed payload
+/// they carry, billed once written to the socket, so bytes a connection
+/// never took are not billed.
+pub(crate) struct Outbound {
+    pub bytes: Bytes,
+    pub credit: Option<Credit>,
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -50,7 +60,7 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -66,7 +76,7 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub(crate) fn bind_all(
     listen: SocketAddr,
     sockets: usize,
-) -> std::io::Result<(Vec<UdpSocket>, TcpListener)> {
+) -> std::io::Result<(Vec<std::net::UdpSocket>, TcpListener)> {
     let sockets = match sockets {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -96,7 +106,9 @@ pub(crate) fn bind_all(
 /// from any of them.
 pub(crate) struct Discovery {
     pub(crate) addrs: Addresses,
-    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    /// Handles on the four sockets, for sending only (each socket is
+    /// read by its own loop: a shard, or [`discovery_loop`]).
+    senders: Vec<(SocketAddr, std::net::UdpSocket)>,
 }
 
 impl Discovery {
@@ -106,7 +118,7 @@ impl Discovery {
         primary: SocketAddr,
         alt_ip: std::net::IpAddr,
         alt_port: u16,
-    ) -> std::io::Result<(Addresses, Vec<UdpSocket>)> {
+    ) -> std::io::Result<(Addresses, Vec<std::net::UdpSocket>)> {
         let same_ip = udp_socket(SocketAddr::new(primary.ip(), alt_port))?;
         let alt_port = same_ip.local_addr()?.port();
         let addrs = Addresses {
@@ -121,11 +133,11 @@ impl Discovery {
         ))
     }
 
-    /// Sends `reply` from its origin; a lost answer is the client's to
-    /// retransmit for.
-    async fn send(&self, reply: &Reply) {
-        if let Some((_, socket)) = self.sockets.iter().find(|(a, _)| *a == reply.from)
-            && let Err(e) = socket.send_to(&reply.bytes, reply.to).await
+    /// Sends `reply` from its origin, without waiting; a lost answer is
+    /// the client's to retransmit for.
+    pub(crate) fn send(&self, reply: &Reply) {
+        if let Some((_, socket)) = self.senders.iter().find(|(a, _)| *a == reply.from)
+            && let Err(e) = socket.send_to(&reply.bytes, reply.to)
         {
             tracing::debug!(error = %e, to = %reply.to, "discovery answer not sent");
         }
@@ -136,44 +148,38 @@ impl Discovery {
 /// their sockets, when configured.
 pub(crate) fn serve(
     turn: Arc<Turn>,
-    udp: Vec<UdpSocket>,
+    udp: Vec<std::net::UdpSocket>,
     tcp: TcpListener,
     tls: Option<(TcpListener, TlsAcceptor)>,
-    discovery: Option<(Addresses, Vec<UdpSocket>)>,
+    discovery: Option<(Addresses, Vec<std::net::UdpSocket>)>,
     shutdown: Shutdown,
-) -> Vec<JoinHandle<()>> {
-    let udp: Vec<Arc<UdpSocket>> = udp.into_iter().map(Arc::new).collect();
-    let discovery = discovery.map(|(addrs, alternates)| {
-        let mut sockets = vec![(addrs.primary, udp[0].clone())];
-        sockets.extend(
-            addrs.all()[1..]
-                .iter()
-                .copied()
-                .zip(alternates.into_iter().map(Arc::new)),
-        );
-        Arc::new(Discovery { addrs, sockets })
-    });
-    let mut tasks: Vec<JoinHandle<()>> = udp
-        .into_iter()
-        .map(|s| {
-            tokio::spawn(udp_loop(
-                turn.clone(),
-                s,
-                discovery.clone(),
-                shutdown.clone(),
-            ))
-        })
-        .collect();
-    if let Some(d) = &discovery {
-        for (_, socket) in &d.sockets[1..] {
-            tasks.push(tokio::spawn(discovery_loop(
-                turn.clone(),
-                d.clone(),
-                socket.clone(),
-                shutdown.clone(),
-            )));
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let discovery = match discovery {
+        None => None,
+        Some((addrs, alternates)) => {
+            let first = udp
+                .first()
+                .ok_or_else(|| std::io::Error::other("no UDP socket"))?;
+            let mut senders = vec![(addrs.primary, first.try_clone()?)];
+            let mut readers = Vec::new();
+            for (addr, socket) in addrs.all()[1..].iter().copied().zip(alternates) {
+                senders.push((addr, socket.try_clone()?));
+                readers.push(UdpSocket::from_std(socket)?);
+            }
+            let d = Arc::new(Discovery { addrs, senders });
+            for socket in readers {
+                tasks.push(tokio::spawn(discovery_loop(
+                    turn.clone(),
+                    d.clone(),
+                    socket,
+                    shutdown.clone(),
+                )));
+            }
+            Some(d)
         }
-    }
+    };
+    turn.spawn_shards(udp, discovery)?;
     let open = Arc::new(AtomicUsize::new(0));
     if let Some((listener, acceptor)) = tls {
         tasks.push(tokio::spawn(stream_accept(
@@ -185,7 +191,7 @@ pub(crate) fn serve(
         )));
     }
     tasks.push(tokio::spawn(stream_accept(turn, tcp, None, open, shutdown)));
-    tasks
+    Ok(tasks)
 }
 
 /// Answers Binding on one of discovery's alternate addresses; anything
@@ -193,13 +199,17 @@ pub(crate) fn serve(
 async fn discovery_loop(
     turn: Arc<Turn>,
     discovery: Arc<Discovery>,
-    socket: Arc<UdpSocket>,
+    socket: UdpSocket,
     shutdown: Shutdown,
 ) {
     let Ok(local) = socket.local_addr() else {
         return;
     };
     let mut buf = vec![0u8; MAX_FRAME];
+    let answered = turn
+        .metrics
+        .stun_requests
+        .with_label_values(&["binding", "udp", "success"]);
     loop {
         let (len, from) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -213,84 +223,14 @@ async fn discovery_loop(
         };
         match behavior::answer(&discovery.addrs, &buf[..len], local, from) {
             Some(reply) => {
-                turn.count_binding_answer(Transport::Udp);
-                discovery.send(&reply).await;
+                answered.inc();
+                discovery.send(&reply);
             }
             None => turn
                 .metrics
                 .discarded
                 .with_label_values(&["not_binding"])
                 .inc(),
-        }
-    }
-}
-
-async fn udp_loop(
-    turn: Arc<Turn>,
-    socket: Arc<UdpSocket>,
-    discovery: Option<Arc<Discovery>>,
-    shutdown: Shutdown,
-) {
-    let Ok(local) = socket.local_addr() else {
-        return;
-    };
-    let mut batch = RecvBatch::new(local, MAX_FRAME);
-    let mut answers = SendBatch::default();
-    loop {
-        let n = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = batch.recv(&socket) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here; keep serving.
-                    tracing::debug!(error = %e, "UDP receive error");
-                    continue;
-                }
-            },
-        };
-        for i in 0..n {
-            let (buf, len, from) = batch.get_mut(i);
-            let Some(from) = from else { continue };
-            let datagram = &buf[..len];
-            match framing::next_frame(datagram, false) {
-                Ok(Some(Frame::ChannelData { channel, data, .. })) => {
-                    turn.on_channel_data(from, Transport::Udp, channel, &datagram[4..4 + data]);
-                }
-                Ok(Some(Frame::Stun { len: stun }))
-                    if stun == len
-                        && let Some(d) = &discovery
-                        && binding::is_binding_request(datagram) =>
-                {
-                    let Some(reply) = behavior::answer(&d.addrs, datagram, local, from) else {
-                        continue;
-                    };
-                    turn.count_binding_answer(Transport::Udp);
-                    if reply.from == local {
-                        answers.push(&reply.bytes, reply.to);
-                    } else {
-                        d.send(&reply).await;
-                    }
-                }
-                Ok(Some(Frame::Stun { len: stun })) if stun == len => {
-                    let sink = ClientSink::Udp {
-                        socket: socket.clone(),
-                        addr: from,
-                    };
-                    if let Some(resp) = turn.on_stun(datagram, from, Transport::Udp, &sink).await {
-                        answers.push(&resp, from);
-                    }
-                }
-                _ => {
-                    turn.metrics
-                        .discarded
-                        .with_label_values(&["bad_datagram"])
-                        .inc();
-                }
-            }
-        }
-        let refused = answers.flush(&socket).await;
-        if refused > 0 {
-            tracing::debug!(refused, "UDP answers the kernel refused");
         }
     }
 }
@@ -352,28 +292,18 @@ async fn stream_accept(
             if let Err(e) = result {
                 tracing::debug!(error = %e, %from, "stream connection closed");
             }
-            // A stream allocation lives as long as its connection (RFC 8656 §3.1).
-            if let Some(a) = turn
-                .allocations()
-                .into_iter()
-                .find(|a| a.client == from && a.transport == transport)
-            {
-                turn.metrics
-                    .allocations_closed
-                    .with_label_values(&["connection"])
-                    .inc();
-                turn.close(&a, "connection closed");
-            }
             turn.metrics.tcp_connections.dec();
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
-/// Serves one stream connection: a reader that frames and handles what
-/// the client sends, and a writer draining the connection's queue. The
+/// Serves one stream connection: a reader that frames what the client
+/// sends and hands it to the connection's shard, and a writer draining
+/// the connection's queue (the shard's answers and relayed data). The
 /// connection ends when either side fails, so an allocation never
-/// outlives the socket that delivers to it.
+/// outlives the socket that delivers to it: the shard closes it when
+/// told the connection is gone (RFC 8656 §3.1).
 async fn stream_connection<S>(
     turn: &Arc<Turn>,
     stream: S,
@@ -384,6 +314,9 @@ async fn stream_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let shard = turn
+        .shard_for(from)
+        .ok_or_else(|| std::io::Error::other("no TURN shard"))?;
     let (mut reader, writer) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Outbound>(TCP_QUEUE);
     let (reading_done, writer_failed) = (CancellationToken::new(), CancellationToken::new());
@@ -394,73 +327,76 @@ where
         reading_done.clone(),
         writer_failed.clone(),
     ));
-    let sink = ClientSink::Stream(tx.clone());
-    let mut buf = vec![0u8; 2 * MAX_FRAME];
-    let mut filled = 0;
     let gone = || {
         std::io::Error::new(
             std::io::ErrorKind::BrokenPipe,
             "writing to the client failed",
         )
     };
-    let result = loop {
-        let n = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = writer_failed.cancelled() => break Err(gone()),
-            r = tokio::time::timeout(TCP_IDLE, reader.read(&mut buf[filled..])) => match r {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => break Err(e),
-                Err(_) => break Ok(()),
-            },
-        };
-        if n == 0 {
-            break Ok(());
-        }
-        filled += n;
-        let mut start = 0;
-        let failure = loop {
-            match framing::next_frame(&buf[start..filled], true) {
-                Ok(Some(Frame::Stun { len })) => {
-                    let frame = start..start + len;
-                    start += len;
-                    if let Some(resp) = turn.on_stun(&buf[frame], from, transport, &sink).await {
-                        let out = Outbound {
-                            bytes: Bytes::from(resp),
-                            credit: None,
-                        };
-                        if tx.send(out).await.is_err() {
-                            break Some(gone());
-                        }
+    let connected = Data::Connected {
+        from,
+        transport,
+        writer: tx,
+    };
+    let mut buf = vec![0u8; 2 * MAX_FRAME];
+    let mut filled = 0;
+    let result = if !shard.data(connected).await {
+        Err(std::io::Error::other("TURN shard stopped"))
+    } else {
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = writer_failed.cancelled() => break Err(gone()),
+                r = tokio::time::timeout(TCP_IDLE, reader.read(&mut buf[filled..])) => match r {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => break Ok(()),
+                },
+            };
+            if n == 0 {
+                break Ok(());
+            }
+            filled += n;
+            // Whole frames go to the shard; a partial one waits for more.
+            let mut whole = 0;
+            let failure = loop {
+                match framing::next_frame(&buf[whole..filled], true) {
+                    Ok(Some(Frame::Stun { len } | Frame::ChannelData { len, .. })) => whole += len,
+                    Ok(None) => break None,
+                    Err(e) => {
+                        turn.metrics
+                            .discarded
+                            .with_label_values(&["bad_framing"])
+                            .inc();
+                        break Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
                     }
                 }
-                Ok(Some(Frame::ChannelData { channel, data, len })) => {
-                    turn.on_channel_data(
-                        from,
-                        transport,
-                        channel,
-                        &buf[start + 4..start + 4 + data],
-                    );
-                    start += len;
+            };
+            if whole > 0 {
+                let frames = Data::Frames {
+                    from,
+                    transport,
+                    bytes: buf[..whole].to_vec(),
+                };
+                // A client whose writer failed meanwhile is not served
+                // further (its answers could not reach it).
+                if writer_failed.is_cancelled() {
+                    break Err(gone());
                 }
-                Ok(None) => break None,
-                Err(e) => {
-                    turn.metrics
-                        .discarded
-                        .with_label_values(&["bad_framing"])
-                        .inc();
-                    break Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                if !shard.data(frames).await {
+                    break Err(std::io::Error::other("TURN shard stopped"));
                 }
             }
-        };
-        if let Some(e) = failure {
-            break Err(e);
+            if let Some(e) = failure {
+                break Err(e);
+            }
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
         }
-        buf.copy_within(start..filled, 0);
-        filled -= start;
     };
+    // The shard drops its end of the queue and closes the allocation.
+    shard.data(Data::Disconnected { from, transport }).await;
     reading_done.cancel();
-    drop(sink);
-    drop(tx);
     let _ = write_task.await;
     result
 }
@@ -477,6 +413,7 @@ async fn write_stream<W: AsyncWrite>(
     reading_done: CancellationToken,
     failed: CancellationToken,
 ) {
+    let gone = Discard::new(&turn.metrics, Undelivered::Gone.reason());
     let mut writer = std::pin::pin!(writer);
     let flush_deadline = async {
         reading_done.cancelled().await;
@@ -499,15 +436,15 @@ async fn write_stream<W: AsyncWrite>(
             _ = &mut flush_deadline => false,
         };
         match (&item.credit, ok) {
-            (Some((counters, n)), true) => counters.record_in(*n),
-            (Some((_, n)), false) => turn.undelivered(Undelivered::Gone.reason(), *n),
+            (Some(c), true) => c.bill(),
+            (Some(c), false) => gone.count(c.bytes),
             (None, _) => {}
         }
     }
     rx.close();
     while let Ok(item) = rx.try_recv() {
-        if let Some((_, n)) = item.credit {
-            turn.undelivered(Undelivered::Gone.reason(), n);
+        if let Some(c) = item.credit {
+            gone.count(c.bytes);
         }
     }
     if !ok {
@@ -570,7 +507,7 @@ mod tests {
     /// no one delivered), and no request is handled twice.
     #[tokio::test]
     async fn a_failed_writer_ends_the_connection() {
-        let turn = crate::turn::tests::server();
+        let (turn, _) = crate::turn::tests::server();
         let (mut client, server_side) = tokio::io::duplex(4096);
         let stream = tokio::io::join(server_side, FailingWriter { accept: 0 });
         let conn = tokio::spawn({
@@ -598,14 +535,18 @@ mod tests {
     /// connection never took is counted undelivered instead.
     #[tokio::test]
     async fn relayed_bytes_are_billed_when_written() {
-        let turn = crate::turn::tests::server();
+        let (turn, _) = crate::turn::tests::server();
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(16);
         for _ in 0..5 {
             let bytes = Bytes::from_static(&[0u8; 104]);
             tx.try_send(Outbound {
                 bytes,
-                credit: Some((counters.clone(), 100)),
+                credit: Some(Credit {
+                    counters: counters.clone(),
+                    bytes: 100,
+                    inbound: true,
+                }),
             })
             .expect("queue");
         }

@@ -1,0 +1,701 @@
+//! Shard drivers: the sockets, threads and clock around [`Core`].
+//!
+//! One OS thread per shard runs a `mio` event loop over the shard's own
+//! UDP listening socket (one of the `SO_REUSEPORT` group, so the kernel
+//! keeps each client 5-tuple on one shard), the relay sockets of the
+//! shard's allocations and its inbox. Every socket is read a batch at a
+//! time (`recvmmsg`); what a turn of the loop leaves to send goes out
+//! together (`sendmmsg` per socket), and only then is each relayed byte
+//! billed, with the kernel's word that it went. A relay socket is not a
+//! task: thousands of allocations cost one thread and one wake-up per
+//! turn, not one per datagram.
+//!
+//! Stream (TCP/TLS) connections stay async tasks in [`crate::server`];
+//! their readers hand whole frames to a shard's inbox and its answers go
+//! to the connection's writer queue. Datagrams for an allocation of
+//! another shard are handed over in memory, a batch per turn.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use floe_common::udp_batch::{self, RecvBatch};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::allocation::{Credit, Transport, Undelivered};
+use crate::behavior;
+use crate::binding;
+use crate::core::{Core, Discard, Event, Input, MAX_DATAGRAM, Now, Shared, Via};
+use crate::framing::{self, Frame, MAX_FRAME};
+use crate::policy::Policy;
+use crate::server::{Discovery, Outbound};
+
+const BELL: Token = Token(0);
+const LISTEN: Token = Token(1);
+/// Relay socket of allocation `k`: `Token(RELAY + k)`.
+const RELAY: usize = 2;
+/// Stream chunks and hand-overs queued towards one shard.
+const INBOX: usize = 4_096;
+/// A relay datagram's slot: the datagram and room for a header.
+const RELAY_SLOT: usize = MAX_DATAGRAM + 1;
+
+/// Orders for a shard from the rest of the server.
+pub(crate) enum Control {
+    Policy(Arc<Policy>),
+    Secrets(Arc<floe_proto::credential::TurnSecrets>),
+    /// Meter every allocation's traffic; answered when done.
+    Collect(oneshot::Sender<()>),
+    /// Close every allocation; answered when done.
+    CloseAll(oneshot::Sender<()>),
+    Stop,
+}
+
+/// Traffic for a shard: stream connections' frames, and datagrams other
+/// shards' allocations relay to this one's.
+pub(crate) enum Data {
+    /// A stream connection opened; answers to it go to `writer`.
+    Connected {
+        from: SocketAddr,
+        transport: Transport,
+        writer: mpsc::Sender<Outbound>,
+    },
+    /// Whole frames a stream connection read (framing already checked).
+    Frames {
+        from: SocketAddr,
+        transport: Transport,
+        bytes: Vec<u8>,
+    },
+    /// A stream connection ended.
+    Disconnected {
+        from: SocketAddr,
+        transport: Transport,
+    },
+    Handoff(Handoff),
+}
+
+/// Datagrams from allocations of one shard to allocations of another.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    bytes: Vec<u8>,
+    /// (from relayed address, to relayed address, bytes).
+    items: Vec<(SocketAddr, SocketAddr, std::ops::Range<usize>)>,
+    credits: Vec<Credit>,
+}
+
+/// Wakes a shard's loop; rings once however many messages wait.
+struct Bell {
+    waker: Waker,
+    rung: AtomicBool,
+}
+
+impl Bell {
+    fn ring(&self) {
+        if !self.rung.swap(true, Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// How the rest of the server talks to a shard.
+pub(crate) struct ShardHandle {
+    control: std::sync::mpsc::Sender<Control>,
+    data: mpsc::Sender<Data>,
+    bell: Arc<Bell>,
+}
+
+impl ShardHandle {
+    pub fn control(&self, c: Control) {
+        if self.control.send(c).is_ok() {
+            self.bell.ring();
+        }
+    }
+
+    /// Queues stream traffic, waiting while the shard's inbox is full;
+    /// `false` once the shard is gone.
+    pub async fn data(&self, d: Data) -> bool {
+        let ok = self.data.send(d).await.is_ok();
+        self.bell.ring();
+        ok
+    }
+
+    fn try_data(&self, d: Data) -> bool {
+        let ok = self.data.try_send(d).is_ok();
+        self.bell.ring();
+        ok
+    }
+}
+
+/// Per-packet discard counters of the driver, resolved once.
+struct Discards {
+    send_failed: Discard,
+    client_send_failed: Discard,
+    client_slow: Discard,
+    client_gone: Discard,
+    /// Answers (no relayed payload) a stream client's queue refused.
+    answer_dropped: prometheus::IntCounter,
+}
+
+impl Discards {
+    fn undelivered(&self, why: Undelivered) -> &Discard {
+        match why {
+            Undelivered::SendFailed => &self.client_send_failed,
+            Undelivered::Slow => &self.client_slow,
+            Undelivered::Gone => &self.client_gone,
+        }
+    }
+
+    /// Counts relayed payload that did not go.
+    fn lost(&self, c: &Credit, why: Undelivered) {
+        let d = if c.inbound {
+            self.undelivered(why)
+        } else {
+            &self.send_failed
+        };
+        d.count(c.bytes);
+    }
+}
+
+/// Sockets of one shard.
+struct Io {
+    poll: Poll,
+    listen: UdpSocket,
+    local: SocketAddr,
+    discovery: Option<Arc<Discovery>>,
+    /// Relay sockets by allocation key, and whether each is IPv6.
+    relays: Vec<Option<(UdpSocket, bool)>>,
+    /// Sockets bound for Allocates not yet committed.
+    opening: HashMap<u64, UdpSocket>,
+    streams: HashMap<(SocketAddr, Transport), mpsc::Sender<Outbound>>,
+}
+
+impl Io {
+    /// Carries out the core's socket work (binding may feed it answers,
+    /// which may ask for more).
+    fn events(&mut self, core: &mut Core, now: Now, peers: &Peers, d: &Discards) {
+        while let Some(e) = core.outputs().events.pop_front() {
+            match e {
+                Event::Bind { open, addr } => {
+                    let local = match bind_relay(addr) {
+                        Ok((socket, local)) => {
+                            self.opening.insert(open, socket);
+                            Some(local)
+                        }
+                        Err(_) => None,
+                    };
+                    core.handle(now, Input::Bound { open, local });
+                }
+                Event::Opened { open, relay } => {
+                    let Some(mut socket) = self.opening.remove(&open) else {
+                        continue;
+                    };
+                    if let Err(e) = self.poll.registry().register(
+                        &mut socket,
+                        Token(RELAY + relay),
+                        Interest::READABLE,
+                    ) {
+                        tracing::warn!(error = %e, "cannot watch a relay socket");
+                    }
+                    if self.relays.len() <= relay {
+                        self.relays.resize_with(relay + 1, || None);
+                    }
+                    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+                    self.relays[relay] = Some((socket, v6));
+                }
+                Event::Abandon { open } => {
+                    self.opening.remove(&open);
+                }
+                Event::Close { relay } => {
+                    // What is queued for this socket leaves before its key
+                    // can name another allocation's.
+                    self.flush(core, peers, d);
+                    if let Some((mut socket, _)) = self.relays.get_mut(relay).and_then(Option::take)
+                    {
+                        let _ = self.poll.registry().deregister(&mut socket);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what the core left, a batch per socket, and bills or counts
+    /// each relayed payload by what the kernel (or the queue) said.
+    fn flush(&mut self, core: &mut Core, peers: &Peers, d: &Discards) {
+        let out = core.outputs();
+        if out.transmits.is_empty() {
+            return;
+        }
+        let bytes = &out.bytes;
+        let transmits = &mut out.transmits;
+        // Clients over UDP: one socket, so one run of sendmmsg.
+        let (mut list, mut which) = (Vec::new(), Vec::new());
+        for (i, t) in transmits.iter().enumerate() {
+            if t.via == Via::Client(Transport::Udp) {
+                list.push((&bytes[t.span.clone()], t.to));
+                which.push(i);
+            }
+        }
+        if !list.is_empty() {
+            udp_batch::send_each(&self.listen, &list, |i, ok| {
+                if let Some(c) = &transmits[which[i]].credit {
+                    settle(c, ok, Undelivered::SendFailed, d);
+                }
+            });
+        }
+        // Peers: a run of sendmmsg per stretch of one relay socket.
+        let mut i = 0;
+        while i < transmits.len() {
+            let Via::Relay(key) = transmits[i].via else {
+                i += 1;
+                continue;
+            };
+            let end = i + transmits[i..]
+                .iter()
+                .take_while(|t| t.via == Via::Relay(key))
+                .count();
+            let group = &transmits[i..end];
+            match self.relays.get(key).and_then(Option::as_ref) {
+                Some((socket, _)) => {
+                    let list: Vec<(&[u8], SocketAddr)> = group
+                        .iter()
+                        .map(|t| (&bytes[t.span.clone()], t.to))
+                        .collect();
+                    udp_batch::send_each(socket, &list, |j, ok| {
+                        if let Some(c) = &group[j].credit {
+                            settle(c, ok, Undelivered::SendFailed, d);
+                        }
+                    });
+                }
+                None => group
+                    .iter()
+                    .filter_map(|t| t.credit.as_ref())
+                    .for_each(|c| d.lost(c, Undelivered::SendFailed)),
+            }
+            i = end;
+        }
+        // Stream clients and other shards.
+        let mut handoffs: HashMap<usize, Handoff> = HashMap::new();
+        for t in transmits.iter_mut() {
+            match t.via {
+                Via::Client(Transport::Udp) | Via::Relay(_) => {}
+                Via::Client(transport) => {
+                    let credit = t.credit.take();
+                    let sent = match self.streams.get(&(t.to, transport)) {
+                        Some(tx) => tx
+                            .try_send(Outbound {
+                                bytes: Bytes::copy_from_slice(&bytes[t.span.clone()]),
+                                credit,
+                            })
+                            .map_err(|e| match e {
+                                mpsc::error::TrySendError::Full(o) => (o.credit, Undelivered::Slow),
+                                mpsc::error::TrySendError::Closed(o) => {
+                                    (o.credit, Undelivered::Gone)
+                                }
+                            }),
+                        None => Err((credit, Undelivered::Gone)),
+                    };
+                    match sent {
+                        Ok(()) => {}
+                        Err((Some(c), why)) => d.lost(&c, why),
+                        Err((None, _)) => d.answer_dropped.inc(),
+                    }
+                }
+                Via::Shard { shard, from } => {
+                    let h = handoffs.entry(shard).or_default();
+                    let start = h.bytes.len();
+                    h.bytes.extend_from_slice(&bytes[t.span.clone()]);
+                    h.items.push((from, t.to, start..h.bytes.len()));
+                    h.credits.extend(t.credit.take());
+                }
+            }
+        }
+        for (shard, mut h) in handoffs {
+            let credits = std::mem::take(&mut h.credits);
+            let ok = peers
+                .get()
+                .and_then(|p| p.get(shard))
+                .is_some_and(|p| p.try_data(Data::Handoff(h)));
+            for c in &credits {
+                settle(c, ok, Undelivered::SendFailed, d);
+            }
+        }
+        out.clear();
+    }
+}
+
+fn settle(c: &Credit, ok: bool, why: Undelivered, d: &Discards) {
+    if ok {
+        c.bill();
+    } else {
+        d.lost(c, why);
+    }
+}
+
+/// Binds a relay socket (non-blocking) at `addr`.
+fn bind_relay(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
+    let socket = UdpSocket::bind(addr)?;
+    let local = socket.local_addr()?;
+    Ok((socket, local))
+}
+
+/// Every shard's handle, set once all are spawned.
+type Peers = Arc<OnceLock<Vec<ShardHandle>>>;
+
+/// One shard: its core, sockets and inbox.
+struct Shard {
+    core: Core,
+    io: Io,
+    control: std::sync::mpsc::Receiver<Control>,
+    data: mpsc::Receiver<Data>,
+    bell: Arc<Bell>,
+    peers: Peers,
+    shared: Arc<Shared>,
+    discards: Discards,
+    recv: RecvBatch,
+    relay_recv: [RecvBatch; 2],
+}
+
+/// Starts one shard per UDP socket; returns their handles and threads.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    sockets: Vec<std::net::UdpSocket>,
+    discovery: Option<Arc<Discovery>>,
+    secrets: Option<Arc<floe_proto::credential::TurnSecrets>>,
+    policy: Option<Arc<Policy>>,
+) -> std::io::Result<(Vec<ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
+    let peers: Peers = Arc::default();
+    let (mut handles, mut threads) = (Vec::new(), Vec::new());
+    let m = &shared.metrics;
+    for (id, socket) in sockets.into_iter().enumerate() {
+        socket.set_nonblocking(true)?;
+        let mut listen = UdpSocket::from_std(socket);
+        let local = listen.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listen, LISTEN, Interest::READABLE)?;
+        let bell = Arc::new(Bell {
+            waker: Waker::new(poll.registry(), BELL)?,
+            rung: AtomicBool::new(false),
+        });
+        let (control_tx, control) = std::sync::mpsc::channel();
+        let (data_tx, data) = mpsc::channel(INBOX);
+        let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
+        let shard = Shard {
+            core: Core::new(
+                id,
+                shared.clone(),
+                secrets.clone(),
+                policy.clone(),
+                Instant::now(),
+            ),
+            io: Io {
+                poll,
+                listen,
+                local,
+                discovery: discovery.clone(),
+                relays: Vec::new(),
+                opening: HashMap::new(),
+                streams: HashMap::new(),
+            },
+            control,
+            data,
+            bell: bell.clone(),
+            peers: peers.clone(),
+            shared: shared.clone(),
+            discards: Discards {
+                send_failed: Discard::new(m, "send_failed"),
+                client_send_failed: Discard::new(m, Undelivered::SendFailed.reason()),
+                client_slow: Discard::new(m, Undelivered::Slow.reason()),
+                client_gone: Discard::new(m, Undelivered::Gone.reason()),
+                answer_dropped: m.discarded.with_label_values(&["answer_dropped"]),
+            },
+            recv: RecvBatch::new(local, MAX_FRAME),
+            relay_recv: [
+                any(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                any(std::net::Ipv6Addr::UNSPECIFIED.into()),
+            ]
+            .map(|a| RecvBatch::new(a, RELAY_SLOT)),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("turn-shard-{id}"))
+                .spawn(move || shard.run())?,
+        );
+        handles.push(ShardHandle {
+            control: control_tx,
+            data: data_tx,
+            bell,
+        });
+    }
+    let _ = peers.set(
+        handles
+            .iter()
+            .map(|h| ShardHandle {
+                control: h.control.clone(),
+                data: h.data.clone(),
+                bell: h.bell.clone(),
+            })
+            .collect(),
+    );
+    Ok((handles, threads))
+}
+
+impl Shard {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let wait = self
+                .core
+                .timeout()
+                .saturating_duration_since(Instant::now());
+            if let Err(e) = self.io.poll.poll(&mut events, Some(wait)) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "TURN shard cannot wait for its sockets; stopping");
+                return;
+            }
+            let now = Now::real();
+            for e in events.iter() {
+                match e.token() {
+                    BELL => {
+                        self.bell.rung.store(false, Ordering::SeqCst);
+                        if !self.inbox(now) {
+                            return;
+                        }
+                    }
+                    LISTEN => self.read_listen(now),
+                    Token(t) => self.read_relay(t - RELAY, now),
+                }
+            }
+            if now.at >= self.core.timeout() {
+                self.core.handle(now, Input::Timer);
+                self.io
+                    .events(&mut self.core, now, &self.peers, &self.discards);
+            }
+            self.io.flush(&mut self.core, &self.peers, &self.discards);
+        }
+    }
+
+    /// Feeds one client datagram or frame, timing requests.
+    fn client(&mut self, now: Now, from: SocketAddr, transport: Transport, data: &[u8]) {
+        Self::feed(
+            &mut self.core,
+            &mut self.io,
+            &self.shared,
+            &self.peers,
+            &self.discards,
+            now,
+            from,
+            transport,
+            data,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn feed(
+        core: &mut Core,
+        io: &mut Io,
+        shared: &Shared,
+        peers: &Peers,
+        d: &Discards,
+        now: Now,
+        from: SocketAddr,
+        transport: Transport,
+        data: &[u8],
+    ) {
+        // ChannelData (first two bits 01) is never a request: not timed.
+        if data.first().is_some_and(|b| b & 0xC0 == 0x40) {
+            core.handle(
+                now,
+                Input::Client {
+                    from,
+                    transport,
+                    data,
+                },
+            );
+            return;
+        }
+        let started = Instant::now();
+        let method = core.handle(
+            now,
+            Input::Client {
+                from,
+                transport,
+                data,
+            },
+        );
+        io.events(core, now, peers, d);
+        if let Some(method) = method {
+            shared
+                .metrics
+                .request_seconds
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Reads the listening socket until it is empty, sending after each
+    /// full batch.
+    fn read_listen(&mut self, now: Now) {
+        loop {
+            let n = match self.recv.try_recv(&self.io.listen) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; keep serving.
+                    tracing::debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (buf, len, from) = self.recv.get_mut(i);
+                let Some(from) = from else { continue };
+                let data = &buf[..len];
+                if let Some(d) = &self.io.discovery
+                    && binding::is_binding_request(data)
+                {
+                    if let Some(reply) = behavior::answer(&d.addrs, data, self.io.local, from) {
+                        self.core.count_binding_answer(Transport::Udp);
+                        d.send(&reply);
+                    }
+                    continue;
+                }
+                Self::feed(
+                    &mut self.core,
+                    &mut self.io,
+                    &self.shared,
+                    &self.peers,
+                    &self.discards,
+                    now,
+                    from,
+                    Transport::Udp,
+                    data,
+                );
+            }
+            self.io.flush(&mut self.core, &self.peers, &self.discards);
+            // The kernel signals every datagram that arrives after this
+            // read, so a short batch means the queue was empty.
+            if n < udp_batch::BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Reads allocation `key`'s relay socket until it is empty.
+    fn read_relay(&mut self, key: usize, now: Now) {
+        loop {
+            let Some((socket, v6)) = self.io.relays.get(key).and_then(Option::as_ref) else {
+                return;
+            };
+            let batch = &mut self.relay_recv[usize::from(*v6)];
+            let n = match batch.try_recv(socket) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP reports of earlier sends; keep relaying.
+                Err(_) => continue,
+            };
+            for i in 0..n {
+                if let (buf, len, Some(from)) = batch.get_mut(i) {
+                    self.core.handle(
+                        now,
+                        Input::Peer {
+                            relay: key,
+                            from,
+                            data: &buf[..len],
+                        },
+                    );
+                }
+            }
+            if n < udp_batch::BATCH {
+                return;
+            }
+            self.io.flush(&mut self.core, &self.peers, &self.discards);
+        }
+    }
+
+    /// Takes every queued order and stream chunk; `false` on Stop.
+    fn inbox(&mut self, now: Now) -> bool {
+        while let Ok(c) = self.control.try_recv() {
+            let done = match c {
+                Control::Policy(p) => {
+                    self.core.handle(now, Input::Policy(p));
+                    None
+                }
+                Control::Secrets(s) => {
+                    self.core.handle(now, Input::Secrets(s));
+                    None
+                }
+                Control::Collect(done) => {
+                    self.core.handle(now, Input::Collect);
+                    Some(done)
+                }
+                Control::CloseAll(done) => {
+                    self.core.handle(now, Input::CloseAll);
+                    Some(done)
+                }
+                Control::Stop => return false,
+            };
+            self.io
+                .events(&mut self.core, now, &self.peers, &self.discards);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+        // Bounded, so one busy connection cannot keep UDP waiting.
+        for _ in 0..INBOX {
+            let Ok(d) = self.data.try_recv() else { break };
+            match d {
+                Data::Connected {
+                    from,
+                    transport,
+                    writer,
+                } => {
+                    self.io.streams.insert((from, transport), writer);
+                }
+                Data::Frames {
+                    from,
+                    transport,
+                    bytes,
+                } => {
+                    let mut at = 0;
+                    while let Ok(Some(f)) = framing::next_frame(&bytes[at..], true) {
+                        let len = match f {
+                            Frame::Stun { len } | Frame::ChannelData { len, .. } => len,
+                        };
+                        self.client(now, from, transport, &bytes[at..at + len]);
+                        at += len;
+                    }
+                }
+                Data::Disconnected { from, transport } => {
+                    self.io.streams.remove(&(from, transport));
+                    self.core
+                        .handle(now, Input::Disconnected { from, transport });
+                    self.io
+                        .events(&mut self.core, now, &self.peers, &self.discards);
+                }
+                Data::Handoff(h) => {
+                    for (from, to, span) in &h.items {
+                        self.core.handle(
+                            now,
+                            Input::Hairpin {
+                                from: *from,
+                                to: *to,
+                                data: &h.bytes[span.clone()],
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if !self.data.is_empty() {
+            // More next turn.
+            self.bell.ring();
+        }
+        true
+    }
+}
