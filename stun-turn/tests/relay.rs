@@ -1336,7 +1336,8 @@ impl TcpClient {
     }
 }
 
-/// A TCP client that stops reading while its partner sends 2 MB: what the
+/// A TCP client that stops reading while its partner sends 8 MB (more
+/// than its queue and the largest kernel send buffer hold): what the
 /// partner is billed out equals what the slow client is billed in plus
 /// what was dropped for it (by reason), and what it is billed in is what
 /// it received.
@@ -1357,8 +1358,8 @@ async fn a_slow_tcp_reader_is_billed_what_it_received() {
     a.bind_channel(0x4000, b_relayed).await;
     b.bind_channel(0x4000, a_relayed).await;
 
-    // A sends 2,048 ChannelData messages of 1,000 B; B reads nothing.
-    let (count, size) = (2_048u64, 1_000usize);
+    // A sends 8,192 ChannelData messages of 1,000 B; B reads nothing.
+    let (count, size) = (8_192u64, 1_000usize);
     let mut frame = vec![0x40, 0x00];
     frame.extend_from_slice(&(size as u16).to_be_bytes());
     frame.extend(std::iter::repeat_n(7u8, size));
