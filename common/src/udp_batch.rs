@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg, sendto,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -95,11 +95,14 @@ impl RecvBatch {
         self.got.clear();
         RECV.with(|recv| {
             let headers = &mut *recv[self.family].borrow_mut();
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
-                .bufs
-                .chunks_mut(self.slot)
-                .map(|b| [IoSliceMut::new(&mut b[headroom..])])
-                .collect();
+            // On the stack: a receive is made per readiness event, often
+            // for one datagram, and should not cost an allocation.
+            let mut chunks = self.bufs.chunks_mut(self.slot);
+            let mut slices: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+                let b = chunks.next().unwrap_or_default();
+                let skip = headroom.min(b.len());
+                [IoSliceMut::new(&mut b[skip..])]
+            });
             let results = recvmmsg(
                 socket.as_raw_fd(),
                 headers,
@@ -189,10 +192,22 @@ fn send_some<'a>(
     socket: &impl AsRawFd,
     datagrams: impl Iterator<Item = (&'a [u8], SocketAddr)>,
 ) -> std::io::Result<usize> {
-    let (slices, addrs): (Vec<[IoSlice<'_>; 1]>, Vec<Option<SockaddrStorage>>) = datagrams
-        .take(BATCH)
-        .map(|(b, a)| ([IoSlice::new(b)], Some(SockaddrStorage::from(a))))
-        .unzip();
+    let mut datagrams = datagrams.take(BATCH).peekable();
+    let Some((first, to)) = datagrams.next() else {
+        return Ok(0);
+    };
+    if datagrams.peek().is_none() {
+        // One datagram (a relay socket's usual lot): sendto does less.
+        let to = SockaddrStorage::from(to);
+        return sendto(socket.as_raw_fd(), first, &to, MsgFlags::MSG_DONTWAIT)
+            .map(|_| 1)
+            .map_err(io_error);
+    }
+    let (slices, addrs): (Vec<[IoSlice<'_>; 1]>, Vec<Option<SockaddrStorage>>) =
+        std::iter::once((first, to))
+            .chain(datagrams)
+            .map(|(b, a)| ([IoSlice::new(b)], Some(SockaddrStorage::from(a))))
+            .unzip();
     SEND.with_borrow_mut(|headers| {
         let sent = sendmmsg(
             socket.as_raw_fd(),

@@ -160,6 +160,26 @@ pub(crate) struct Allocation {
     by_peer: HashMap<SocketAddr, u16>,
     /// Bits per second cap, when the plan has one.
     bucket: Option<TokenBucket>,
+    /// The last route each way, so a flow of datagrams reads the maps
+    /// once, not per datagram (each map lookup is a cache miss or two).
+    /// Valid until the earliest expiry it depends on; any change to the
+    /// permissions or channels forgets them.
+    to_peer: Option<ToPeer>,
+    from_peer: Option<FromPeer>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ToPeer {
+    channel: u16,
+    peer: SocketAddr,
+    until: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FromPeer {
+    peer: SocketAddr,
+    channel: Option<u16>,
+    until: Instant,
 }
 
 /// Why a channel could not be bound (400 Bad Request).
@@ -198,7 +218,19 @@ impl Allocation {
             bucket: bitrate.map(|bps| {
                 TokenBucket::new(bps as f64, u32::try_from(bps).unwrap_or(u32::MAX), now)
             }),
+            to_peer: None,
+            from_peer: None,
         }
+    }
+
+    /// Forgets the cached routes (permissions or channels changed).
+    fn changed(&mut self) {
+        self.to_peer = None;
+        self.from_peer = None;
+    }
+
+    fn permission(&self, ip: IpAddr, now: Instant) -> Option<Instant> {
+        self.permissions.get(&ip).copied().filter(|t| *t > now)
     }
 
     pub fn expired(&self, now: Instant) -> bool {
@@ -217,6 +249,7 @@ impl Allocation {
     /// Installs or refreshes a permission for `ip`.
     pub fn permit(&mut self, ip: IpAddr, now: Instant) {
         self.permissions.insert(ip, now + PERMISSION_LIFETIME);
+        self.changed();
     }
 
     /// Binds `channel` to `peer` (or refreshes the binding), installing a
@@ -240,32 +273,63 @@ impl Allocation {
         self.by_peer.insert(peer, channel);
         self.permissions
             .insert(peer.ip(), now + PERMISSION_LIFETIME);
+        self.changed();
         Ok(())
     }
 
     /// Whether data to or from `ip` is permitted now.
     pub fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.get(&ip).is_some_and(|t| *t > now)
+        if let Some(r) = self.to_peer
+            && r.peer.ip() == ip
+            && now < r.until
+        {
+            return true;
+        }
+        self.permission(ip, now).is_some()
     }
 
-    /// The peer bound to `channel`, if the binding is live.
-    pub fn channel_peer(&self, channel: u16, now: Instant) -> Option<SocketAddr> {
-        self.channels
-            .get(&channel)
-            .filter(|(_, t)| *t > now)
-            .map(|(p, _)| *p)
-            .filter(|p| self.permitted(p.ip(), now))
+    /// The peer bound to `channel`, if the binding and the peer's
+    /// permission are live.
+    pub fn channel_peer(&mut self, channel: u16, now: Instant) -> Option<SocketAddr> {
+        if let Some(r) = self.to_peer
+            && r.channel == channel
+            && now < r.until
+        {
+            return Some(r.peer);
+        }
+        let (peer, bound) = self.channels.get(&channel).filter(|(_, t)| *t > now)?;
+        let (peer, bound) = (*peer, *bound);
+        let permitted = self.permission(peer.ip(), now)?;
+        self.to_peer = Some(ToPeer {
+            channel,
+            peer,
+            until: bound.min(permitted),
+        });
+        Some(peer)
     }
 
     /// The live channel bound to `peer`, if any, and whether the peer is
     /// permitted at all.
-    pub fn route_from_peer(&self, peer: SocketAddr, now: Instant) -> (bool, Option<u16>) {
-        let channel = self
-            .by_peer
-            .get(&peer)
-            .copied()
-            .filter(|n| self.channels.get(n).is_some_and(|(_, t)| *t > now));
-        (self.permitted(peer.ip(), now), channel)
+    pub fn route_from_peer(&mut self, peer: SocketAddr, now: Instant) -> (bool, Option<u16>) {
+        if let Some(r) = self.from_peer
+            && r.peer == peer
+            && now < r.until
+        {
+            return (true, r.channel);
+        }
+        let Some(permitted) = self.permission(peer.ip(), now) else {
+            return (false, None);
+        };
+        let channel = self.by_peer.get(&peer).and_then(|n| {
+            let (_, t) = self.channels.get(n).filter(|(_, t)| *t > now)?;
+            Some((*n, *t))
+        });
+        self.from_peer = Some(FromPeer {
+            peer,
+            channel: channel.map(|(n, _)| n),
+            until: channel.map_or(permitted, |(_, t)| t.min(permitted)),
+        });
+        (true, channel.map(|(n, _)| n))
     }
 
     /// Takes `bytes` worth of bit-rate budget; `false`: over the cap.
@@ -278,6 +342,7 @@ impl Allocation {
 
     /// Drops expired permissions and channels.
     pub fn prune(&mut self, now: Instant) {
+        self.changed();
         self.permissions.retain(|_, t| *t > now);
         let by_peer = &mut self.by_peer;
         self.channels.retain(|_, (peer, t)| {
@@ -344,6 +409,30 @@ pub(crate) mod tests {
         a.prune(later);
         assert_eq!(a.channel_peer(0x4000, later), None);
         assert_eq!(a.bind(0x4001, peer, later), Ok(()), "freed after expiry");
+    }
+
+    /// The cached routes never outlive what they were read from: a
+    /// channel bound after a route without one is seen at once, and
+    /// expiry ends a cached route.
+    #[test]
+    fn cached_routes_follow_changes_and_expiry() {
+        let t0 = Instant::now();
+        let mut a = allocation(None, t0);
+        let peer: SocketAddr = "198.51.100.1:4000".parse().expect("addr");
+        a.permit(peer.ip(), t0);
+        assert_eq!(a.route_from_peer(peer, t0), (true, None));
+        a.bind(0x4001, peer, t0 + Duration::from_secs(200))
+            .expect("bind");
+        assert_eq!(a.route_from_peer(peer, t0), (true, Some(0x4001)));
+        assert_eq!(a.channel_peer(0x4001, t0), Some(peer));
+        // The bind refreshed the permission to 200 + 300 s.
+        let late = t0 + Duration::from_secs(499);
+        assert_eq!(a.channel_peer(0x4001, late), Some(peer));
+        assert_eq!(a.route_from_peer(peer, late), (true, Some(0x4001)));
+        let gone = t0 + Duration::from_secs(500);
+        assert_eq!(a.channel_peer(0x4001, gone), None);
+        assert_eq!(a.route_from_peer(peer, gone), (false, None));
+        assert!(!a.permitted(peer.ip(), gone));
     }
 
     /// Credits settled from other threads (a driver, a stream writer)
