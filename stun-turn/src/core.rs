@@ -2152,6 +2152,84 @@ mod tests {
         );
     }
 
+    /// Nonces expire (438 with a fresh one; the client retries with it),
+    /// and a nonce is bound to the client's IP.
+    #[test]
+    fn nonces_expire_and_are_bound_to_the_ip() {
+        let mut s = settings();
+        s.nonce_lifetime = Duration::from_secs(60);
+        let mut h = harness(s, Some(Policy::default()));
+        let mut c = h.client(5000, "t");
+        h.allocate(0, &mut c);
+        let perm: Vec<Box<dyn Setter>> = vec![Box::new(peer_attr(peer()))];
+        assert_eq!(
+            h.request(60, &mut c, METHOD_CREATE_PERMISSION, perm)
+                .typ
+                .class,
+            CLASS_SUCCESS_RESPONSE
+        );
+        let perm: Vec<Box<dyn Setter>> = vec![Box::new(peer_attr(peer()))];
+        let stale = h.request(61, &mut c, METHOD_CREATE_PERMISSION, perm);
+        assert_eq!(error_code(&stale), Some(438));
+        c.nonce = String::from_utf8(stale.get(ATTR_NONCE).expect("nonce")).expect("utf8");
+        h.permit(61, &mut c, peer());
+
+        // The same nonce from another IP: stale too.
+        let mut other = h.client(5000, "t");
+        other.addr = "192.0.2.2:5000".parse().expect("addr");
+        other.nonce = c.nonce.clone();
+        let perm: Vec<Box<dyn Setter>> = vec![Box::new(peer_attr(peer()))];
+        let raw = build_request(METHOD_CREATE_PERMISSION, &perm, Some(&other));
+        assert_eq!(
+            error_code(&decode(&h.only_answer(61, other.addr, &raw))),
+            Some(438)
+        );
+    }
+
+    /// A plan's bit-rate cap: a second's worth at once, then only what
+    /// refills; what is over the cap is dropped (and not billed) both ways.
+    #[test]
+    fn bitrate_caps_hold_both_ways() {
+        let policy = Policy::from_enforcement(floe_proto::usage::Enforcement {
+            policies: vec![floe_proto::usage::TenantPolicy {
+                tenant: "t".into(),
+                max_allocations: None,
+                max_bitrate_bps: Some(80_000),
+            }],
+            ..Default::default()
+        });
+        let mut h = harness(settings(), Some(policy));
+        let mut c = h.client(5000, "t");
+        h.allocate(0, &mut c);
+        h.bind_channel(0, &mut c, 0x4000, peer());
+        // 80 kbit/s: 10,000 bytes of burst.
+        let sent: usize = (0..12)
+            .map(|_| h.feed(1, c.addr, &channel_data(0x4000, &[0; 1000])).len())
+            .sum();
+        assert_eq!(sent, 10);
+        h.core.handle(
+            h.at(1),
+            Input::Peer {
+                relay: 0,
+                from: peer(),
+                data: &[0; 1000],
+            },
+        );
+        assert!(h.take().is_empty(), "the cap is per allocation, both ways");
+        // A second later, a second's worth again.
+        h.core.handle(
+            h.at(2),
+            Input::Peer {
+                relay: 0,
+                from: peer(),
+                data: &[0; 1000],
+            },
+        );
+        assert_eq!(h.take().len(), 1);
+        h.core.handle(h.at(3), Input::Collect);
+        assert_eq!(cut(&h).1, (10_000, 1_000));
+    }
+
     /// Bytes settled on an allocation after it closed (a send still in
     /// flight as it closed) are billed at the next cut, once.
     #[test]

@@ -260,11 +260,21 @@ impl Io {
             let group = &transmits[i..end];
             match self.relays.get(key).and_then(Option::as_ref) {
                 Some((socket, _)) => {
-                    let list: Vec<(&[u8], SocketAddr)> = group
-                        .iter()
-                        .map(|t| (&bytes[t.span.clone()], t.to))
-                        .collect();
-                    udp_batch::send_each(socket, &list, |j, ok| {
+                    let one;
+                    let many: Vec<(&[u8], SocketAddr)>;
+                    // A relay socket usually has one datagram a turn: no
+                    // allocation for it.
+                    let list = if let [t] = group {
+                        one = [(&bytes[t.span.clone()], t.to)];
+                        &one[..]
+                    } else {
+                        many = group
+                            .iter()
+                            .map(|t| (&bytes[t.span.clone()], t.to))
+                            .collect();
+                        &many[..]
+                    };
+                    udp_batch::send_each(socket, list, |j, ok| {
                         if let Some(c) = &group[j].credit {
                             settle(c, ok, Undelivered::SendFailed, d);
                         }
