@@ -290,6 +290,32 @@ pub async fn send_segmented(socket: &UdpSocket, data: &[u8], segment: u16) -> st
         .map(|_| ())
 }
 
+/// Sends `parts` (each `segment` bytes but the last, which may be
+/// shorter) to `to` as that many datagrams in one system call, with UDP
+/// segmentation offload, without waiting: the kernel builds and routes
+/// one packet and splits it at the end. Errors (`InvalidInput` for more
+/// than [`MAX_SEGMENTS`] parts) leave the caller to send them one by one.
+pub fn send_segments(
+    socket: &impl AsRawFd,
+    parts: &[&[u8]],
+    segment: u16,
+    to: SocketAddr,
+) -> std::io::Result<()> {
+    if parts.len() > MAX_SEGMENTS {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    sendmsg(
+        socket.as_raw_fd(),
+        &iov,
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&SockaddrStorage::from(to)),
+    )
+    .map(|_| ())
+    .map_err(io_error)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +383,27 @@ mod tests {
         assert_eq!(fates, expected);
         let mut buf = [0u8; 256];
         for p in &payloads {
+            let n = server.recv(&mut buf).expect("recv");
+            assert_eq!(&buf[..n], p.as_slice());
+        }
+    }
+
+    /// Parts sent as one segmented send arrive as separate datagrams.
+    #[test]
+    fn segments_to_an_address_arrive_apart() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let parts: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| vec![i; if i == 4 { 3 } else { 10 }])
+            .collect();
+        let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        send_segments(&client, &slices, 10, server.local_addr().expect("addr"))
+            .expect("segmented send");
+        let mut buf = [0u8; 64];
+        for p in &parts {
             let n = server.recv(&mut buf).expect("recv");
             assert_eq!(&buf[..n], p.as_slice());
         }

@@ -171,6 +171,8 @@ struct Io {
     /// Sockets bound for Allocates not yet committed.
     opening: HashMap<u64, UdpSocket>,
     streams: HashMap<(SocketAddr, Transport), mpsc::Sender<Outbound>>,
+    /// Whether segmented sends work here (until the kernel says no).
+    gso: bool,
 }
 
 impl Io {
@@ -231,13 +233,53 @@ impl Io {
         }
         let bytes = &out.bytes;
         let transmits = &mut out.transmits;
-        // Clients over UDP: one socket, so one run of sendmmsg.
+        // Clients over UDP: one socket. A run of equal-size datagrams to
+        // one client goes out as one segmented send (UDP GSO) where the
+        // kernel allows it; the rest as sendmmsg batches.
+        let mut udp: Vec<usize> = (0..transmits.len())
+            .filter(|i| transmits[*i].via == Via::Client(Transport::Udp))
+            .collect();
+        // Stable: each client's datagrams keep their order.
+        udp.sort_by_key(|i| transmits[*i].to);
         let (mut list, mut which) = (Vec::new(), Vec::new());
-        for (i, t) in transmits.iter().enumerate() {
-            if t.via == Via::Client(Transport::Udp) {
-                list.push((&bytes[t.span.clone()], t.to));
-                which.push(i);
+        let mut k = 0;
+        while k < udp.len() {
+            let end = k + segment_run(transmits, &udp[k..]);
+            let run = &udp[k..end];
+            let first = &transmits[run[0]];
+            let segmented = run.len() > 1
+                && self.gso
+                && match udp_batch::send_segments(
+                    &self.listen,
+                    &run.iter()
+                        .map(|i| &bytes[transmits[*i].span.clone()])
+                        .collect::<Vec<_>>(),
+                    first.span.len() as u16,
+                    first.to,
+                ) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // No GSO here (old kernel, a device without
+                        // checksum offload): never again. A full buffer:
+                        // the batch below waits for room.
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
+                            self.gso = false;
+                        }
+                        false
+                    }
+                };
+            for i in run {
+                if segmented {
+                    if let Some(c) = &transmits[*i].credit {
+                        c.bill();
+                    }
+                } else {
+                    list.push((&bytes[transmits[*i].span.clone()], transmits[*i].to));
+                    which.push(*i);
+                }
             }
+            k = end;
         }
         if !list.is_empty() {
             udp_batch::send_each(&self.listen, &list, |i, ok| {
@@ -345,6 +387,32 @@ fn settle(c: &Credit, ok: bool, why: Undelivered, d: &Discards) {
     }
 }
 
+/// Largest payload of one segmented send.
+const GSO_MAX: usize = 65_000;
+
+/// How many of `order` (indices into `transmits`, grouped by
+/// destination) can go as one segmented send: same destination, all the
+/// size of the first but the last, which may be shorter.
+fn segment_run(transmits: &[crate::core::Transmit], order: &[usize]) -> usize {
+    let first = &transmits[order[0]];
+    let size = first.span.len();
+    let mut total = size;
+    let mut n = 1;
+    for i in &order[1..] {
+        let t = &transmits[*i];
+        let len = t.span.len();
+        if t.to != first.to || len > size || total + len > GSO_MAX || n == udp_batch::MAX_SEGMENTS {
+            break;
+        }
+        total += len;
+        n += 1;
+        if len < size {
+            break;
+        }
+    }
+    n
+}
+
 /// Binds a relay socket (non-blocking) at `addr`.
 fn bind_relay(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
     let socket = UdpSocket::bind(addr)?;
@@ -410,6 +478,7 @@ pub(crate) fn spawn(
                 relays: Vec::new(),
                 opening: HashMap::new(),
                 streams: HashMap::new(),
+                gso: true,
             },
             control,
             data,
@@ -707,5 +776,44 @@ impl Shard {
             self.bell.ring();
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Transmit;
+
+    fn transmit(to: &str, len: usize) -> Transmit {
+        Transmit {
+            via: Via::Client(Transport::Udp),
+            to: to.parse().expect("addr"),
+            span: 0..len,
+            credit: None,
+        }
+    }
+
+    /// Runs for a segmented send: one destination, equal sizes, a shorter
+    /// last one allowed, at most MAX_SEGMENTS.
+    #[test]
+    fn segment_runs() {
+        let a = "192.0.2.1:1";
+        let t = vec![
+            transmit(a, 100),
+            transmit(a, 100),
+            transmit(a, 40),
+            transmit(a, 100),
+            transmit("192.0.2.2:1", 100),
+        ];
+        assert_eq!(
+            segment_run(&t, &[0, 1, 2, 3, 4]),
+            3,
+            "ends after the short one"
+        );
+        assert_eq!(segment_run(&t, &[3, 4]), 1, "another destination");
+        assert_eq!(segment_run(&t, &[2, 3]), 1, "larger than the first");
+        let many: Vec<Transmit> = (0..100).map(|_| transmit(a, 10)).collect();
+        let order: Vec<usize> = (0..100).collect();
+        assert_eq!(segment_run(&many, &order), udp_batch::MAX_SEGMENTS);
     }
 }
