@@ -15,13 +15,19 @@
 #   scripts/bench-turn.sh            (all scenarios)
 #   SCENARIOS="a p" scripts/bench-turn.sh
 #   REPEAT=1 SCENARIOS=bind scripts/bench-turn.sh
+#   BEFORE=/path/to/older/floe scripts/bench-turn.sh
+#
+# BEFORE adds an older floe binary to every round ("before", and
+# "before-kernel" with --kernel-hairpin), for a before/after table from
+# one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIOS="${SCENARIOS:-a b p r storm bind}"
-# The storm and the flood take seconds and swing by a third from run to
-# run on a shared 2-core box; they run this many times, servers taking
-# turns, and the table shows the median.
+# Figures swing by a third from run to run on a shared 2-core box: every
+# scenario runs this many times, servers taking turns within each round,
+# and the table shows the medians.
 REPEAT="${REPEAT:-5}"
+BEFORE="${BEFORE:-}"
 
 command -v turnserver >/dev/null || { echo "coturn is not installed (apt-get install coturn)" >&2; exit 1; }
 source scripts/bench-lib.sh
@@ -46,10 +52,11 @@ start_server() { # kind port
         --total-quota 0 --user-quota 0 --log-file "$work/coturn.log" --simple-log \
         --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
       ;;
-    floe|floe-kernel)
-      local hairpin=""
-      [ "$1" = floe-kernel ] && hairpin="--kernel-hairpin"
-      FLOE_LOG=warn "$floe" turn $hairpin --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
+    floe|floe-kernel|before|before-kernel)
+      local hairpin="" bin="$floe"
+      case "$1" in *-kernel) hairpin="--kernel-hairpin" ;; esac
+      case "$1" in before*) bin="$BEFORE" ;; esac
+      FLOE_LOG=warn "$bin" turn $hairpin --listen "127.0.0.1:$2" --http-listen "127.0.0.1:$(free_port)" \
         --turn-secrets "k1=$SECRET" --allow-peer 127.0.0.0/8 --relay-ip 127.0.0.1 \
         --relay-port-min 30000 --relay-port-max 39999 --max-allocations 100000 \
         --auth-failures-per-min 100000 2>>"$work/$1.log" &
@@ -100,8 +107,13 @@ sent = int(last(r"tot_send_msgs=(\d+)") or 0)
 recv = int(last(r"tot_recv_msgs=(\d+)") or 0)
 lost = last(r"Total lost packets (\d+) \(([\d.]+)%\)")
 loss_pct = float(lost[1]) if lost else (100.0 * (sent - recv) / sent if sent else 100.0)
+if sent == 0:
+    # The client never got going (it happens now and then on a busy box):
+    # no figure rather than a 100% loss in the medians.
+    print(f"{scenario}\t{kind}\tfailed_runs\t1")
+    sys.exit(0)
 cpu_us = (after - before) * 10_000  # 100 ticks per second
-per_msg = cpu_us / sent if sent else float("nan")
+per_msg = cpu_us / sent
 print(f"{scenario}\t{kind}\tcpu_per_msg_us\t{per_msg:.2f}")
 print(f"{scenario}\t{kind}\tloss_pct\t{loss_pct:.3f}")
 print(f"{scenario}\t{kind}\tpeak_rss_mib\t{peak/1024:.1f}")
@@ -140,10 +152,13 @@ for s in $SCENARIOS; do
   # floe-kernel: the uclient pairs relay between two allocations of one
   # server, which floe hands over in memory; --kernel-hairpin sends them
   # through the kernel as coturn does, i.e. the cost with a remote peer.
-  kinds="coturn floe" repeat=$REPEAT
-  case "$s" in a|b|p) kinds="coturn floe floe-kernel" repeat=1 ;; r) repeat=1 ;; esac
-  for round in $(seq "$repeat"); do
-    if [ "$repeat" -gt 1 ]; then echo "-- round $round of $repeat"; fi
+  kinds="coturn floe"
+  case "$s" in a|b|p) kinds="coturn floe floe-kernel" ;; esac
+  if [ -n "$BEFORE" ]; then
+    case "$s" in a|b|p) kinds="$kinds before before-kernel" ;; *) kinds="$kinds before" ;; esac
+  fi
+  for round in $(seq "$REPEAT"); do
+    if [ "$REPEAT" -gt 1 ]; then echo "-- $s: round $round of $REPEAT"; fi
     for kind in $kinds; do
     case "$s" in
       a) echo "== (a) $kind: 50 clients x 1000 x 120 B, unpaced"; uclient_run a "$kind" 50 1000 120 0 ;;
@@ -160,24 +175,33 @@ for s in $SCENARIOS; do
   done
 done
 
+if [ -n "${RESULTS:-}" ]; then cp "$results" "$RESULTS"; fi
 python3 - "$results" "$REPEAT" <<'PY'
 import sys, collections, statistics
 runs = collections.defaultdict(lambda: collections.defaultdict(list))
 for line in open(sys.argv[1]):
     s, kind, metric, value = line.rstrip("\n").split("\t")
     runs[(s, metric)][kind].append(float(value))
-rows = {k: {kind: statistics.median(v) for kind, v in kinds.items()} for k, kinds in runs.items()}
+rows = {k: {kind: (sum(v) if k[1] == "failed_runs" else statistics.median(v)) for kind, v in kinds.items()} for k, kinds in runs.items()}
 names = {"a": "(a) 50x1000x120B", "b": "(b) 200x500x1000B burst", "p": "(p) 200x500x160B/20ms",
          "r": "(r) remote peer 160B/20ms",
          "storm": "allocation storm", "bind": "binding flood"}
 nan = float("nan")
-print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12} {'floe-kernel':>12} {'ratio':>8}")
+before = any("before" in kinds for kinds in rows.values())
+extra = f" {'before':>10} {'ratio':>8} {'before-kernel':>14} {'ratio':>8}" if before else ""
+print(f"\n{'scenario':<26} {'metric':<16} {'coturn':>10} {'floe':>10} {'floe/coturn':>12} {'floe-kernel':>12} {'ratio':>8}{extra}")
 for (s, metric), v in sorted(rows.items(), key=lambda kv: (list(names).index(kv[0][0]), kv[0][1])):
-    c, f, k = v.get("coturn", nan), v.get("floe", nan), v.get("floe-kernel", nan)
+    c = v.get("coturn", nan)
     ratio = lambda x: x / c if c else nan
-    kernel = f"{k:>12.2f} {ratio(k):>8.2f}" if k == k else ""
-    print(f"{names[s]:<26} {metric:<16} {c:>10.2f} {f:>10.2f} {ratio(f):>12.2f} {kernel}")
-print(f"storm and flood: median of {sys.argv[2]} runs each")
+    cell = lambda kind, width: f" {v[kind]:>{width}.2f} {ratio(v[kind]):>8.2f}" if kind in v else " " * (width + 10)
+    line = f"{names[s]:<26} {metric:<16} {c:>10.2f} {v.get('floe', nan):>10.2f} {ratio(v.get('floe', nan)):>12.2f}"
+    line += cell("floe-kernel", 12)
+    if before:
+        line += cell("before", 10) + cell("before-kernel", 14)
+    print(line.rstrip())
+print(f"medians of {sys.argv[2]} rounds; in each round every server runs once, in turn")
 print("floe-kernel: floe with --kernel-hairpin (relay to relay through the kernel, as for a remote peer)")
+if before:
+    print("before: the BEFORE binary (before-kernel: with --kernel-hairpin)")
 print("\ntargets: cpu_per_msg_us ratio <= 0.70, loss 0 where coturn has 0, rate_per_sec ratio >= 1.50")
 PY

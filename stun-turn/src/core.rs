@@ -1658,6 +1658,27 @@ mod tests {
             sent
         }
 
+        /// The 401 round trip: learns a nonce for `c`.
+        fn challenge(&mut self, c: &mut Client) {
+            let raw = build_request(METHOD_ALLOCATE, &udp(), None);
+            let answer = decode(&self.only_answer(0, c.addr, &raw));
+            assert_eq!(error_code(&answer), Some(401));
+            c.nonce = String::from_utf8(answer.get(ATTR_NONCE).expect("nonce")).expect("utf8");
+        }
+
+        /// Feeds a UDP datagram from `from`, leaving the outputs.
+        fn input(&mut self, secs: u64, from: SocketAddr, data: &[u8]) {
+            let now = self.at(secs);
+            self.core.handle(
+                now,
+                Input::Client {
+                    from,
+                    transport: Transport::Udp,
+                    data,
+                },
+            );
+        }
+
         /// Sends an authenticated request (after the 401 round trip the
         /// first time); returns the decoded answer.
         fn request(
@@ -1668,10 +1689,7 @@ mod tests {
             attrs: Vec<Box<dyn Setter>>,
         ) -> Message {
             if c.nonce.is_empty() {
-                let raw = build_request(method, &attrs, None);
-                let answer = decode(&self.only_answer(secs, c.addr, &raw));
-                assert_eq!(error_code(&answer), Some(401));
-                c.nonce = String::from_utf8(answer.get(ATTR_NONCE).expect("nonce")).expect("utf8");
+                self.challenge(c);
             }
             let raw = build_request(method, &attrs, Some(c));
             decode(&self.only_answer(secs, c.addr, &raw))
@@ -1687,14 +1705,7 @@ mod tests {
 
         /// Allocates for `c`; returns the relayed address.
         fn allocate(&mut self, secs: u64, c: &mut Client) -> SocketAddr {
-            let answer = self.request(
-                secs,
-                c,
-                METHOD_ALLOCATE,
-                vec![Box::new(turn::proto::reqtrans::RequestedTransport {
-                    protocol: turn::proto::PROTO_UDP,
-                })],
-            );
+            let answer = self.request(secs, c, METHOD_ALLOCATE, udp());
             assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE, "{answer}");
             let mut relayed = RelayedAddress::default();
             relayed.get_from(&answer).expect("relayed");
@@ -1720,6 +1731,13 @@ mod tests {
             );
             assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE, "{answer}");
         }
+    }
+
+    /// REQUESTED-TRANSPORT UDP, the attribute every Allocate here carries.
+    fn udp() -> Vec<Box<dyn Setter>> {
+        vec![Box::new(turn::proto::reqtrans::RequestedTransport {
+            protocol: turn::proto::PROTO_UDP,
+        })]
     }
 
     fn peer_attr(peer: SocketAddr) -> PeerAddress {
@@ -1872,31 +1890,10 @@ mod tests {
     fn relay_ports_are_retried_then_refused() {
         let mut h = harness(settings(), Some(Policy::default()));
         let mut c = h.client(5000, "t");
-        let raw = build_request(
-            METHOD_ALLOCATE,
-            &[Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-            None,
-        );
-        let answer = decode(&h.only_answer(0, c.addr, &raw));
-        c.nonce = String::from_utf8(answer.get(ATTR_NONCE).expect("nonce")).expect("utf8");
-        let raw = build_request(
-            METHOD_ALLOCATE,
-            &[Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-            Some(&c),
-        );
+        h.challenge(&mut c);
+        let raw = build_request(METHOD_ALLOCATE, &udp(), Some(&c));
         // Only 40005 is free.
-        h.core.handle(
-            h.at(0),
-            Input::Client {
-                from: c.addr,
-                transport: Transport::Udp,
-                data: &raw,
-            },
-        );
+        h.input(0, c.addr, &raw);
         let events = h.bind_all(h.at(0), |p| p == 40_005);
         let tried = events
             .iter()
@@ -1913,21 +1910,8 @@ mod tests {
         let mut d = h.client(5001, "t");
         d.nonce = c.nonce.clone();
         d.addr = SocketAddr::new(c.addr.ip(), 5001);
-        let raw = build_request(
-            METHOD_ALLOCATE,
-            &[Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-            Some(&d),
-        );
-        h.core.handle(
-            h.at(0),
-            Input::Client {
-                from: d.addr,
-                transport: Transport::Udp,
-                data: &raw,
-            },
-        );
+        let raw = build_request(METHOD_ALLOCATE, &udp(), Some(&d));
+        h.input(0, d.addr, &raw);
         let events = h.bind_all(h.at(0), |_| false);
         assert_eq!(events.len(), 10);
         assert_eq!(error_code(&decode(&h.take()[0].2)), Some(508));
@@ -1944,30 +1928,9 @@ mod tests {
     fn a_cut_off_during_an_allocate_refuses_it() {
         let mut h = harness(settings(), Some(Policy::default()));
         let mut c = h.client(5000, "t");
-        let raw = build_request(
-            METHOD_ALLOCATE,
-            &[Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-            None,
-        );
-        let answer = decode(&h.only_answer(0, c.addr, &raw));
-        c.nonce = String::from_utf8(answer.get(ATTR_NONCE).expect("nonce")).expect("utf8");
-        let raw = build_request(
-            METHOD_ALLOCATE,
-            &[Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-            Some(&c),
-        );
-        h.core.handle(
-            h.at(0),
-            Input::Client {
-                from: c.addr,
-                transport: Transport::Udp,
-                data: &raw,
-            },
-        );
+        h.challenge(&mut c);
+        let raw = build_request(METHOD_ALLOCATE, &udp(), Some(&c));
+        h.input(0, c.addr, &raw);
         let Some(Event::Bind { open, addr }) = h.core.outputs().events.pop_front() else {
             panic!("a Bind first");
         };
@@ -2004,14 +1967,7 @@ mod tests {
     fn without_enforcement_state_allocations_are_refused() {
         let mut h = harness(settings(), None);
         let mut c = h.client(5000, "t");
-        let answer = h.request(
-            0,
-            &mut c,
-            METHOD_ALLOCATE,
-            vec![Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-        );
+        let answer = h.request(0, &mut c, METHOD_ALLOCATE, udp());
         assert_eq!(error_code(&answer), Some(508));
         h.core
             .handle(h.at(0), Input::Policy(Arc::new(cut_off("someone-else"))));
@@ -2102,14 +2058,7 @@ mod tests {
         let mut a = h.client(5000, "t");
         let mut b = h.client(5001, "t");
         h.allocate(0, &mut a);
-        let answer = h.request(
-            0,
-            &mut b,
-            METHOD_ALLOCATE,
-            vec![Box::new(turn::proto::reqtrans::RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })],
-        );
+        let answer = h.request(0, &mut b, METHOD_ALLOCATE, udp());
         assert_eq!(error_code(&answer), Some(486));
         h.core.handle(
             h.at(1),
@@ -2238,14 +2187,7 @@ mod tests {
         let mut c = h.client(5000, "t");
         h.allocate(0, &mut c);
         h.bind_channel(0, &mut c, 0x4000, peer());
-        h.core.handle(
-            h.at(1),
-            Input::Client {
-                from: c.addr,
-                transport: Transport::Udp,
-                data: &channel_data(0x4000, &[0; 7]),
-            },
-        );
+        h.input(1, c.addr, &channel_data(0x4000, &[0; 7]));
         h.core.handle(
             h.at(1),
             Input::Disconnected {

@@ -423,16 +423,59 @@ fn bind_relay(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
 /// Every shard's handle, set once all are spawned.
 type Peers = Arc<OnceLock<Vec<ShardHandle>>>;
 
-/// One shard: its core, sockets and inbox.
-struct Shard {
+/// A shard's core with what it acts through: its sockets, the other
+/// shards, its metrics.
+struct Engine {
     core: Core,
     io: Io,
-    control: std::sync::mpsc::Receiver<Control>,
-    data: mpsc::Receiver<Data>,
-    bell: Arc<Bell>,
     peers: Peers,
     shared: Arc<Shared>,
     discards: Discards,
+}
+
+impl Engine {
+    /// Carries out the core's socket work.
+    fn events(&mut self, now: Now) {
+        self.io
+            .events(&mut self.core, now, &self.peers, &self.discards);
+    }
+
+    /// Sends what the core left.
+    fn flush(&mut self) {
+        self.io.flush(&mut self.core, &self.peers, &self.discards);
+    }
+
+    /// Feeds one client datagram or frame, timing requests.
+    fn client(&mut self, now: Now, from: SocketAddr, transport: Transport, data: &[u8]) {
+        let input = Input::Client {
+            from,
+            transport,
+            data,
+        };
+        // ChannelData (first two bits 01) is never a request: not timed.
+        if data.first().is_some_and(|b| b & 0xC0 == 0x40) {
+            self.core.handle(now, input);
+            return;
+        }
+        let started = Instant::now();
+        let method = self.core.handle(now, input);
+        self.events(now);
+        if let Some(method) = method {
+            self.shared
+                .metrics
+                .request_seconds
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// One shard: its engine, receive buffers and inbox.
+struct Shard {
+    e: Engine,
+    control: std::sync::mpsc::Receiver<Control>,
+    data: mpsc::Receiver<Data>,
+    bell: Arc<Bell>,
     recv: RecvBatch,
     relay_recv: [RecvBatch; 2],
 }
@@ -463,35 +506,37 @@ pub(crate) fn spawn(
         let (data_tx, data) = mpsc::channel(INBOX);
         let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
         let shard = Shard {
-            core: Core::new(
-                id,
-                shared.clone(),
-                secrets.clone(),
-                policy.clone(),
-                Instant::now(),
-            ),
-            io: Io {
-                poll,
-                listen,
-                local,
-                discovery: discovery.clone(),
-                relays: Vec::new(),
-                opening: HashMap::new(),
-                streams: HashMap::new(),
-                gso: true,
+            e: Engine {
+                core: Core::new(
+                    id,
+                    shared.clone(),
+                    secrets.clone(),
+                    policy.clone(),
+                    Instant::now(),
+                ),
+                io: Io {
+                    poll,
+                    listen,
+                    local,
+                    discovery: discovery.clone(),
+                    relays: Vec::new(),
+                    opening: HashMap::new(),
+                    streams: HashMap::new(),
+                    gso: true,
+                },
+                peers: peers.clone(),
+                shared: shared.clone(),
+                discards: Discards {
+                    send_failed: Discard::new(m, "send_failed"),
+                    client_send_failed: Discard::new(m, Undelivered::SendFailed.reason()),
+                    client_slow: Discard::new(m, Undelivered::Slow.reason()),
+                    client_gone: Discard::new(m, Undelivered::Gone.reason()),
+                    answer_dropped: m.discarded.with_label_values(&["answer_dropped"]),
+                },
             },
             control,
             data,
             bell: bell.clone(),
-            peers: peers.clone(),
-            shared: shared.clone(),
-            discards: Discards {
-                send_failed: Discard::new(m, "send_failed"),
-                client_send_failed: Discard::new(m, Undelivered::SendFailed.reason()),
-                client_slow: Discard::new(m, Undelivered::Slow.reason()),
-                client_gone: Discard::new(m, Undelivered::Gone.reason()),
-                answer_dropped: m.discarded.with_label_values(&["answer_dropped"]),
-            },
             recv: RecvBatch::new(local, MAX_FRAME),
             relay_recv: [
                 any(std::net::Ipv4Addr::UNSPECIFIED.into()),
@@ -528,10 +573,11 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         loop {
             let wait = self
+                .e
                 .core
                 .timeout()
                 .saturating_duration_since(Instant::now());
-            if let Err(e) = self.io.poll.poll(&mut events, Some(wait)) {
+            if let Err(e) = self.e.io.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -551,70 +597,11 @@ impl Shard {
                     Token(t) => self.read_relay(t - RELAY, now),
                 }
             }
-            if now.at >= self.core.timeout() {
-                self.core.handle(now, Input::Timer);
-                self.io
-                    .events(&mut self.core, now, &self.peers, &self.discards);
+            if now.at >= self.e.core.timeout() {
+                self.e.core.handle(now, Input::Timer);
+                self.e.events(now);
             }
-            self.io.flush(&mut self.core, &self.peers, &self.discards);
-        }
-    }
-
-    /// Feeds one client datagram or frame, timing requests.
-    fn client(&mut self, now: Now, from: SocketAddr, transport: Transport, data: &[u8]) {
-        Self::feed(
-            &mut self.core,
-            &mut self.io,
-            &self.shared,
-            &self.peers,
-            &self.discards,
-            now,
-            from,
-            transport,
-            data,
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn feed(
-        core: &mut Core,
-        io: &mut Io,
-        shared: &Shared,
-        peers: &Peers,
-        d: &Discards,
-        now: Now,
-        from: SocketAddr,
-        transport: Transport,
-        data: &[u8],
-    ) {
-        // ChannelData (first two bits 01) is never a request: not timed.
-        if data.first().is_some_and(|b| b & 0xC0 == 0x40) {
-            core.handle(
-                now,
-                Input::Client {
-                    from,
-                    transport,
-                    data,
-                },
-            );
-            return;
-        }
-        let started = Instant::now();
-        let method = core.handle(
-            now,
-            Input::Client {
-                from,
-                transport,
-                data,
-            },
-        );
-        io.events(core, now, peers, d);
-        if let Some(method) = method {
-            shared
-                .metrics
-                .request_seconds
-                .with_label_values(&[method])
-                .observe(started.elapsed().as_secs_f64());
+            self.e.flush();
         }
     }
 
@@ -622,7 +609,7 @@ impl Shard {
     /// full batch.
     fn read_listen(&mut self, now: Now) {
         loop {
-            let n = match self.recv.try_recv(&self.io.listen) {
+            let n = match self.recv.try_recv(&self.e.io.listen) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -635,28 +622,18 @@ impl Shard {
                 let (buf, len, from) = self.recv.get_mut(i);
                 let Some(from) = from else { continue };
                 let data = &buf[..len];
-                if let Some(d) = &self.io.discovery
+                if let Some(d) = &self.e.io.discovery
                     && binding::is_binding_request(data)
                 {
-                    if let Some(reply) = behavior::answer(&d.addrs, data, self.io.local, from) {
-                        self.core.count_binding_answer(Transport::Udp);
+                    if let Some(reply) = behavior::answer(&d.addrs, data, self.e.io.local, from) {
+                        self.e.core.count_binding_answer(Transport::Udp);
                         d.send(&reply);
                     }
                     continue;
                 }
-                Self::feed(
-                    &mut self.core,
-                    &mut self.io,
-                    &self.shared,
-                    &self.peers,
-                    &self.discards,
-                    now,
-                    from,
-                    Transport::Udp,
-                    data,
-                );
+                self.e.client(now, from, Transport::Udp, data);
             }
-            self.io.flush(&mut self.core, &self.peers, &self.discards);
+            self.e.flush();
             // The kernel signals every datagram that arrives after this
             // read, so a short batch means the queue was empty.
             if n < udp_batch::BATCH {
@@ -668,7 +645,7 @@ impl Shard {
     /// Reads allocation `key`'s relay socket until it is empty.
     fn read_relay(&mut self, key: usize, now: Now) {
         loop {
-            let Some((socket, v6)) = self.io.relays.get(key).and_then(Option::as_ref) else {
+            let Some((socket, v6)) = self.e.io.relays.get(key).and_then(Option::as_ref) else {
                 return;
             };
             let batch = &mut self.relay_recv[usize::from(*v6)];
@@ -680,7 +657,7 @@ impl Shard {
             };
             for i in 0..n {
                 if let (buf, len, Some(from)) = batch.get_mut(i) {
-                    self.core.handle(
+                    self.e.core.handle(
                         now,
                         Input::Peer {
                             relay: key,
@@ -693,7 +670,7 @@ impl Shard {
             if n < udp_batch::BATCH {
                 return;
             }
-            self.io.flush(&mut self.core, &self.peers, &self.discards);
+            self.e.flush();
         }
     }
 
@@ -702,25 +679,24 @@ impl Shard {
         while let Ok(c) = self.control.try_recv() {
             let done = match c {
                 Control::Policy(p) => {
-                    self.core.handle(now, Input::Policy(p));
+                    self.e.core.handle(now, Input::Policy(p));
                     None
                 }
                 Control::Secrets(s) => {
-                    self.core.handle(now, Input::Secrets(s));
+                    self.e.core.handle(now, Input::Secrets(s));
                     None
                 }
                 Control::Collect(done) => {
-                    self.core.handle(now, Input::Collect);
+                    self.e.core.handle(now, Input::Collect);
                     Some(done)
                 }
                 Control::CloseAll(done) => {
-                    self.core.handle(now, Input::CloseAll);
+                    self.e.core.handle(now, Input::CloseAll);
                     Some(done)
                 }
                 Control::Stop => return false,
             };
-            self.io
-                .events(&mut self.core, now, &self.peers, &self.discards);
+            self.e.events(now);
             if let Some(done) = done {
                 let _ = done.send(());
             }
@@ -734,7 +710,7 @@ impl Shard {
                     transport,
                     writer,
                 } => {
-                    self.io.streams.insert((from, transport), writer);
+                    self.e.io.streams.insert((from, transport), writer);
                 }
                 Data::Frames {
                     from,
@@ -746,20 +722,20 @@ impl Shard {
                         let len = match f {
                             Frame::Stun { len } | Frame::ChannelData { len, .. } => len,
                         };
-                        self.client(now, from, transport, &bytes[at..at + len]);
+                        self.e.client(now, from, transport, &bytes[at..at + len]);
                         at += len;
                     }
                 }
                 Data::Disconnected { from, transport } => {
-                    self.io.streams.remove(&(from, transport));
-                    self.core
+                    self.e.io.streams.remove(&(from, transport));
+                    self.e
+                        .core
                         .handle(now, Input::Disconnected { from, transport });
-                    self.io
-                        .events(&mut self.core, now, &self.peers, &self.discards);
+                    self.e.events(now);
                 }
                 Data::Handoff(h) => {
                     for (from, to, span) in &h.items {
-                        self.core.handle(
+                        self.e.core.handle(
                             now,
                             Input::Hairpin {
                                 from: *from,
