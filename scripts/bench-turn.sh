@@ -17,9 +17,9 @@
 #   REPEAT=1 SCENARIOS=bind scripts/bench-turn.sh
 #   BEFORE=/path/to/older/floe scripts/bench-turn.sh
 #
-# BEFORE adds an older floe binary to every round ("before", and
-# "before-kernel" with --kernel-hairpin), for a before/after table from
-# one run.
+# BEFORE adds an older floe binary on the kernel path to every round
+# ("before-kernel" in (a), (b), (p); "before" in the others), for a
+# before/after table from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIOS="${SCENARIOS:-a b p r storm bind}"
@@ -155,7 +155,7 @@ for s in $SCENARIOS; do
   kinds="coturn floe"
   case "$s" in a|b|p) kinds="coturn floe floe-kernel" ;; esac
   if [ -n "$BEFORE" ]; then
-    case "$s" in a|b|p) kinds="$kinds before before-kernel" ;; *) kinds="$kinds before" ;; esac
+    case "$s" in a|b|p) kinds="$kinds before-kernel" ;; *) kinds="$kinds before" ;; esac
   fi
   for round in $(seq "$REPEAT"); do
     if [ "$REPEAT" -gt 1 ]; then echo "-- $s: round $round of $REPEAT"; fi

@@ -38,7 +38,9 @@ pub struct Config {
     #[arg(long, env = "FLOE_ALT_PORT", requires = "alt_ip")]
     pub alt_port: Option<u16>,
 
-    /// UDP sockets (SO_REUSEPORT) serving the listen address; 0: one per core.
+    /// Shards: each a thread with its own UDP socket on the listen address
+    /// (SO_REUSEPORT), serving the allocations of the clients the kernel
+    /// hashes to it; 0: one per core.
     #[arg(long, env = "FLOE_UDP_SOCKETS", default_value_t = 0)]
     pub udp_sockets: usize,
 

@@ -78,7 +78,8 @@ pub(crate) fn bind_all(
     sockets: usize,
 ) -> std::io::Result<(Vec<std::net::UdpSocket>, TcpListener)> {
     let sockets = match sockets {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // One shard per core, as many as `--udp-sockets` allows.
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
         n => n,
     };
     let mut last_err = None;
