@@ -284,7 +284,7 @@ impl Io {
         if !list.is_empty() {
             udp_batch::send_each(&self.listen, &list, |i, ok| {
                 if let Some(c) = &transmits[which[i]].credit {
-                    settle(c, ok, Undelivered::SendFailed, d);
+                    settle(c, ok, d);
                 }
             });
         }
@@ -318,7 +318,7 @@ impl Io {
                     };
                     udp_batch::send_each(socket, list, |j, ok| {
                         if let Some(c) = &group[j].credit {
-                            settle(c, ok, Undelivered::SendFailed, d);
+                            settle(c, ok, d);
                         }
                     });
                 }
@@ -372,18 +372,20 @@ impl Io {
                 .and_then(|p| p.get(shard))
                 .is_some_and(|p| p.try_data(Data::Handoff(h)));
             for c in &credits {
-                settle(c, ok, Undelivered::SendFailed, d);
+                settle(c, ok, d);
             }
         }
         out.clear();
     }
 }
 
-fn settle(c: &Credit, ok: bool, why: Undelivered, d: &Discards) {
+/// Bills a datagram's relayed payload if the kernel (or the queue) took
+/// it, else counts it as not sent.
+fn settle(c: &Credit, ok: bool, d: &Discards) {
     if ok {
         c.bill();
     } else {
-        d.lost(c, why);
+        d.lost(c, Undelivered::SendFailed);
     }
 }
 
