@@ -277,17 +277,28 @@ pub async fn send_segmented(socket: &UdpSocket, data: &[u8], segment: u16) -> st
     }
     socket
         .async_io(Interest::WRITABLE, || {
-            sendmsg::<SockaddrStorage>(
-                socket.as_raw_fd(),
-                &[IoSlice::new(data)],
-                &[ControlMessage::UdpGsoSegments(&segment)],
-                MsgFlags::MSG_DONTWAIT,
-                None,
-            )
-            .map_err(io_error)
+            sendmsg_segmented(socket, &[IoSlice::new(data)], segment, None)
         })
         .await
-        .map(|_| ())
+}
+
+/// One `sendmsg` of `iov` cut into datagrams of `segment` bytes
+/// (`UDP_SEGMENT`), to `to` or the connected peer, without waiting.
+fn sendmsg_segmented(
+    socket: &impl AsRawFd,
+    iov: &[IoSlice<'_>],
+    segment: u16,
+    to: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    sendmsg(
+        socket.as_raw_fd(),
+        iov,
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::MSG_DONTWAIT,
+        to.map(SockaddrStorage::from).as_ref(),
+    )
+    .map(|_| ())
+    .map_err(io_error)
 }
 
 /// Sends `parts` (each `segment` bytes but the last, which may be
@@ -305,15 +316,7 @@ pub fn send_segments(
         return Err(std::io::ErrorKind::InvalidInput.into());
     }
     let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    sendmsg(
-        socket.as_raw_fd(),
-        &iov,
-        &[ControlMessage::UdpGsoSegments(&segment)],
-        MsgFlags::MSG_DONTWAIT,
-        Some(&SockaddrStorage::from(to)),
-    )
-    .map(|_| ())
-    .map_err(io_error)
+    sendmsg_segmented(socket, &iov, segment, Some(to))
 }
 
 #[cfg(test)]
@@ -364,15 +367,22 @@ mod tests {
         );
     }
 
-    /// The synchronous sender: more than a batch, each one's fate told in
-    /// order, all received.
-    #[test]
-    fn send_each_reports_every_datagram() {
+    /// A receiving and a sending plain socket on loopback; receives wait
+    /// at most 5 s.
+    fn std_pair() -> (std::net::UdpSocket, std::net::UdpSocket) {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         server
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .expect("timeout");
+        (server, client)
+    }
+
+    /// The synchronous sender: more than a batch, each one's fate told in
+    /// order, all received.
+    #[test]
+    fn send_each_reports_every_datagram() {
+        let (server, client) = std_pair();
         let to = server.local_addr().expect("addr");
         let payloads: Vec<Vec<u8>> = (0..BATCH * 2 + 3).map(|i| vec![i as u8; 1 + i]).collect();
         let datagrams: Vec<(&[u8], SocketAddr)> =
@@ -391,11 +401,7 @@ mod tests {
     /// Parts sent as one segmented send arrive as separate datagrams.
     #[test]
     fn segments_to_an_address_arrive_apart() {
-        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        server
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .expect("timeout");
+        let (server, client) = std_pair();
         let parts: Vec<Vec<u8>> = (0..5u8)
             .map(|i| vec![i; if i == 4 { 3 } else { 10 }])
             .collect();

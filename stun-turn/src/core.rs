@@ -297,7 +297,8 @@ impl Shared {
         }
     }
 
-    /// The next relay port to try on `ip`.
+    /// The next relay port to try (an even one for EVEN-PORT; `None` when
+    /// the turn fell on the range's odd last port).
     fn next_port(&self, even: bool) -> Option<u16> {
         let (lo, hi) = self.settings.relay_ports;
         let span = usize::from(hi - lo) + 1;
@@ -485,7 +486,7 @@ impl Core {
                 Some(&b) => self.relay_to_client(b, from, data, now.at),
                 None => self.hot.no_allocation.inc(),
             },
-            Input::Bound { open, local } => return self.bound(now, open, local),
+            Input::Bound { open, local } => self.bound(now, open, local),
             Input::Timer => self.sweep(now.at),
             Input::Policy(p) => self.apply_policy(p),
             Input::Secrets(s) => self.secrets = Some(s),
@@ -985,12 +986,14 @@ impl Core {
     }
 
     /// The driver bound (or could not bind) a relay socket for `open`.
-    fn bound(&mut self, now: Now, open: u64, local: Option<SocketAddr>) -> Option<&'static str> {
+    fn bound(&mut self, now: Now, open: u64, local: Option<SocketAddr>) {
         let Some(local) = local else {
             self.try_port(now, open);
-            return None;
+            return;
         };
-        let o = self.opening.remove(&open)?;
+        let Some(o) = self.opening.remove(&open) else {
+            return;
+        };
         // The policy may have changed while the socket was bound.
         let result = match self.admit(&o.user) {
             Err(f) => {
@@ -1035,7 +1038,6 @@ impl Core {
             }
         };
         self.finish_allocate(now, &o, result);
-        Some("allocate")
     }
 
     fn finish_allocate(

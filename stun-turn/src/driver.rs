@@ -84,7 +84,6 @@ pub(crate) struct Handoff {
     bytes: Vec<u8>,
     /// (from relayed address, to relayed address, bytes).
     items: Vec<(SocketAddr, SocketAddr, std::ops::Range<usize>)>,
-    credits: Vec<Credit>,
 }
 
 /// Wakes a shard's loop; rings once however many messages wait.
@@ -330,7 +329,8 @@ impl Io {
             i = end;
         }
         // Stream clients and other shards.
-        let mut handoffs: HashMap<usize, Handoff> = HashMap::new();
+        // Per shard: the hand-over, and the credits it settles once queued.
+        let mut handoffs: HashMap<usize, (Handoff, Vec<Credit>)> = HashMap::new();
         for t in transmits.iter_mut() {
             match t.via {
                 Via::Client(Transport::Udp) | Via::Relay(_) => {}
@@ -357,16 +357,15 @@ impl Io {
                     }
                 }
                 Via::Shard { shard, from } => {
-                    let h = handoffs.entry(shard).or_default();
+                    let (h, credits) = handoffs.entry(shard).or_default();
                     let start = h.bytes.len();
                     h.bytes.extend_from_slice(&bytes[t.span.clone()]);
                     h.items.push((from, t.to, start..h.bytes.len()));
-                    h.credits.extend(t.credit.take());
+                    credits.extend(t.credit.take());
                 }
             }
         }
-        for (shard, mut h) in handoffs {
-            let credits = std::mem::take(&mut h.credits);
+        for (shard, (h, credits)) in handoffs {
             let ok = peers
                 .get()
                 .and_then(|p| p.get(shard))
