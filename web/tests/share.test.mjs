@@ -7,7 +7,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { networkInterfaces, tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -25,7 +25,7 @@ const noNetwork =
   interfaces.length === 0 &&
   "this host has no network interface but loopback, and Chromium gathers no ICE candidates there: WebRTC cannot connect";
 
-let dev, browser, file, sha256;
+let dev, browser, dir, file, sha256;
 before(async () => {
   if (noNetwork) return;
   dev = await floeDev();
@@ -35,13 +35,15 @@ before(async () => {
   });
   mkdirSync(outDir, { recursive: true });
   const data = randomBytes(SIZE);
-  file = join(mkdirSync(join(tmpdir(), `floe-share-${process.pid}`), { recursive: true }) ?? tmpdir(), "random.bin");
+  dir = mkdtempSync(join(tmpdir(), "floe-share-"));
+  file = join(dir, "random.bin");
   writeFileSync(file, data);
   sha256 = createHash("sha256").update(data).digest("hex");
 });
 after(async () => {
   await browser?.close();
   await dev?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 async function page(path = "/") {
