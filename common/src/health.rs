@@ -3,7 +3,9 @@
 //! A component registers one named [`Check`] per dependency (Redis, the
 //! control plane, "not draining") and flips it from the task that knows.
 //! `/readyz` is 200 only while every check passes; `/healthz` is 200 while
-//! the process serves at all.
+//! every *vital* check passes: a part of the process that died and that
+//! only a restart brings back (a TURN shard's thread), not a dependency
+//! that may come back by itself.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +16,8 @@ use std::sync::{Arc, Mutex};
 pub struct Health {
     component: &'static str,
     checks: Arc<Mutex<BTreeMap<&'static str, Arc<AtomicBool>>>>,
+    /// Names of the checks `/healthz` needs as well.
+    vital: Arc<Mutex<Vec<&'static str>>>,
 }
 
 /// One named readiness condition.
@@ -36,6 +40,7 @@ impl Health {
         Self {
             component,
             checks: Arc::default(),
+            vital: Arc::default(),
         }
     }
 
@@ -52,6 +57,17 @@ impl Health {
         Check(flag.clone())
     }
 
+    /// Registers check `name` as vital: failing, it fails `/healthz`
+    /// (the process should be restarted) as well as `/readyz`.
+    pub fn vital(&self, name: &'static str, ok: bool) -> Check {
+        let check = self.check(name, ok);
+        let mut vital = self.vital.lock().unwrap_or_else(|e| e.into_inner());
+        if !vital.contains(&name) {
+            vital.push(name);
+        }
+        check
+    }
+
     /// Every check and whether it passes.
     pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
         let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
@@ -63,6 +79,16 @@ impl Health {
 
     pub fn ready(&self) -> bool {
         self.snapshot().values().all(|ok| *ok)
+    }
+
+    /// The vital checks that fail (empty while the process is alive).
+    pub fn dead(&self) -> Vec<&'static str> {
+        let vital = self.vital.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let checks = self.snapshot();
+        vital
+            .into_iter()
+            .filter(|name| checks.get(name) == Some(&false))
+            .collect()
     }
 }
 
@@ -85,5 +111,19 @@ mod tests {
         // The same name returns the same flag.
         health.check("serving", true).set(true);
         assert!(health.ready());
+        assert!(health.dead().is_empty(), "no vital check");
+    }
+
+    #[test]
+    fn a_failed_vital_check_fails_liveness_too() {
+        let health = Health::new("test");
+        let redis = health.check("redis", false);
+        let shards = health.vital("shards", true);
+        assert!(health.dead().is_empty(), "a dependency down is not death");
+        redis.set(true);
+        shards.set(false);
+        assert_eq!(health.dead(), vec!["shards"]);
+        assert!(!health.ready());
+        assert_eq!(health.vital("shards", true).get(), false, "same flag");
     }
 }

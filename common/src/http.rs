@@ -175,12 +175,24 @@ pub fn ops_router(registry: Registry, health: Health) -> Router {
 /// probe, where metrics (which name tenants) do not belong.
 pub fn probe_router(health: Health) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(health)
+}
+
+/// 200 `{"status": "ok"}` while the process is alive; 503
+/// `{"status": "dead", "failed": [...]}` once a vital part of it died.
+async fn healthz(State(health): State<Health>) -> Response {
+    let dead = health.dead();
+    if dead.is_empty() {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "dead", "failed": dead})),
+        )
+            .into_response()
+    }
 }
 
 async fn readyz(State(health): State<Health>) -> Response {
@@ -270,6 +282,7 @@ mod tests {
         counter.inc_by(3);
         let health = Health::new("test");
         let dep = health.check("dependency", false);
+        let health_vital = health.vital("worker", true);
         let listener = bind("test", "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("bind");
@@ -315,6 +328,16 @@ mod tests {
             body.contains("floe_health_check{check=\"dependency\",component=\"test\"} 1"),
             "{body}"
         );
+        // A vital part dies: not alive any more, whatever the rest says.
+        health_vital.set(false);
+        let r = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(r.status(), 503);
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["failed"], serde_json::json!(["worker"]));
         let r = client
             .get(format!("{base}/nope"))
             .send()

@@ -53,6 +53,9 @@ pub(crate) enum Control {
     /// Close every allocation; answered when done.
     CloseAll(oneshot::Sender<()>),
     Stop,
+    /// Panics the shard's thread: how tests kill a shard.
+    #[cfg(test)]
+    Crash,
 }
 
 /// Traffic for a shard: stream connections' frames, and datagrams other
@@ -471,8 +474,44 @@ impl Engine {
     }
 }
 
+/// Counts a shard's thread while it runs. Dropped when the thread ends:
+/// by `Stop`, or else (a panic, a failed wait) the server lost a part
+/// only a restart brings back, and liveness says so.
+struct Lifeline {
+    shard: usize,
+    running: prometheus::IntGauge,
+    alive: floe_common::Check,
+    stopped: bool,
+}
+
+impl Lifeline {
+    fn new(shard: usize, running: prometheus::IntGauge, alive: floe_common::Check) -> Self {
+        running.inc();
+        Self {
+            shard,
+            running,
+            alive,
+            stopped: false,
+        }
+    }
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        self.running.dec();
+        if !self.stopped {
+            self.alive.set(false);
+            tracing::error!(
+                shard = self.shard,
+                "TURN shard stopped unasked: its share of UDP clients is no longer served; /healthz fails until a restart"
+            );
+        }
+    }
+}
+
 /// One shard: its engine, receive buffers and inbox.
 struct Shard {
+    lifeline: Lifeline,
     e: Engine,
     control: std::sync::mpsc::Receiver<Control>,
     data: mpsc::Receiver<Data>,
@@ -488,6 +527,7 @@ pub(crate) fn spawn(
     discovery: Option<Arc<Discovery>>,
     secrets: Option<Arc<floe_proto::credential::TurnSecrets>>,
     policy: Option<Arc<Policy>>,
+    alive: &floe_common::Check,
 ) -> std::io::Result<(Vec<ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
     let peers: Peers = Arc::default();
     let (mut handles, mut threads) = (Vec::new(), Vec::new());
@@ -507,6 +547,7 @@ pub(crate) fn spawn(
         let (data_tx, data) = mpsc::channel(INBOX);
         let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
         let shard = Shard {
+            lifeline: Lifeline::new(id, m.shards_running.clone(), alive.clone()),
             e: Engine {
                 core: Core::new(
                     id,
@@ -695,7 +736,12 @@ impl Shard {
                     self.e.core.handle(now, Input::CloseAll);
                     Some(done)
                 }
-                Control::Stop => return false,
+                Control::Stop => {
+                    self.lifeline.stopped = true;
+                    return false;
+                }
+                #[cfg(test)]
+                Control::Crash => panic!("shard {} crashed on purpose", self.lifeline.shard),
             };
             self.e.events(now);
             if let Some(done) = done {

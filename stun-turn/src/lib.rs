@@ -177,7 +177,13 @@ pub async fn start(mut settings: Settings, shutdown: Shutdown) -> Result<TurnSer
         floe_common::http::bind("TURN ops HTTP (--http-listen)", settings.http_listen).await?;
     let http_addr = http.local_addr()?;
     let drain = settings.drain;
-    let turn = Arc::new(turn::Turn::new(settings, metrics.clone(), meter));
+    let shards_alive = health.vital("shards", true);
+    let turn = Arc::new(turn::Turn::new(
+        settings,
+        metrics.clone(),
+        meter,
+        shards_alive,
+    ));
     match &control {
         // Know who is cut off before the first allocation is served.
         Some(c) => report::prime(&turn, c, &control_ok).await,

@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     pub usage_pending: IntGauge,
     pub max_allocations: IntGauge,
     pub relay_ports: IntGauge,
+    pub shards_running: IntGauge,
     pub secrets_reloads: IntCounterVec,
 }
 
@@ -142,6 +143,11 @@ impl Metrics {
                 "Relay ports per relay address (--relay-port-min..=--relay-port-max): each allocation holds one",
             )
             .expect("valid metric"),
+            shards_running: IntGauge::new(
+                "floe_turn_shards_running",
+                "Shard threads serving UDP (one per --udp-sockets); fewer than started means one died",
+            )
+            .expect("valid metric"),
         };
         m.max_allocations
             .set(i64::try_from(max_allocations).unwrap_or(i64::MAX));
@@ -204,6 +210,7 @@ impl Metrics {
             Box::new(m.usage_pending.clone()),
             Box::new(m.max_allocations.clone()),
             Box::new(m.relay_ports.clone()),
+            Box::new(m.shards_running.clone()),
             Box::new(m.secrets_reloads.clone()),
         ];
         for c in all {

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use floe_common::Check;
 use floe_proto::credential::TurnSecrets;
 use tokio::sync::oneshot;
 
@@ -27,6 +28,8 @@ pub(crate) struct Turn {
     policy: Mutex<Option<Arc<Policy>>>,
     shards: OnceLock<Vec<ShardHandle>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Fails (and with it liveness) when a shard's thread ends unasked.
+    shards_alive: Check,
 }
 
 /// `turn.settings`, `turn.metrics`, `turn.meter`: the shared parts.
@@ -43,7 +46,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Turn {
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, meter: Arc<Meter>) -> Self {
+    /// `shards_alive` is the vital health check the shards fail if one
+    /// of them dies.
+    pub fn new(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        meter: Arc<Meter>,
+        shards_alive: Check,
+    ) -> Self {
         let secrets = settings.secrets.clone().map(Arc::new);
         Self {
             shared: Arc::new(Shared::new(settings, metrics, meter)),
@@ -51,6 +61,7 @@ impl Turn {
             policy: Mutex::default(),
             shards: OnceLock::new(),
             threads: Mutex::default(),
+            shards_alive,
         }
     }
 
@@ -62,8 +73,14 @@ impl Turn {
     ) -> std::io::Result<()> {
         let policy = lock(&self.policy);
         let secrets = lock(&self.secrets).clone();
-        let (handles, threads) =
-            driver::spawn(&self.shared, sockets, discovery, secrets, policy.clone())?;
+        let (handles, threads) = driver::spawn(
+            &self.shared,
+            sockets,
+            discovery,
+            secrets,
+            policy.clone(),
+            &self.shards_alive,
+        )?;
         if self.shards.set(handles).is_err() {
             return Err(std::io::Error::other("TURN shards started twice"));
         }
@@ -160,6 +177,12 @@ pub(crate) mod tests {
     /// A server on 127.0.0.1 with one shard (its UDP socket bound to a
     /// free port, returned), default policy, for driving by hand.
     pub(crate) fn server() -> (Arc<Turn>, SocketAddr) {
+        let (turn, addr, _) = server_with_health();
+        (turn, addr)
+    }
+
+    /// [`server`], with the health its shards report to.
+    pub(crate) fn server_with_health() -> (Arc<Turn>, SocketAddr, floe_common::Health) {
         let mut s = Settings::new(
             "127.0.0.1:0".parse().expect("addr"),
             "127.0.0.1:0".parse().expect("addr"),
@@ -167,11 +190,38 @@ pub(crate) mod tests {
         s.secrets = Some(TurnSecrets::parse("k1=0123456789abcdef0").expect("secrets"));
         let meter = Arc::new(Meter::open("test", None).expect("meter"));
         let metrics = Arc::new(Metrics::new(s.max_allocations, 16_384));
-        let turn = Arc::new(Turn::new(s, metrics, meter));
+        let health = floe_common::Health::new("turn");
+        let alive = health.vital("shards", true);
+        let turn = Arc::new(Turn::new(s, metrics, meter, alive));
         turn.apply_policy(Policy::default());
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = udp.local_addr().expect("addr");
         turn.spawn_shards(vec![udp], None).expect("shards");
-        (turn, addr)
+        (turn, addr, health)
+    }
+
+    /// A shard whose thread dies (a panic here) fails liveness and its
+    /// gauge; one stopped on purpose does neither.
+    #[test]
+    fn a_dead_shard_fails_liveness() {
+        let (turn, _, health) = server_with_health();
+        assert_eq!(turn.metrics.shards_running.get(), 1);
+        turn.shards()[0].control(Control::Crash);
+        for _ in 0..500 {
+            if !health.dead().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(health.dead(), vec!["shards"]);
+        assert_eq!(turn.metrics.shards_running.get(), 0);
+
+        let (turn, _, health) = server_with_health();
+        turn.shards()[0].control(Control::Stop);
+        for t in std::mem::take(&mut *lock(&turn.threads)) {
+            t.join().expect("stopped, not panicked");
+        }
+        assert_eq!(turn.metrics.shards_running.get(), 0);
+        assert!(health.dead().is_empty(), "asked to stop: not a death");
     }
 }
