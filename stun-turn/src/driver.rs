@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::allocation::{Credit, Transport, Undelivered};
 use crate::behavior;
 use crate::binding;
-use crate::core::{Core, Discard, Event, Input, MAX_DATAGRAM, Now, Shared, Via};
+use crate::core::{Core, Discard, Event, Input, MAX_DATAGRAM, Now, Shared, Transmit, Via};
 use crate::framing::{self, Frame, MAX_FRAME};
 use crate::policy::Policy;
 use crate::server::{Discovery, Outbound};
@@ -233,11 +233,16 @@ impl Io {
         if out.transmits.is_empty() {
             return;
         }
-        let bytes = &out.bytes;
-        let transmits = &mut out.transmits;
-        // Clients over UDP: one socket. A run of equal-size datagrams to
-        // one client goes out as one segmented send (UDP GSO) where the
-        // kernel allows it; the rest as sendmmsg batches.
+        self.send_to_udp_clients(&out.bytes, &out.transmits, d);
+        self.send_to_peers(&out.bytes, &out.transmits, d);
+        self.send_to_streams_and_shards(&out.bytes, &mut out.transmits, peers, d);
+        out.clear();
+    }
+
+    /// Clients over UDP: one socket. A run of equal-size datagrams to one
+    /// client goes out as one segmented send (UDP GSO) where the kernel
+    /// allows it; the rest as sendmmsg batches.
+    fn send_to_udp_clients(&mut self, bytes: &[u8], transmits: &[Transmit], d: &Discards) {
         let mut udp: Vec<usize> = (0..transmits.len())
             .filter(|i| transmits[*i].via == Via::Client(Transport::Udp))
             .collect();
@@ -248,35 +253,14 @@ impl Io {
         while k < udp.len() {
             let end = k + segment_run(transmits, &udp[k..]);
             let run = &udp[k..end];
-            let first = &transmits[run[0]];
-            let segmented = run.len() > 1
-                && self.gso
-                && match udp_batch::send_segments(
-                    &self.listen,
-                    &run.iter()
-                        .map(|i| &bytes[transmits[*i].span.clone()])
-                        .collect::<Vec<_>>(),
-                    first.span.len() as u16,
-                    first.to,
-                ) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        // No GSO here (old kernel, a device without
-                        // checksum offload): never again. A full buffer:
-                        // the batch below waits for room.
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
-                            self.gso = false;
-                        }
-                        false
-                    }
-                };
-            for i in run {
-                if segmented {
+            if run.len() > 1 && self.gso && self.send_segmented(bytes, transmits, run) {
+                for i in run {
                     if let Some(c) = &transmits[*i].credit {
                         c.bill();
                     }
-                } else {
+                }
+            } else {
+                for i in run {
                     list.push((&bytes[transmits[*i].span.clone()], transmits[*i].to));
                     which.push(*i);
                 }
@@ -290,7 +274,33 @@ impl Io {
                 }
             });
         }
-        // Peers: a run of sendmmsg per stretch of one relay socket.
+    }
+
+    /// Sends `run` (same client, equal sizes but the last) as one
+    /// segmented send; `false` if it did not go.
+    fn send_segmented(&mut self, bytes: &[u8], transmits: &[Transmit], run: &[usize]) -> bool {
+        let first = &transmits[run[0]];
+        let segments: Vec<&[u8]> = run
+            .iter()
+            .map(|i| &bytes[transmits[*i].span.clone()])
+            .collect();
+        match udp_batch::send_segments(&self.listen, &segments, first.span.len() as u16, first.to) {
+            Ok(()) => true,
+            Err(e) => {
+                // No GSO here (old kernel, a device without checksum
+                // offload): never again. A full buffer: the caller's
+                // batch waits for room.
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
+                    self.gso = false;
+                }
+                false
+            }
+        }
+    }
+
+    /// Peers: a sendmmsg per stretch of one relay socket.
+    fn send_to_peers(&self, bytes: &[u8], transmits: &[Transmit], d: &Discards) {
         let mut i = 0;
         while i < transmits.len() {
             let Via::Relay(key) = transmits[i].via else {
@@ -331,7 +341,17 @@ impl Io {
             }
             i = end;
         }
-        // Stream clients and other shards.
+    }
+
+    /// Stream clients (their writer queues) and other shards (one
+    /// hand-over per shard).
+    fn send_to_streams_and_shards(
+        &self,
+        bytes: &[u8],
+        transmits: &mut [Transmit],
+        peers: &Peers,
+        d: &Discards,
+    ) {
         // Per shard: the hand-over, and the credits it settles once queued.
         let mut handoffs: HashMap<usize, (Handoff, Vec<Credit>)> = HashMap::new();
         for t in transmits.iter_mut() {
@@ -377,7 +397,6 @@ impl Io {
                 settle(c, ok, d);
             }
         }
-        out.clear();
     }
 }
 
@@ -397,7 +416,7 @@ const GSO_MAX: usize = 65_000;
 /// How many of `order` (indices into `transmits`, grouped by
 /// destination) can go as one segmented send: same destination, all the
 /// size of the first but the last, which may be shorter.
-fn segment_run(transmits: &[crate::core::Transmit], order: &[usize]) -> usize {
+fn segment_run(transmits: &[Transmit], order: &[usize]) -> usize {
     let first = &transmits[order[0]];
     let size = first.span.len();
     let mut total = size;
@@ -805,7 +824,6 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::Transmit;
 
     fn transmit(to: &str, len: usize) -> Transmit {
         Transmit {
