@@ -193,6 +193,8 @@ impl Owners {
             .iter()
             .map(|ip| advertised_ip(settings, *ip))
             .collect();
+        // Relay IPs advertised as one external IP share its rows.
+        ips.sort_unstable();
         ips.dedup();
         let (lo, hi) = settings.relay_ports;
         let span = usize::from(hi.saturating_sub(lo)) + 1;
@@ -1568,6 +1570,27 @@ mod tests {
         s.relay_ports = (40_000, 40_009);
         s.allow_peers = vec!["0.0.0.0/0".parse().expect("net")];
         s
+    }
+
+    /// One row of relay-port owners per advertised IP, however the relay
+    /// IPs repeat; addresses outside the rows have no owner.
+    #[test]
+    fn relay_port_owners() {
+        let mut s = settings();
+        s.relay_ips = ["10.0.0.1", "10.0.0.2", "10.0.0.1"]
+            .map(|ip| ip.parse().expect("ip"))
+            .to_vec();
+        let owners = Owners::new(&s);
+        assert_eq!(owners.ips.len(), 2);
+        assert_eq!(owners.table.len(), 2 * 10);
+        let a: SocketAddr = "10.0.0.1:40003".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:40003".parse().expect("addr");
+        owners.set(a, Some(1));
+        assert_eq!((owners.get(a), owners.get(b)), (Some(1), None));
+        owners.set(a, None);
+        assert_eq!(owners.get(a), None);
+        assert_eq!(owners.get("10.0.0.1:40010".parse().expect("addr")), None);
+        assert_eq!(owners.get("10.0.0.3:40003".parse().expect("addr")), None);
     }
 
     fn harness(settings: Settings, policy: Option<Policy>) -> Harness {
