@@ -12,6 +12,9 @@ use ipnet::IpNet;
 /// Longest `--server-id`: the meter adds 9 characters and the control
 /// plane takes ids of up to 64.
 const MAX_SERVER_ID_LEN: usize = 55;
+/// Most shards (`--udp-sockets`, and the one-per-core default); a relay
+/// port's owning shard is kept in one byte.
+pub(crate) const MAX_UDP_SOCKETS: usize = 64;
 
 /// Flags of `floe turn`.
 #[derive(Debug, Clone, clap::Args)]
@@ -242,7 +245,12 @@ pub enum ConfigError {
 impl Config {
     /// Loads secrets and checks every value.
     pub fn resolve(&self) -> Result<Settings, ConfigError> {
-        in_range("--udp-sockets", self.udp_sockets as u64, 0, 64)?;
+        in_range(
+            "--udp-sockets",
+            self.udp_sockets as u64,
+            0,
+            MAX_UDP_SOCKETS as u64,
+        )?;
         in_range(
             "--max-tcp-connections",
             self.max_tcp_connections as u64,

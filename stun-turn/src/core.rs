@@ -1640,16 +1640,8 @@ mod tests {
             from: SocketAddr,
             data: &[u8],
         ) -> Vec<(Via, SocketAddr, Vec<u8>)> {
-            let now = self.at(secs);
-            self.core.handle(
-                now,
-                Input::Client {
-                    from,
-                    transport: Transport::Udp,
-                    data,
-                },
-            );
-            self.bind_all(now, |_| true);
+            self.input(secs, from, data);
+            self.bind_all(self.at(secs), |_| true);
             self.take()
         }
 
@@ -1683,10 +1675,10 @@ mod tests {
             sent
         }
 
-        /// The 401 round trip: learns a nonce for `c`.
-        fn challenge(&mut self, c: &mut Client) {
+        /// The 401 round trip at `secs`: learns a nonce for `c`.
+        fn challenge(&mut self, secs: u64, c: &mut Client) {
             let raw = build_request(METHOD_ALLOCATE, &udp(), None);
-            let answer = decode(&self.only_answer(0, c.addr, &raw));
+            let answer = decode(&self.only_answer(secs, c.addr, &raw));
             assert_eq!(error_code(&answer), Some(401));
             c.nonce = String::from_utf8(answer.get(ATTR_NONCE).expect("nonce")).expect("utf8");
         }
@@ -1714,7 +1706,7 @@ mod tests {
             attrs: Vec<Box<dyn Setter>>,
         ) -> Message {
             if c.nonce.is_empty() {
-                self.challenge(c);
+                self.challenge(secs, c);
             }
             let raw = build_request(method, &attrs, Some(c));
             decode(&self.only_answer(secs, c.addr, &raw))
@@ -1915,7 +1907,7 @@ mod tests {
     fn relay_ports_are_retried_then_refused() {
         let mut h = harness(settings(), Some(Policy::default()));
         let mut c = h.client(5000, "t");
-        h.challenge(&mut c);
+        h.challenge(0, &mut c);
         let raw = build_request(METHOD_ALLOCATE, &udp(), Some(&c));
         // Only 40005 is free.
         h.input(0, c.addr, &raw);
@@ -1953,7 +1945,7 @@ mod tests {
     fn a_cut_off_during_an_allocate_refuses_it() {
         let mut h = harness(settings(), Some(Policy::default()));
         let mut c = h.client(5000, "t");
-        h.challenge(&mut c);
+        h.challenge(0, &mut c);
         let raw = build_request(METHOD_ALLOCATE, &udp(), Some(&c));
         h.input(0, c.addr, &raw);
         let Some(Event::Bind { open, addr }) = h.core.outputs().events.pop_front() else {

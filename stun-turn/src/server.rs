@@ -79,7 +79,8 @@ pub(crate) fn bind_all(
 ) -> std::io::Result<(Vec<std::net::UdpSocket>, TcpListener)> {
     let sockets = match sockets {
         // One shard per core, as many as `--udp-sockets` allows.
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+        0 => std::thread::available_parallelism()
+            .map_or(1, |n| n.get().min(crate::config::MAX_UDP_SOCKETS)),
         n => n,
     };
     let mut last_err = None;
