@@ -293,36 +293,20 @@ mod tests {
             ops_router(registry, health).fallback(not_found),
             shutdown.clone(),
         );
-        let base = format!("http://{addr}");
         let client = reqwest::Client::new();
+        let get = async |path: &str| {
+            client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .expect("HTTP answer")
+        };
 
-        let r = client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .expect("healthz");
-        assert_eq!(r.status(), 200);
-        let r = client
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        assert_eq!(r.status(), 503);
+        assert_eq!(get("/healthz").await.status(), 200);
+        assert_eq!(get("/readyz").await.status(), 503);
         dep.set(true);
-        let r = client
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        assert_eq!(r.status(), 200);
-        let body = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        assert_eq!(get("/readyz").await.status(), 200);
+        let body = get("/metrics").await.text().await.expect("text");
         assert!(body.contains("floe_test_things_total 3"), "{body}");
         assert!(
             body.contains("floe_health_check{check=\"dependency\",component=\"test\"} 1"),
@@ -330,19 +314,11 @@ mod tests {
         );
         // A vital part dies: not alive any more, whatever the rest says.
         health_vital.set(false);
-        let r = client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .expect("healthz");
+        let r = get("/healthz").await;
         assert_eq!(r.status(), 503);
         let v: serde_json::Value = r.json().await.expect("json");
         assert_eq!(v["failed"], serde_json::json!(["worker"]));
-        let r = client
-            .get(format!("{base}/nope"))
-            .send()
-            .await
-            .expect("404");
+        let r = get("/nope").await;
         assert_eq!(r.status(), 404);
         let err: ErrorBody = r.json().await.expect("json error");
         assert_eq!(err.code, "not_found");
