@@ -3,7 +3,10 @@
 # settings, driven by the same load. Per scenario each server is started
 # fresh; the figures that tell servers apart are server CPU time per
 # relayed message (user + system, /proc/PID/stat), loss and peak RSS
-# (VmHWM). Also an allocation storm and a STUN Binding flood (floe's load
+# (VmHWM). Loss is split by where it happened: `server_drops` counts the
+# datagrams the server's own sockets dropped (/proc/net/udp, read while
+# its allocations are still open); the rest overflowed the load
+# generator's sockets. Also an allocation storm and a STUN Binding flood (floe's load
 # tester for both). Prints a table per scenario and floe/coturn ratios.
 #
 # (a), (b), (p) relay client to client: two allocations of one server,
@@ -42,6 +45,28 @@ trap 'stop_server; cleanup' EXIT
 SECRET="bench-turn-secret-0123456789"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+# Datagrams dropped by the UDP sockets process $1 holds open.
+socket_drops() {
+  python3 - "$1" <<'PY'
+import os, re, sys
+fds = f"/proc/{sys.argv[1]}/fd"
+inodes = set()
+for fd in os.listdir(fds):
+    try:
+        m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"{fds}/{fd}"))
+    except OSError:
+        continue
+    if m:
+        inodes.add(m.group(1))
+drops = 0
+for table in ("/proc/net/udp", "/proc/net/udp6"):
+    for line in open(table).read().splitlines()[1:]:
+        f = line.split()
+        if f[9] in inodes:
+            drops += int(f[-1])
+print(drops)
+PY
+}
 
 start_server() { # kind port
   case "$1" in
@@ -95,11 +120,13 @@ uclient_run() { # scenario kind clients messages size interval [peer]
     -u "k1:bench:room:peer" -p "$port" 127.0.0.1 >"$out" 2>&1 || true
   local after; after=$(cpu_ticks "$server_pid")
   local peak; peak=$(peak_kib "$server_pid")
+  local drops; drops=$(socket_drops "$server_pid")
   stop_server
-  python3 - "$out" "$1" "$2" "$before" "$after" "$peak" >>"$results" <<'PY'
+  python3 - "$out" "$1" "$2" "$before" "$after" "$peak" "$drops" >>"$results" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 scenario, kind, before, after, peak = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+drops = int(sys.argv[7])
 def last(pattern):
     m = re.findall(pattern, text)
     return m[-1] if m else None
@@ -116,6 +143,7 @@ cpu_us = (after - before) * 10_000  # 100 ticks per second
 per_msg = cpu_us / sent
 print(f"{scenario}\t{kind}\tcpu_per_msg_us\t{per_msg:.2f}")
 print(f"{scenario}\t{kind}\tloss_pct\t{loss_pct:.3f}")
+print(f"{scenario}\t{kind}\tserver_drops\t{drops}")
 print(f"{scenario}\t{kind}\tpeak_rss_mib\t{peak/1024:.1f}")
 print(f"{scenario}\t{kind}\tmessages\t{sent}")
 PY
@@ -203,5 +231,6 @@ print(f"medians of {sys.argv[2]} rounds; in each round every server runs once, i
 print("floe-kernel: floe with --kernel-hairpin (relay to relay through the kernel, as for a remote peer)")
 if before:
     print("before: the BEFORE binary (before-kernel: with --kernel-hairpin)")
+print("server_drops: datagrams the server's own sockets dropped; the rest of loss_pct overflowed the load generator's")
 print("\ntargets: cpu_per_msg_us ratio <= 0.70, loss 0 where coturn has 0, rate_per_sec ratio >= 1.50")
 PY

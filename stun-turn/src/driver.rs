@@ -1,14 +1,14 @@
-//! Shard drivers: the sockets, threads and clock around [`Core`].
+//! Shards: the sockets and clock around [`Core`].
 //!
-//! One OS thread per shard runs a `mio` event loop over the shard's own
-//! UDP listening socket (one of the `SO_REUSEPORT` group, so the kernel
-//! keeps each client 5-tuple on one shard), the relay sockets of the
-//! shard's allocations and its inbox. Every socket is read a batch at a
-//! time (`recvmmsg`); what a turn of the loop leaves to send goes out
-//! together (`sendmmsg` per socket), and only then is each relayed byte
-//! billed, with the kernel's word that it went. A relay socket is not a
-//! task: thousands of allocations cost one thread and one wake-up per
-//! turn, not one per datagram.
+//! A shard is a `mio` poll over its own UDP listening socket (one of the
+//! `SO_REUSEPORT` group, so the kernel keeps each client 5-tuple on one
+//! shard), the relay sockets of the shard's allocations and its inbox.
+//! Every socket is read a batch at a time (`recvmmsg`); what a turn
+//! leaves to send goes out together (`sendmmsg` per socket), and only
+//! then is each relayed byte billed, with the kernel's word that it
+//! went. A relay socket is not a task: thousands of allocations cost one
+//! poll and one wake-up per turn, not one per datagram. Which thread
+//! runs a shard's turns is [`crate::workers`]' business.
 //!
 //! Stream (TCP/TLS) connections stay async tasks in [`crate::server`];
 //! their readers hand whole frames to a shard's inbox and its answers go
@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use floe_common::udp_batch::{self, RecvBatch};
@@ -34,6 +34,7 @@ use crate::core::{Core, Discard, Event, Input, MAX_DATAGRAM, Now, Shared, Transm
 use crate::framing::{self, Frame, MAX_FRAME};
 use crate::policy::Policy;
 use crate::server::{Discovery, Outbound};
+use crate::workers::{self, Packing, Pool};
 
 const BELL: Token = Token(0);
 const LISTEN: Token = Token(1);
@@ -52,7 +53,6 @@ pub(crate) enum Control {
     Collect(oneshot::Sender<()>),
     /// Close every allocation; answered when done.
     CloseAll(oneshot::Sender<()>),
-    Stop,
     /// Panics the shard's thread: how tests kill a shard.
     #[cfg(test)]
     Crash,
@@ -493,24 +493,30 @@ impl Engine {
     }
 }
 
-/// Counts a shard's thread while it runs. Dropped when the thread ends:
-/// by `Stop`, or else (a panic, a failed wait) the server lost a part
-/// only a restart brings back, and liveness says so.
+/// Counts a shard while it runs. Dropped when the shard ends: because
+/// the pool stops, or else (a panic, a failed poll) the server lost a
+/// part only a restart brings back, and liveness says so.
 struct Lifeline {
     shard: usize,
     running: prometheus::IntGauge,
     alive: floe_common::Check,
-    stopped: bool,
+    /// Set when the pool is asked to stop.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Lifeline {
-    fn new(shard: usize, running: prometheus::IntGauge, alive: floe_common::Check) -> Self {
+    fn new(
+        shard: usize,
+        running: prometheus::IntGauge,
+        alive: floe_common::Check,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
         running.inc();
         Self {
             shard,
             running,
             alive,
-            stopped: false,
+            stopping,
         }
     }
 }
@@ -518,7 +524,7 @@ impl Lifeline {
 impl Drop for Lifeline {
     fn drop(&mut self) {
         self.running.dec();
-        if !self.stopped {
+        if !self.stopping.load(Ordering::SeqCst) {
             self.alive.set(false);
             tracing::error!(
                 shard = self.shard,
@@ -529,7 +535,7 @@ impl Drop for Lifeline {
 }
 
 /// One shard: its engine, receive buffers and inbox.
-struct Shard {
+pub(crate) struct Shard {
     lifeline: Lifeline,
     e: Engine,
     control: std::sync::mpsc::Receiver<Control>,
@@ -537,9 +543,13 @@ struct Shard {
     bell: Arc<Bell>,
     recv: RecvBatch,
     relay_recv: [RecvBatch; 2],
+    /// Reads that filled a batch (a queue was building up) since the
+    /// last [`Shard::take_full_reads`].
+    full_reads: u64,
 }
 
-/// Starts one shard per UDP socket; returns their handles and threads.
+/// Starts one shard per UDP socket on a pool of threads; returns their
+/// handles and the pool.
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
     sockets: Vec<std::net::UdpSocket>,
@@ -547,9 +557,11 @@ pub(crate) fn spawn(
     secrets: Option<Arc<floe_proto::credential::TurnSecrets>>,
     policy: Option<Arc<Policy>>,
     alive: &floe_common::Check,
-) -> std::io::Result<(Vec<ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
+    packing: Packing,
+) -> std::io::Result<(Vec<ShardHandle>, Pool)> {
     let peers: Peers = Arc::default();
-    let (mut handles, mut threads) = (Vec::new(), Vec::new());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (mut handles, mut shards) = (Vec::new(), Vec::new());
     let m = &shared.metrics;
     for (id, socket) in sockets.into_iter().enumerate() {
         socket.set_nonblocking(true)?;
@@ -566,7 +578,12 @@ pub(crate) fn spawn(
         let (data_tx, data) = mpsc::channel(INBOX);
         let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
         let shard = Shard {
-            lifeline: Lifeline::new(id, m.shards_running.clone(), alive.clone()),
+            lifeline: Lifeline::new(
+                id,
+                m.shards_running.clone(),
+                alive.clone(),
+                stopping.clone(),
+            ),
             e: Engine {
                 core: Core::new(
                     id,
@@ -604,12 +621,9 @@ pub(crate) fn spawn(
                 any(std::net::Ipv6Addr::UNSPECIFIED.into()),
             ]
             .map(|a| RecvBatch::new(a, RELAY_SLOT)),
+            full_reads: 0,
         };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("turn-shard-{id}"))
-                .spawn(move || shard.run())?,
-        );
+        shards.push(shard);
         handles.push(ShardHandle {
             control: control_tx,
             data: data_tx,
@@ -626,44 +640,67 @@ pub(crate) fn spawn(
             })
             .collect(),
     );
-    Ok((handles, threads))
+    let pool = workers::start(shards, &shared.metrics, stopping, packing)?;
+    Ok((handles, pool))
 }
 
 impl Shard {
-    fn run(mut self) {
-        let mut events = Events::with_capacity(1024);
+    pub fn id(&self) -> usize {
+        self.lifeline.shard
+    }
+
+    /// Reads that filled a whole batch since the last call: a sign that
+    /// the thread running the shard falls behind.
+    pub fn take_full_reads(&mut self) -> u64 {
+        std::mem::take(&mut self.full_reads)
+    }
+
+    /// When the shard wants a turn even if nothing arrives.
+    pub fn timeout(&self) -> Instant {
+        self.e.core.timeout()
+    }
+
+    /// The shard's poll, which is readable while something of the
+    /// shard's is ready: how a thread running several shards waits.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.e.io.poll)
+    }
+
+    /// Serves everything ready now and what is due, without waiting;
+    /// `false` if the shard cannot poll its sockets any more.
+    pub fn turn(&mut self, events: &mut Events) -> bool {
+        let now = Now::real();
         loop {
-            let wait = self
-                .e
-                .core
-                .timeout()
-                .saturating_duration_since(Instant::now());
-            if let Err(e) = self.e.io.poll.poll(&mut events, Some(wait)) {
+            if let Err(e) = self.e.io.poll.poll(events, Some(Duration::ZERO)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %e, "TURN shard cannot wait for its sockets; stopping");
-                return;
+                tracing::error!(error = %e, "TURN shard cannot poll its sockets; stopping");
+                return false;
             }
-            let now = Now::real();
+            let mut ready = 0;
             for e in events.iter() {
+                ready += 1;
                 match e.token() {
                     BELL => {
                         self.bell.rung.store(false, Ordering::SeqCst);
-                        if !self.inbox(now) {
-                            return;
-                        }
+                        self.inbox(now);
                     }
                     LISTEN => self.read_listen(now),
                     Token(t) => self.read_relay(t - RELAY, now),
                 }
             }
-            if now.at >= self.e.core.timeout() {
-                self.e.core.handle(now, Input::Timer);
-                self.e.events(now);
+            // A full buffer may have left events behind.
+            if ready < events.capacity() {
+                break;
             }
-            self.e.flush();
         }
+        if now.at >= self.e.core.timeout() {
+            self.e.core.handle(now, Input::Timer);
+            self.e.events(now);
+        }
+        self.e.flush();
+        true
     }
 
     /// Reads the listening socket until it is empty, sending after each
@@ -700,6 +737,7 @@ impl Shard {
             if n < udp_batch::BATCH {
                 return;
             }
+            self.full_reads += 1;
         }
     }
 
@@ -731,12 +769,13 @@ impl Shard {
             if n < udp_batch::BATCH {
                 return;
             }
+            self.full_reads += 1;
             self.e.flush();
         }
     }
 
-    /// Takes every queued order and stream chunk; `false` on Stop.
-    fn inbox(&mut self, now: Now) -> bool {
+    /// Takes every queued order and stream chunk.
+    fn inbox(&mut self, now: Now) {
         while let Ok(c) = self.control.try_recv() {
             let done = match c {
                 Control::Policy(p) => {
@@ -754,10 +793,6 @@ impl Shard {
                 Control::CloseAll(done) => {
                     self.e.core.handle(now, Input::CloseAll);
                     Some(done)
-                }
-                Control::Stop => {
-                    self.lifeline.stopped = true;
-                    return false;
                 }
                 #[cfg(test)]
                 Control::Crash => panic!("shard {} crashed on purpose", self.lifeline.shard),
@@ -817,7 +852,6 @@ impl Shard {
             // More next turn.
             self.bell.ring();
         }
-        true
     }
 }
 

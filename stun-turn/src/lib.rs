@@ -29,6 +29,7 @@ mod secrets;
 mod server;
 mod tls;
 mod turn;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

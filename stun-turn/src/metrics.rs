@@ -27,6 +27,8 @@ pub(crate) struct Metrics {
     pub max_allocations: IntGauge,
     pub relay_ports: IntGauge,
     pub shards_running: IntGauge,
+    pub shard_threads: IntGauge,
+    pub shard_moves: IntCounter,
     pub secrets_reloads: IntCounterVec,
 }
 
@@ -145,7 +147,17 @@ impl Metrics {
             .expect("valid metric"),
             shards_running: IntGauge::new(
                 "floe_turn_shards_running",
-                "Shard threads serving UDP (one per --udp-sockets); fewer than started means one died",
+                "Shards serving UDP (one per --udp-sockets); fewer than started means one died",
+            )
+            .expect("valid metric"),
+            shard_threads: IntGauge::new(
+                "floe_turn_shard_threads",
+                "Threads the shards run on now: fewer than shards while the load is light",
+            )
+            .expect("valid metric"),
+            shard_moves: IntCounter::new(
+                "floe_turn_shard_moves_total",
+                "Shards moved from one thread to another as the load changed",
             )
             .expect("valid metric"),
         };
@@ -211,6 +223,8 @@ impl Metrics {
             Box::new(m.max_allocations.clone()),
             Box::new(m.relay_ports.clone()),
             Box::new(m.shards_running.clone()),
+            Box::new(m.shard_threads.clone()),
+            Box::new(m.shard_moves.clone()),
             Box::new(m.secrets_reloads.clone()),
         ];
         for c in all {

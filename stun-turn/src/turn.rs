@@ -17,6 +17,7 @@ use crate::meter::Meter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::server::Discovery;
+use crate::workers::{Packing, Pool};
 
 /// The TURN server shared by every task of the process.
 pub(crate) struct Turn {
@@ -27,7 +28,7 @@ pub(crate) struct Turn {
     /// copy) is known. Held while shards start, so none misses an update.
     policy: Mutex<Option<Arc<Policy>>>,
     shards: OnceLock<Vec<ShardHandle>>,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    pool: Mutex<Option<Pool>>,
     /// Fails (and with it liveness) when a shard's thread ends unasked.
     shards_alive: Check,
 }
@@ -60,7 +61,7 @@ impl Turn {
             secrets: Mutex::new(secrets),
             policy: Mutex::default(),
             shards: OnceLock::new(),
-            threads: Mutex::default(),
+            pool: Mutex::default(),
             shards_alive,
         }
     }
@@ -71,20 +72,31 @@ impl Turn {
         sockets: Vec<std::net::UdpSocket>,
         discovery: Option<Arc<Discovery>>,
     ) -> std::io::Result<()> {
+        self.spawn_packed_shards(sockets, discovery, Packing::default())
+    }
+
+    /// [`Self::spawn_shards`], with `packing` deciding their threads.
+    pub(crate) fn spawn_packed_shards(
+        &self,
+        sockets: Vec<std::net::UdpSocket>,
+        discovery: Option<Arc<Discovery>>,
+        packing: Packing,
+    ) -> std::io::Result<()> {
         let policy = lock(&self.policy);
         let secrets = lock(&self.secrets).clone();
-        let (handles, threads) = driver::spawn(
+        let (handles, pool) = driver::spawn(
             &self.shared,
             sockets,
             discovery,
             secrets,
             policy.clone(),
             &self.shards_alive,
+            packing,
         )?;
         if self.shards.set(handles).is_err() {
             return Err(std::io::Error::other("TURN shards started twice"));
         }
-        *lock(&self.threads) = threads;
+        *lock(&self.pool) = Some(pool);
         Ok(())
     }
 
@@ -157,16 +169,10 @@ impl Turn {
 
     /// Stops the shards and waits for their threads.
     pub async fn stop(&self) {
-        for s in self.shards() {
-            s.control(Control::Stop);
+        let pool = lock(&self.pool).take();
+        if let Some(pool) = pool {
+            let _ = tokio::task::spawn_blocking(move || pool.stop()).await;
         }
-        let threads = std::mem::take(&mut *lock(&self.threads));
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
     }
 }
 
@@ -183,6 +189,12 @@ pub(crate) mod tests {
 
     /// [`server`], with the health its shards report to.
     pub(crate) fn server_with_health() -> (Arc<Turn>, SocketAddr, floe_common::Health) {
+        server_on(1, Packing::default())
+    }
+
+    /// A server with `shards` shards on one free port, packed onto
+    /// threads by `packing`.
+    fn server_on(shards: usize, packing: Packing) -> (Arc<Turn>, SocketAddr, floe_common::Health) {
         let mut s = Settings::new(
             "127.0.0.1:0".parse().expect("addr"),
             "127.0.0.1:0".parse().expect("addr"),
@@ -194,9 +206,14 @@ pub(crate) mod tests {
         let alive = health.vital("shards", true);
         let turn = Arc::new(Turn::new(s, metrics, meter, alive));
         turn.apply_policy(Policy::default());
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let addr = udp.local_addr().expect("addr");
-        turn.spawn_shards(vec![udp], None).expect("shards");
+        let first = crate::server::udp_socket("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let mut udp = vec![first];
+        for _ in 1..shards {
+            udp.push(crate::server::udp_socket(addr).expect("bind the group"));
+        }
+        turn.spawn_packed_shards(udp, None, packing)
+            .expect("shards");
         (turn, addr, health)
     }
 
@@ -217,11 +234,60 @@ pub(crate) mod tests {
         assert_eq!(turn.metrics.shards_running.get(), 0);
 
         let (turn, _, health) = server_with_health();
-        turn.shards()[0].control(Control::Stop);
-        for t in std::mem::take(&mut *lock(&turn.threads)) {
-            t.join().expect("stopped, not panicked");
-        }
+        lock(&turn.pool).take().expect("pool").stop();
         assert_eq!(turn.metrics.shards_running.get(), 0);
         assert!(health.dead().is_empty(), "asked to stop: not a death");
+    }
+
+    /// Shards moving between threads all the time (a packing that splits
+    /// a shared thread and packs separate ones every 5 ms) answer every
+    /// request that reaches them, from clients spread over all shards.
+    #[test]
+    fn shards_serve_while_they_move() {
+        let flapping = Packing {
+            period: std::time::Duration::from_millis(5),
+            split: -1.0,
+            backlog: 0,
+            behind: 0,
+            merge: f64::INFINITY,
+            merge_after: 1,
+        };
+        let (turn, addr, health) = server_on(3, flapping);
+        let clients: Vec<std::net::UdpSocket> = (0..12)
+            .map(|_| {
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+                c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                    .expect("timeout");
+                c
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut answered = 0u32;
+        for round in 0u32..20_000 {
+            if turn.metrics.shard_moves.get() >= 60 && round >= 500
+                || started.elapsed() > std::time::Duration::from_secs(20)
+            {
+                break;
+            }
+            let client = &clients[round as usize % clients.len()];
+            // A Binding request: type, length 0, magic cookie, transaction id.
+            let mut req = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+            req.extend_from_slice(&[0; 8]);
+            req.extend_from_slice(&round.to_be_bytes());
+            client.send_to(&req, addr).expect("send");
+            let mut buf = [0u8; 512];
+            let n = client
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("request {round} unanswered: {e}"));
+            assert_eq!(&buf[..2], &[1, 1], "a Binding success");
+            assert_eq!(&buf[8..20], &req[8..20], "to request {round}");
+            assert!(n > 20);
+            answered += 1;
+        }
+        let moves = turn.metrics.shard_moves.get();
+        assert!(moves >= 60, "only {moves} moves in {answered} requests");
+        assert_eq!(turn.metrics.shards_running.get(), 3);
+        lock(&turn.pool).take().expect("pool").stop();
+        assert!(health.dead().is_empty());
     }
 }
