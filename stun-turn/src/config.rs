@@ -41,9 +41,10 @@ pub struct Config {
     #[arg(long, env = "FLOE_ALT_PORT", requires = "alt_ip")]
     pub alt_port: Option<u16>,
 
-    /// Shards: each a thread with its own UDP socket on the listen address
+    /// Shards: each with its own UDP socket on the listen address
     /// (SO_REUSEPORT), serving the allocations of the clients the kernel
-    /// hashes to it; 0: one per core.
+    /// hashes to it; 0: one per core. As many threads run them, packed
+    /// onto fewer while the load is light.
     #[arg(long, env = "FLOE_UDP_SOCKETS", default_value_t = 0)]
     pub udp_sockets: usize,
 
