@@ -687,8 +687,7 @@ mod tests {
     #[test]
     fn moves_name_where_a_shard_is() {
         // Whatever the load, each move starts where the packer last put
-        // the shard, and no thread is left with none while another has
-        // two when the load asks for a split.
+        // the shard and ends elsewhere.
         let mut p = packer(6);
         let mut on = vec![0; 6];
         let mut x = 7u64;
