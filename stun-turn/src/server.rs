@@ -487,16 +487,6 @@ mod tests {
         }
     }
 
-    fn binding_request() -> Vec<u8> {
-        let mut m = stun::message::Message::new();
-        m.build(&[
-            Box::new(stun::message::BINDING_REQUEST),
-            Box::new(stun::agent::TransactionId::new()),
-        ])
-        .expect("build");
-        m.raw
-    }
-
     fn binding_successes(turn: &Turn) -> u64 {
         turn.metrics
             .stun_requests
@@ -519,7 +509,10 @@ mod tests {
                 stream_connection(&turn, stream, from, Transport::Tcp, &Shutdown::new()).await
             }
         });
-        client.write_all(&binding_request()).await.expect("write");
+        client
+            .write_all(&crate::turn::tests::binding_request())
+            .await
+            .expect("write");
         let ended = tokio::time::timeout(Duration::from_secs(10), conn)
             .await
             .expect("the connection ends without waiting for the idle timeout")
@@ -529,7 +522,9 @@ mod tests {
             std::io::ErrorKind::BrokenPipe
         );
         // The client's next request finds no one.
-        let _ = client.write_all(&binding_request()).await;
+        let _ = client
+            .write_all(&crate::turn::tests::binding_request())
+            .await;
         assert_eq!(binding_successes(&turn), 1);
     }
 

@@ -192,6 +192,17 @@ pub(crate) mod tests {
         server_on(1, Packing::default())
     }
 
+    /// A STUN Binding request with a fresh transaction id.
+    pub(crate) fn binding_request() -> Vec<u8> {
+        let mut m = stun::message::Message::new();
+        m.build(&[
+            Box::new(stun::message::BINDING_REQUEST),
+            Box::new(stun::agent::TransactionId::new()),
+        ])
+        .expect("build");
+        m.raw
+    }
+
     /// A server with `shards` shards on one free port, packed onto
     /// threads by `packing`.
     fn server_on(shards: usize, packing: Packing) -> (Arc<Turn>, SocketAddr, floe_common::Health) {
@@ -270,10 +281,7 @@ pub(crate) mod tests {
                 break;
             }
             let client = &clients[round as usize % clients.len()];
-            // A Binding request: type, length 0, magic cookie, transaction id.
-            let mut req = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
-            req.extend_from_slice(&[0; 8]);
-            req.extend_from_slice(&round.to_be_bytes());
+            let req = binding_request();
             client.send_to(&req, addr).expect("send");
             let mut buf = [0u8; 512];
             let n = client
